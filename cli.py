@@ -1,0 +1,312 @@
+"""The `compress` command line: argparse subcommands over the library; rich for display only.
+
+Every subcommand takes `--json PATH`, `--seed N` and `--recipe FILE` (YAML of flag values; flags given on the
+command line override it; an unknown key is an error). The resolved settings are saved next to outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from compress.errors import CompressError
+
+DEFAULT_SEED = 0
+
+
+# ---- argument parsing with recipes ------------------------------------------------------------------
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", metavar="PATH", help="write machine-readable results here")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="random seed (default 0)")
+    p.add_argument("--recipe", metavar="FILE", help="YAML file of flag values; command-line flags override it")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--arch", help="architecture for a bare state_dict (alias, timm name or module:function)")
+    p.add_argument("--arch-args", default=None, help="architecture kwargs, e.g. img_size=32,embed_dim=96,depth=4")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="compress", description="Fuse, distill, prune and quantize vision models.")
+    parser.add_argument("--version", action="version", version=f"compress {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="train a small ViT and a small CNN on digits and evaluate them")
+    p.add_argument("--out-dir", default="demo-output", help="where the demo's checkpoints go")
+    p.add_argument("--vit-epochs", type=int, default=40)
+    p.add_argument("--cnn-epochs", type=int, default=15)
+    _common(p)
+
+    p = sub.add_parser("models", help="list registered architectures with parameter counts")
+    p.add_argument("--num-classes", type=int, default=10)
+    _common(p)
+
+    p = sub.add_parser("train", help="train a model from scratch (or from --init) and save a checkpoint")
+    p.add_argument("--arch", required=False, help="alias, timm model name, or package.module:function")
+    p.add_argument("--arch-args", default=None, help="architecture kwargs, e.g. img_size=32,embed_dim=96,depth=4")
+    p.add_argument("--data", default="digits", help="digits, digit-scenes, or a folder (see docs)")
+    p.add_argument("--out", help="output checkpoint (.pt or .safetensors)")
+    p.add_argument("--init", help="start from this checkpoint's weights")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--resume", action="store_true", help="continue from the last saved epoch of this run")
+    _common(p)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint: accuracy, parameters, MACs, size, latency")
+    p.add_argument("checkpoint")
+    p.add_argument("--data", default="digits")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--latency-runs", type=int, default=30)
+    _model_args(p)
+    _common(p)
+
+    p = sub.add_parser("inspect", help="print a checkpoint's description and its model's alignment")
+    p.add_argument("checkpoint")
+    _model_args(p)
+    _common(p)
+    return parser
+
+
+def _version() -> str:
+    from compress import __version__
+
+    return __version__
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse flags, with `--recipe FILE` values as defaults under the command line's.
+
+    Example:
+        >>> parse_args(["train", "--recipe", "recipes/train-vit.yaml", "--epochs", "5"]).epochs
+        5
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.argv = argv  # recorded in provenance
+    if not args.recipe:
+        return args
+    path = Path(args.recipe)
+    if not path.is_file():
+        raise CompressError(f"recipe '{path}' not found", expected="an existing YAML file")
+    recipe = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(recipe, dict):
+        raise CompressError(f"recipe '{path}' is not a mapping", expected="key: value lines",
+                            found=type(recipe).__name__)
+    subparser = next(a for a in parser._subparsers._group_actions if a.dest == "command").choices[args.command]
+    known = {a.dest for a in subparser._actions if a.dest not in ("help", "recipe")}
+    values = {str(k).replace("-", "_"): v for k, v in recipe.items()}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise CompressError(f"unknown recipe key '{unknown[0]}' in {path}",
+                            expected=f"one of {', '.join(sorted(k.replace('_', '-') for k in known))}")
+    subparser.set_defaults(**values)
+    args = parser.parse_args(argv)
+    args.argv = argv
+    return args
+
+
+def guard_paths(inputs: list, outputs: list) -> None:
+    """Refuse to write over an input: nothing the user gave us is ever overwritten."""
+    ins = {Path(p).resolve() for p in inputs if p}
+    for out in filter(None, outputs):
+        if Path(out).resolve() in ins:
+            raise CompressError(f"output path '{out}' is also an input", expected="a different output path",
+                                hint="inputs are never overwritten")
+
+
+# ---- commands ---------------------------------------------------------------------------------------
+
+def cmd_models(args) -> dict:
+    from compress import ARCHS, create_model
+    from compress.measure import param_count
+    from compress.registry import default_img_size
+    from compress.report import console, table
+
+    rows = []
+    for name in ARCHS.names():
+        b = ARCHS.get(name)
+        model = create_model(name, num_classes=args.num_classes)
+        rows.append({"name": name, "timm": getattr(b, "timm_name", type(model).__name__),
+                     "img_size": default_img_size(name), "params": param_count(model)})
+    console.print(table("registered architectures (any timm model name works too)", rows))
+    return {"models": rows}
+
+
+def cmd_train(args) -> dict:
+    from compress import Checkpoint, InputSpec, load, save
+    from compress.data import load_data
+    from compress.measure import miou, param_count, top1
+    from compress.registry import default_img_size, parse_arch_args
+    from compress.report import console
+    from compress.train import TrainConfig, train
+
+    if not args.out:
+        raise CompressError("train needs --out", expected="an output path ending in .pt or .safetensors")
+    if not args.arch and not args.init:
+        raise CompressError("train needs --arch or --init", expected="an architecture name or a checkpoint")
+    data_path = args.data if args.data not in ("digits", "digit-scenes") else None
+    guard_paths([args.init, data_path and data_path.partition(":")[2] or data_path], [args.out, args.json])
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                      label_smoothing=args.label_smoothing, seed=args.seed)
+    task = "segmentation" if args.data == "digit-scenes" or args.data.startswith("masks:") else "classification"
+    arch_args = parse_arch_args(args.arch_args)
+    base = load(args.init, arch=args.arch, arch_args=arch_args) if args.init else None
+    spec = base.input if base else InputSpec(size=default_img_size(args.arch, arch_args))
+    data = load_data(args.data, spec, task)
+    if base is None:
+        base = Checkpoint.create(args.arch, data.num_classes, data.task, arch_args, input=spec, seed=args.seed)
+    if base.num_classes != data.num_classes or base.task != data.task:
+        raise CompressError("checkpoint and data disagree", expected=f"{data.num_classes} classes, task {data.task}",
+                            found=f"{base.num_classes} classes, task {base.task}")
+    model = base.build().train()
+    start = time.perf_counter()
+    state_path = Path(str(args.out) + ".resume.pt")
+    train(model, data.train, cfg, state_path=state_path, resume=args.resume, description=f"train {base.arch}")
+    seconds = time.perf_counter() - start
+    metric = "miou" if data.task == "segmentation" else "top1"
+    score = miou(model, data.test, data.num_classes) if metric == "miou" else top1(model, data.test)
+    val = miou(model, data.val, data.num_classes) if metric == "miou" else top1(model, data.val)
+    result = {"arch": base.arch, "data": data.name, metric: score, f"val_{metric}": val, "params": param_count(model),
+              "seconds": round(seconds, 2), "epochs": cfg.epochs, "seed": cfg.seed, "out": str(args.out)}
+    ckpt = base.derive(model, command=" ".join(["compress", *args.argv]), metrics=result,
+                       parents=[args.init] if args.init else [])
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 writes
+        return result
+    save(ckpt, args.out)
+    _save_resolved(args, args.out)
+    console.print(f"[bold]{base.arch}[/] on {data.name}: test {metric} {score:.2f}%  (val {val:.2f}%)  "
+                  f"{param_count(model):,} params  {seconds:.1f}s  -> {args.out}")
+    return result
+
+
+def evaluate_checkpoint(path: str, data_spec: str, split: str = "test", arch: str | None = None,
+                        arch_args: dict | None = None, latency_runs: int = 30, threads: int | None = None) -> dict:
+    """Everything `compress eval` reports, as a dict."""
+    from compress import load
+    from compress.data import load_data
+    from compress.measure import file_size, latency_ms, macs, miou, param_count, top1
+
+    ckpt = load(path, arch=arch, arch_args=arch_args)
+    model = ckpt.build()
+    data = load_data(data_spec, ckpt.input, ckpt.task)
+    if data.num_classes != ckpt.num_classes:
+        raise CompressError(f"'{path}' predicts {ckpt.num_classes} classes", expected=f"{data.num_classes} for {data.name}")
+    subset = getattr(data, split)
+    result = {"checkpoint": str(path), "arch": ckpt.arch, "task": ckpt.task, "data": data.name, "split": split}
+    if ckpt.task == "segmentation":
+        result["miou"] = miou(model, subset, data.num_classes)
+    else:
+        result["top1"] = top1(model, subset)
+    result.update(params=param_count(model), macs=macs(model, ckpt.input.size), size_bytes=file_size(path),
+                  latency_ms=latency_ms(model, ckpt.input.size, 1, runs=latency_runs, num_threads=threads),
+                  latency_ms_batch32=latency_ms(model, ckpt.input.size, 32, runs=max(latency_runs // 3, 5),
+                                                num_threads=threads),
+                  threads=threads or __import__("torch").get_num_threads())
+    return result
+
+
+def cmd_eval(args) -> dict:
+    from compress.registry import parse_arch_args
+    from compress.report import console, table
+
+    guard_paths([args.checkpoint], [args.json])
+    r = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.arch, parse_arch_args(args.arch_args),
+                            args.latency_runs, args.threads)
+    metric = "miou" if "miou" in r else "top1"
+    console.print(table(f"{r['checkpoint']} on {r['data']} ({r['split']})", [{
+        metric: r[metric], "params": r["params"], "MACs": r["macs"], "size (bytes)": r["size_bytes"],
+        "latency b1 (ms)": r["latency_ms"], "latency b32 (ms)": r["latency_ms_batch32"], "threads": r["threads"]}]))
+    return r
+
+
+def cmd_inspect(args) -> dict:
+    from compress import align, load
+    from compress.measure import param_count
+    from compress.registry import parse_arch_args
+    from compress.report import console, table
+
+    guard_paths([args.checkpoint], [args.json])
+    ckpt = load(args.checkpoint, arch=args.arch, arch_args=parse_arch_args(args.arch_args))
+    model = ckpt.build()
+    net = model.backbone if ckpt.task == "segmentation" else model
+    al = align(net, ckpt.input.size)
+    prov = ckpt.provenance or {}
+    console.print(f"[bold]{args.checkpoint}[/]: {ckpt.arch} {ckpt.arch_args or ''}, task {ckpt.task}, "
+                  f"{ckpt.num_classes} classes, {param_count(model):,} parameters")
+    console.print(f"input: {ckpt.input.size}px, mean {ckpt.input.mean}, std {ckpt.input.std}")
+    console.print(f"provenance: {prov.get('command', '?')}; parents {prov.get('parents') or 'none'}; "
+                  f"metrics { {k: v for k, v in (prov.get('metrics') or {}).items() if k in ('top1', 'miou', 'seconds')} }")
+    stages = [{"stage": s.module, "channels": s.channels, "stride": s.reduction} for s in al.stages]
+    console.print(table("canonical stages (taps)", stages))
+    spaces = [{"space": s.name, "size": s.size, "tensors": len(s.tensors), "residual": s.residual}
+              for s in al.spaces.spaces]
+    console.print(table(f"spaces ({len(spaces)}; coverage {al.spaces.coverage(net.state_dict()):.1%} of parameters)",
+                        spaces))
+    blocks = [{"block": b.name, "kind": b.kind} for b in al.blocks]
+    console.print(table("blocks", blocks))
+    return {"arch": ckpt.arch, "arch_args": ckpt.arch_args, "task": ckpt.task, "num_classes": ckpt.num_classes,
+            "params": param_count(model), "input": vars(ckpt.input), "provenance": prov, "stages": stages,
+            "spaces": spaces, "blocks": blocks, "unknown_ops": al.spaces.unknown_ops}
+
+
+def cmd_demo(args) -> dict:
+    from compress.report import console, table
+
+    out = Path(args.out_dir)
+    results = []
+    for arch, epochs in (("vit", args.vit_epochs), ("resnet", args.cnn_epochs)):
+        path = out / f"{arch}-digits.pt"
+        targs = parse_args(["train", "--arch", arch, "--data", "digits", "--epochs", str(epochs), "--seed",
+                            str(args.seed), "--out", str(path)])
+        trained = cmd_train(targs)
+        r = evaluate_checkpoint(str(path), "digits", threads=args.threads)
+        r["train_seconds"] = trained["seconds"]
+        results.append(r)
+    console.print(table("demo: two small models trained on the embedded digits", [
+        {"model": r["arch"], "top1": r["top1"], "params": r["params"], "MACs": r["macs"], "size": r["size_bytes"],
+         "latency b1 ms": r["latency_ms"], "train s": r["train_seconds"]} for r in results]))
+    return {"models": results}
+
+
+def _save_resolved(args, out) -> None:
+    """Save the resolved settings next to an output, so a run can be repeated exactly."""
+    from compress.checkpoint import atomic_write
+
+    settings = {k.replace("_", "-"): v for k, v in vars(args).items() if k not in ("command", "json", "recipe", "argv")}
+    path = Path(str(out) + ".yaml")
+    atomic_write(path, lambda tmp: Path(tmp).write_text(yaml.safe_dump(settings, sort_keys=True)))
+
+
+COMMANDS = {"demo": cmd_demo, "models": cmd_models, "train": cmd_train, "eval": cmd_eval, "inspect": cmd_inspect}
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        result = COMMANDS[args.command](args)
+        from compress.report import write_json
+
+        write_json(args.json, result)
+        return 0
+    except CompressError as e:
+        print(f"compress: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

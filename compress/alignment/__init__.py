@@ -1,0 +1,71 @@
+"""The layer-alignment abstraction: the one place that knows a model's structure.
+
+Every pipeline asks an `Alignment` and none pokes at timm internals by itself:
+
+- *taps* (`stages`, `features`, `embedding`, `attention_maps`): where to read representations, as NCHW;
+- *spaces* (`spaces`): which parameter axes share one neuron basis, derived from the traced graph;
+- *blocks* (`blocks`): the ordered residual units with their kind (conv / attention / mlp / bridge).
+
+Example:
+    >>> al = align(create_model("vit"), input_size=32)
+    >>> [s.module for s in al.stages]
+    ['blocks.0', 'blocks.1', 'blocks.2', 'blocks.3']
+    >>> len(al.spaces.spaces), al.blocks[0].kind
+    (13, 'attention')
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+import torch
+from torch import nn
+
+from .blocks import Block, find_blocks
+from .spaces import Member, Space, SpaceGraph, find_spaces
+from .taps import Stage, all_stages, attention_maps, canonical_stages, embedding_features, stage_features
+
+__all__ = ["Alignment", "align", "Block", "Space", "SpaceGraph", "Member", "Stage", "attention_maps"]
+
+
+class Alignment:
+    """Structure of one model at one input size. Spaces and blocks are traced lazily, once."""
+
+    def __init__(self, model: nn.Module, input_size: int = 32, in_chans: int = 3):
+        self.model = model
+        self.input_size = input_size
+        self.example = torch.randn(1, in_chans, input_size, input_size)
+
+    @cached_property
+    def stages(self) -> list[Stage]:
+        return canonical_stages(self.model)
+
+    @cached_property
+    def all_stages(self) -> list[Stage]:
+        return all_stages(self.model)
+
+    @cached_property
+    def spaces(self) -> SpaceGraph:
+        return find_spaces(self.model, self.example)
+
+    @cached_property
+    def blocks(self) -> list[Block]:
+        return find_blocks(self.model, self.example)
+
+    def features(self, x: torch.Tensor, stages: list[Stage] | None = None) -> list[torch.Tensor]:
+        """NCHW outputs of `stages` (default: the canonical stages)."""
+        return stage_features(self.model, x, stages or self.stages)
+
+    def embedding(self, x: torch.Tensor) -> torch.Tensor:
+        """NCHW output of the patch embedding / stem."""
+        return embedding_features(self.model, x)
+
+    def attention_maps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Post-softmax attention maps (B, heads, N, N) of every attention module that exposes them."""
+        with attention_maps(self.model) as maps:
+            self.model(x)
+        return dict(maps)
+
+
+def align(model: nn.Module, input_size: int = 32, in_chans: int = 3) -> Alignment:
+    return Alignment(model, input_size, in_chans)

@@ -1,0 +1,474 @@
+"""Spaces: which parameter axes share one neuron basis, derived from the traced graph.
+
+A *space* is a set of (tensor, axis) pairs that must be permuted (or transported, or sliced) together for
+the model to compute the same function. Nothing here is written per model: one rule per aten op says how
+the op ties the axes of its inputs and outputs (`_RULES`). Ops without a rule pin every axis they touch,
+which is always safe (fewer spaces, never a wrong one) and is reported in `SpaceGraph.unknown_ops`.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx, nn
+
+from . import axes as ax
+from .axes import Atom, find, fresh, pin, unify
+from .graph import TracedGraph, state_tensors, trace
+
+
+@dataclass
+class Member:
+    """One parameter axis in a space. `structured` when the space is only one factor or segment of that
+    axis (the head axis of a qkv projection), so slicing code knows the axis is not plain."""
+
+    tensor: str
+    axis: int
+    structured: bool
+
+
+@dataclass
+class Space:
+    """A neuron basis shared by several parameter axes.
+
+    Attributes:
+        name: readable id, the first tensor axis that carries it (`blocks.0.mlp.fc1.weight:0`).
+        size: number of neurons.
+        members: every parameter axis carrying it.
+        residual: True for a residual stream (two computed activations are added on it).
+    """
+
+    id: int
+    name: str
+    size: int
+    members: list[Member] = field(default_factory=list)
+    residual: bool = False
+
+    @property
+    def tensors(self) -> list[str]:
+        return sorted({m.tensor for m in self.members})
+
+
+@dataclass
+class SpaceGraph:
+    spaces: list[Space]
+    tensor_axes: dict[str, list[Atom]]  # every state tensor's axes
+    unknown_ops: list[str]
+
+    def permute_state(self, state: dict[str, torch.Tensor], perms: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Apply one permutation per space id to a state dict (new[i] = old[perm[i]] on every member axis).
+
+        Example:
+            >>> sg = find_spaces(model, torch.randn(1, 3, 32, 32))
+            >>> perms = {s.id: torch.randperm(s.size) for s in sg.spaces}
+            >>> model.load_state_dict(sg.permute_state(model.state_dict(), perms))  # same logits
+        """
+        out = dict(state)
+        for name, atoms in self.tensor_axes.items():
+            if name not in out:
+                continue
+            t = out[name]
+            for axis, atom in enumerate(atoms):
+                if not any(s.id in perms for s in ax.leaves(atom)):
+                    continue
+                t = t.index_select(axis, ax.index_map(atom, perms).to(t.device))
+            out[name] = t
+        return out
+
+    def random_permutations(self, generator: torch.Generator | None = None) -> dict[int, torch.Tensor]:
+        return {s.id: torch.randperm(s.size, generator=generator) for s in self.spaces}
+
+    def coverage(self, state: dict[str, torch.Tensor]) -> float:
+        """Fraction of parameter elements that lie on at least one free axis (a health check)."""
+        total = covered = 0
+        for name, atoms in self.tensor_axes.items():
+            n = state[name].numel() if name in state else 0
+            total += n
+            if any(ax.leaves(a) for a in atoms):
+                covered += n
+        return covered / max(total, 1)
+
+
+def find_spaces(model: nn.Module, *example_inputs: torch.Tensor) -> SpaceGraph:
+    """Derive the spaces of `model` from its aten graph on `example_inputs`.
+
+    Example:
+        >>> sg = find_spaces(timm.create_model("vit_tiny_patch16_224", img_size=32), torch.randn(1, 3, 32, 32))
+        >>> [s.name for s in sg.spaces if s.residual]
+        ['cls_token:2']
+    """
+    g = trace(model, *example_inputs)
+    return _propagate(g, state_tensors(model))
+
+
+def _val(n):
+    return n.meta.get("val") if isinstance(n, fx.Node) else None
+
+
+def _propagate(g: TracedGraph, state: dict[str, torch.Tensor]) -> SpaceGraph:
+    env: dict[fx.Node, object] = {}  # node -> list[Atom] (a tensor) or a list of those (a tuple)
+    tensor_axes: dict[str, list[Atom]] = {}
+    unknown: set[str] = set()
+    for node in g.graph.nodes:
+        if node.op == "placeholder":
+            shape = _val(node).shape
+            free = node in g.tensors
+            atoms = [Atom(s, pinned=not free) for s in shape]
+            if free:
+                tensor_axes[g.tensors[node]] = atoms
+            env[node] = atoms
+        elif node.op == "call_function":
+            env[node] = _apply(node, env, unknown)
+        elif node.op == "output":
+            for a in _tensor_args(node.args, env):
+                for atom in a:
+                    pin(atom)  # the logits' class order is part of the function
+    order: dict[int, Space] = {}
+    for name, atoms in tensor_axes.items():
+        for axis, atom in enumerate(atoms):
+            structured = find(atom).kind != "leaf"
+            for k, leaf in enumerate(ax.leaves(atom)):
+                label = f"{name}:{axis}" + (f".{k}" if structured else "")  # .k: k-th factor (a head axis...)
+                sp = order.setdefault(leaf.id, Space(leaf.id, label, leaf.size, residual=leaf.residual))
+                sp.members.append(Member(name, axis, structured))
+    spaces = [s for s in order.values() if len(s.tensors) > 1 or len(s.members) > 1]
+    return SpaceGraph(spaces, tensor_axes, sorted(unknown))
+
+
+def _lookup(a, env):
+    if isinstance(a, fx.Node):
+        return env.get(a)
+    if isinstance(a, (list, tuple)) and any(isinstance(x, fx.Node) for x in a):
+        return [_lookup(x, env) for x in a]
+    return a
+
+
+def _tensor_args(args, env) -> list[list[Atom]]:
+    out = []
+    for a in args:
+        if isinstance(a, (list, tuple)):
+            out += _tensor_args(a, env)
+        elif isinstance(a, fx.Node) and isinstance(env.get(a), list) and (not env[a] or isinstance(env[a][0], Atom)):
+            out.append(env[a])
+    return out
+
+
+def _shape(node) -> list[int]:
+    return list(_val(node).shape)
+
+
+def _apply(node: fx.Node, env, unknown: set[str]):
+    if node.target is operator.getitem:
+        return env[node.args[0]][node.args[1]]
+    name = getattr(node.target, "__name__", str(node.target))
+    op = name.split(".")[0]
+    rule = _RULES.get(op)
+    if rule is not None:
+        return rule(node, [_lookup(a, env) for a in node.args], env)
+    # Unknown op: pin everything it reads, produce pinned outputs. Safe, and reported.
+    unknown.add(op)
+    for a in _tensor_args(node.args, env):
+        for atom in a:
+            pin(atom)
+    val = _val(node)
+    if isinstance(val, (tuple, list)):
+        return [[fresh(s) for s in v.shape] if isinstance(v, torch.Tensor) else None for v in val]
+    return [fresh(s) for s in val.shape] if isinstance(val, torch.Tensor) else None
+
+
+# ---- rules ------------------------------------------------------------------------------------------
+
+def _same(node, args, env):
+    return args[0]
+
+
+def _broadcast(node, args, env):
+    """Elementwise op with numpy broadcasting: unify the axes that line up (size > 1 on both sides)."""
+    out_shape = _shape(node)
+    tensors = [a for a in args if isinstance(a, list) and (not a or isinstance(a[0], Atom))]
+    out = [None] * len(out_shape)
+    computed = sum(1 for a in node.args if isinstance(a, fx.Node) and a.op != "placeholder")
+    for t in tensors:
+        off = len(out_shape) - len(t)
+        for i, atom in enumerate(t):
+            if atom.size == 1 and out_shape[off + i] != 1:
+                continue
+            if out[off + i] is None:
+                out[off + i] = atom
+            else:
+                unify(out[off + i], atom)
+                if computed > 1 and node.target in _ADDS:
+                    find(atom).residual = True
+    return [a if a is not None else fresh(s) for a, s in zip(out, out_shape)]
+
+
+def _reshape(node, args, env):
+    return ax.regroup(args[0], _shape(node))
+
+
+def _permute(node, args, env):
+    return [args[0][d] for d in args[1]]
+
+
+def _transpose(node, args, env):
+    a = list(args[0])
+    d0, d1 = (d % len(a) for d in args[1:3])
+    a[d0], a[d1] = a[d1], a[d0]
+    return a
+
+
+def _t(node, args, env):
+    return list(reversed(args[0]))
+
+
+def _unsqueeze(node, args, env):
+    a = list(args[0])
+    d = args[1] % (len(a) + 1)
+    return a[:d] + [fresh(1)] + a[d:]
+
+
+def _squeeze(node, args, env):
+    shape = _shape(node)
+    return ax.regroup(args[0], shape)
+
+
+def _expand(node, args, env):
+    shape = _shape(node)
+    a = args[0]
+    lead = [fresh(s) for s in shape[: len(shape) - len(a)]]
+    return lead + [atom if atom.size == s else fresh(s) for atom, s in zip(a, shape[len(lead):])]
+
+
+def _mm(node, args, env):
+    x, w = args[0], args[1]
+    unify(x[1], w[0])
+    return [x[0], w[1]]
+
+
+def _addmm(node, args, env):
+    out = _mm(node, args[1:], env)
+    for b, o in zip(reversed(args[0]), reversed(out)):
+        if b.size > 1:
+            unify(b, o)
+    return out
+
+
+def _bmm(node, args, env):
+    x, y = args[0], args[1]
+    unify(x[0], y[0])
+    unify(x[2], y[1])
+    return [x[0], x[1], y[2]]
+
+
+def _sdpa(node, args, env):
+    q, k, v = args[0], args[1], args[2]
+    for i in range(len(q) - 2):  # batch and head axes
+        unify(q[i], k[i])
+        unify(k[i], v[i])
+    unify(q[-1], k[-1])
+    unify(k[-2], v[-2])
+    out = q[:-1] + [v[-1]]
+    return [out, [fresh(s) for s in _val(node)[1].shape]] + [None] * (len(_val(node)) - 2)
+
+
+def _conv(node, args, env):
+    x, w, b = args[0], args[1], args[2]
+    transposed, groups = node.args[6], node.args[8]
+    out_shape = _shape(node)
+    if transposed:
+        for a in x + w:
+            pin(a)
+        return [fresh(s) for s in out_shape]
+    for a in w[2:]:
+        pin(a)  # kernel taps are read by position
+    cin, cout = x[1].size, w[0].size
+    xin = ax.regroup([x[1]], [groups, cin // groups]) if groups > 1 else [None, x[1]]
+    wout = ax.regroup([w[0]], [groups, cout // groups]) if groups > 1 else [None, w[0]]
+    if groups > 1:
+        unify(xin[0], wout[0])
+    if w[1].size > 1 or xin[1].size > 1:
+        unify(xin[1], w[1])
+    if b is not None:
+        unify(b[0], w[0])
+    return [x[0], w[0]] + [fresh(s) for s in out_shape[2:]]
+
+
+def _layer_norm(node, args, env):
+    x, nshape, w, b = args[0], args[1], args[2], args[3]
+    k = len(nshape)
+    for p in (w, b):
+        if p is not None:
+            for pa, xa in zip(p, x[-k:]):
+                unify(pa, xa)
+    stats = [fresh(s) for s in _val(node)[1].shape]
+    return [x, stats, list(stats)]
+
+
+def _batch_norm(node, args, env):
+    x = args[0]
+    for p in args[1:5]:
+        if p is not None:
+            unify(p[0], x[1])
+    rest = [[fresh(s) for s in v.shape] for v in _val(node)[1:]]
+    return [x] + rest
+
+
+def _group_norm(node, args, env):
+    x, w, b, groups = args[0], args[1], args[2], node.args[6]
+    c = x[1].size
+    if 1 < groups < c:
+        ax.regroup([x[1]], [groups, c // groups])
+    for p in (w, b):
+        if p is not None:
+            unify(p[0], x[1])
+    rest = [[fresh(s) for s in v.shape] for v in _val(node)[1:]]
+    return [x] + rest
+
+
+def _reduce(node, args, env):
+    x = args[0]
+    dims = node.args[1] if len(node.args) > 1 and node.args[1] is not None else list(range(len(x)))
+    dims = {d % len(x) for d in ([dims] if isinstance(dims, int) else dims)}
+    keep = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
+    return [fresh(1) if i in dims else a for i, a in enumerate(x) if keep or i not in dims]
+
+
+def _spatial(node, args, env):
+    """Pooling / resizing: channels (and batch) kept, spatial axes new."""
+    x, out = args[0], _val(node)
+    shape = (out[0] if isinstance(out, tuple) else out).shape
+    n_sp = 2
+    res = x[: len(shape) - n_sp] + [fresh(s) for s in shape[len(shape) - n_sp:]]
+    return [res, [fresh(s) for s in shape]] if isinstance(out, tuple) else res
+
+
+def _cat(node, args, env):
+    parts = [p for p in args[0] if p is not None]
+    dim = (node.args[1] if len(node.args) > 1 else 0) % len(parts[0])
+    out = list(parts[0])
+    for p in parts[1:]:
+        for i in range(len(out)):
+            if i != dim and out[i].size > 1 and p[i].size > 1:
+                unify(out[i], p[i])
+    out[dim] = ax.concat([p[dim] for p in parts])
+    return out
+
+
+def _split(node, args, env):
+    x = args[0]
+    sizes = node.args[1]
+    dim = (node.args[2] if len(node.args) > 2 else 0) % len(x)
+    if isinstance(sizes, int):  # split.Tensor: equal chunks
+        sizes = [v.shape[dim] for v in _val(node)]
+    outs, start = [], 0
+    for s in sizes:
+        outs.append(x[:dim] + [ax.segment(x[dim], start, start + s)] + x[dim + 1:])
+        start += s
+    return outs
+
+
+def _slice(node, args, env):
+    x = args[0]
+    dim = (node.args[1] if len(node.args) > 1 else 0) % len(x)
+    start = node.args[2] if len(node.args) > 2 and node.args[2] is not None else 0
+    end = node.args[3] if len(node.args) > 3 and node.args[3] is not None else x[dim].size
+    step = node.args[4] if len(node.args) > 4 else 1
+    size = x[dim].size
+    start, end = max(start + size if start < 0 else start, 0), min(end + size if end < 0 else end, size)
+    if step != 1:
+        pin(x[dim])
+        return x[:dim] + [fresh(_shape(node)[dim])] + x[dim + 1:]
+    return x[:dim] + [ax.segment(x[dim], start, end)] + x[dim + 1:]
+
+
+def _select(node, args, env):
+    x, dim = args[0], node.args[1] % len(args[0])
+    pin(x[dim])
+    return x[:dim] + x[dim + 1:]
+
+
+def _unbind(node, args, env):
+    x = args[0]
+    dim = (node.args[1] if len(node.args) > 1 else 0) % len(x)
+    pin(x[dim])
+    return [x[:dim] + x[dim + 1:] for _ in range(x[dim].size)]
+
+
+def _index(node, args, env):
+    x, indices = args[0], node.args[1]
+    used = [i for i, t in enumerate(indices) if t is not None]
+    for i in used:
+        pin(x[i])
+    out_shape = _shape(node)
+    if used and used == list(range(used[0], used[-1] + 1)):
+        before, after = x[: used[0]], x[used[-1] + 1:]
+        mid = len(out_shape) - len(before) - len(after)
+        return before + [fresh(s) for s in out_shape[len(before): len(before) + mid]] + after
+    for a in x:
+        pin(a)
+    return [fresh(s) for s in out_shape]
+
+
+def _roll(node, args, env):
+    x = args[0]
+    dims = node.args[2] if len(node.args) > 2 else list(range(len(x)))
+    for d in [dims] if isinstance(dims, int) else dims:
+        pin(x[d])
+    return x
+
+
+def _pad(node, args, env):
+    x, pad = args[0], node.args[1]
+    out = list(x)
+    for i in range(len(pad) // 2):
+        d = len(x) - 1 - i
+        if pad[2 * i] or pad[2 * i + 1]:
+            pin(x[d])
+            out[d] = fresh(_shape(node)[d])
+    return out
+
+
+def _restride(node, args, env):
+    """as_strided only changes memory layout when the shape is unchanged (timm's channels-last norms)."""
+    if list(_val(node.args[0]).shape) == _shape(node):
+        return args[0]
+    for a in args[0]:
+        pin(a)
+    return _new(node, args, env)
+
+
+def _new(node, args, env):
+    return [fresh(s) for s in _shape(node)]
+
+
+_ADDS = set()
+_RULES = {}
+for _op in ("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "addcmul", "where", "maximum", "minimum",
+            "rsub", "pow", "eq", "ne", "lt", "gt", "le", "ge", "masked_fill", "lerp"):
+    _RULES[_op] = _broadcast
+for _op in ("alias", "clone", "contiguous", "relu", "relu_", "gelu", "silu", "silu_", "sigmoid", "tanh", "hardswish",
+            "hardswish_", "hardsigmoid", "hardtanh", "hardtanh_", "leaky_relu", "elu", "exp", "neg", "sqrt", "rsqrt",
+            "abs", "erf", "detach", "_to_copy", "to", "dropout", "native_dropout", "_softmax", "_log_softmax",
+            "softmax", "log_softmax", "clamp", "clamp_min", "clamp_max", "sign", "reciprocal", "mish", "lift_fresh_copy",
+            "lift_fresh"):
+    _RULES[_op] = _same
+_RULES.update({
+    "view": _reshape, "_unsafe_view": _reshape, "reshape": _reshape, "flatten": _reshape, "unflatten": _reshape,
+    "squeeze": _squeeze, "permute": _permute, "transpose": _transpose, "t": _t, "unsqueeze": _unsqueeze,
+    "expand": _expand, "mm": _mm, "addmm": _addmm, "bmm": _bmm,
+    "_scaled_dot_product_flash_attention_for_cpu": _sdpa, "convolution": _conv,
+    "native_layer_norm": _layer_norm, "native_batch_norm": _batch_norm,
+    "_native_batch_norm_legit_no_training": _batch_norm, "native_group_norm": _group_norm,
+    "mean": _reduce, "sum": _reduce, "amax": _reduce, "var": _reduce, "avg_pool2d": _spatial,
+    "max_pool2d_with_indices": _spatial, "upsample_bilinear2d": _spatial, "upsample_nearest2d": _spatial,
+    "adaptive_avg_pool2d": _spatial, "_adaptive_avg_pool2d": _spatial, "cat": _cat, "split_with_sizes": _split,
+    "split": _split, "slice": _slice, "select": _select, "unbind": _unbind, "index": _index, "roll": _roll,
+    "constant_pad_nd": _pad, "empty": _new, "zeros": _new, "ones": _new, "full": _new, "arange": _new,
+    "scalar_tensor": _new, "as_strided": _restride, "as_strided_": _restride,
+})
+import torch as _torch  # noqa: E402
+
+_ADDS = {_torch.ops.aten.add.Tensor, _torch.ops.aten.add_.Tensor}

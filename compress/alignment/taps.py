@@ -1,0 +1,184 @@
+"""Taps: where to read a model's intermediate representations, always returned as NCHW maps.
+
+Stage outputs come from timm's `feature_info` and `forward_intermediates`; models without them fall back to
+forward hooks on the stage modules. Layouts are normalised here and nowhere else: Swin's NHWC, ViT's NLC with
+prefix tokens, EfficientFormer's flattened last stage all come out as (B, C, H, W).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import CompressError
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One tap point: `index` into the model's feature_info, its module path, channels and stride."""
+
+    index: int
+    module: str
+    channels: int
+    reduction: int
+
+
+def all_stages(model: nn.Module) -> list[Stage]:
+    info = getattr(model, "feature_info", None)
+    if not info:
+        raise CompressError(f"{type(model).__name__} has no feature_info",
+                            expected="a timm model or a model exposing feature_info (module, num_chs, reduction)")
+    return [Stage(i, f["module"], int(f["num_chs"]), int(f["reduction"])) for i, f in enumerate(info)]
+
+
+def canonical_stages(model: nn.Module, max_stages: int = 4) -> list[Stage]:
+    """The deepest tap at each of the last `max_stages` strides; for isotropic models (one stride), taps at
+    evenly spaced depths (quartiles for 4).
+
+    Example:
+        >>> [s.module for s in canonical_stages(timm.create_model("resnet18"))]
+        ['layer1', 'layer2', 'layer3', 'layer4']
+    """
+    stages = all_stages(model)
+    reductions = sorted({s.reduction for s in stages})
+    if len(reductions) == 1:
+        n = len(stages)
+        picks = sorted({max(0, round((i + 1) * n / max_stages) - 1) for i in range(min(max_stages, n))})
+        return [stages[i] for i in picks]
+    last = {s.reduction: s for s in stages}  # feature_info is ordered: the last one per stride wins
+    return [last[r] for r in reductions[-max_stages:]]
+
+
+def to_nchw(t: torch.Tensor, channels: int, grid: tuple[int, int]) -> torch.Tensor:
+    """Normalise NCHW / NHWC / NLC (with prefix tokens) to NCHW."""
+    if t.ndim == 4:
+        if t.shape[1] == channels:
+            return t
+        if t.shape[-1] == channels:
+            return t.permute(0, 3, 1, 2).contiguous()
+    if t.ndim == 3:
+        if t.shape[-1] != channels and t.shape[1] == channels:
+            t = t.transpose(1, 2)
+        n = t.shape[1]
+        gh, gw = grid
+        if gh * gw > n or gh * gw == 0:
+            side = int(math.isqrt(n))
+            gh = gw = side
+        t = t[:, n - gh * gw:]  # prefix tokens (cls, distillation, registers) come first
+        return t.transpose(1, 2).reshape(t.shape[0], channels, gh, gw)
+    raise CompressError("cannot interpret a tapped tensor as a feature map",
+                        expected=f"4-D or 3-D with {channels} channels", found=f"shape {tuple(t.shape)}")
+
+
+def _grid(x: torch.Tensor, reduction: int) -> tuple[int, int]:
+    return max(x.shape[-2] // reduction, 1), max(x.shape[-1] // reduction, 1)
+
+
+def stage_features(model: nn.Module, x: torch.Tensor, stages: list[Stage]) -> list[torch.Tensor]:
+    """Run `model` on `x` and return the NCHW output of each stage in `stages`.
+
+    Example:
+        >>> feats = stage_features(model, x, canonical_stages(model))
+        >>> [f.shape[1] for f in feats] == [s.channels for s in canonical_stages(model)]
+        True
+    """
+    raw = None
+    if hasattr(model, "forward_intermediates"):
+        indices = [s.index for s in stages]
+        try:
+            raw = model.forward_intermediates(x, indices=indices, output_fmt="NCHW", intermediates_only=True)
+        except TypeError:
+            try:
+                raw = model.forward_intermediates(x, indices=indices, intermediates_only=True)
+            except TypeError:
+                raw = None
+    if raw is None or len(raw) != len(stages):
+        with hooked_outputs(model, [s.module for s in stages]) as outs:
+            model(x)
+        raw = [outs[s.module] for s in stages]
+    return [to_nchw(t, s.channels, _grid(x, s.reduction)) for t, s in zip(raw, stages)]
+
+
+@contextlib.contextmanager
+def hooked_outputs(model: nn.Module, names: list[str]):
+    """Collect the outputs of the named submodules during forwards inside the context; hooks removed after."""
+    modules = dict(model.named_modules())
+    missing = [n for n in names if n not in modules]
+    if missing:
+        raise CompressError("tap module not found", expected="a submodule name", found=", ".join(missing))
+    outs: dict[str, torch.Tensor] = {}
+
+    def recorder(name):
+        def hook(module, args, output):
+            outs[name] = output
+
+        return hook
+
+    handles = [modules[n].register_forward_hook(recorder(n)) for n in names]
+    try:
+        yield outs
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def embedding_module(model: nn.Module) -> str:
+    """The patch-embedding / stem module: `patch_embed` or `stem` when present, else the first child with
+    parameters."""
+    children = dict(model.named_children())
+    for name in ("patch_embed", "stem", "stem0", "conv_stem"):
+        if name in children:
+            return name
+    for name, child in children.items():
+        if any(True for _ in child.parameters()):
+            return name
+    raise CompressError(f"{type(model).__name__} has no parameterised child", expected="a model with a stem")
+
+
+def embedding_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The NCHW output of the patch embedding / stem."""
+    name = embedding_module(model)
+    with hooked_outputs(model, [name]) as outs:
+        model(x)
+    t = outs[name]
+    t = t[0] if isinstance(t, (tuple, list)) else t
+    channels = t.shape[-1] if t.ndim == 3 else t.shape[1]
+    if t.ndim == 4 and t.shape[1] != t.shape[-1] and t.shape[-1] > t.shape[1] and t.shape[1] == t.shape[2]:
+        channels = t.shape[-1]  # NHWC (Swin's patch embedding)
+    n = t.shape[1] if t.ndim == 3 else 0
+    side = int(math.isqrt(n)) if n else 0
+    return to_nchw(t, channels, (side, side))
+
+
+def _store(maps: dict, name: str):
+    def hook(module, args, output):
+        maps[name] = output.detach()
+
+    return hook
+
+
+@contextlib.contextmanager
+def attention_maps(model: nn.Module):
+    """Collect post-softmax attention maps (B, heads, N, N) keyed by attention module, during forwards.
+
+    Fused attention never materialises the map, so it is switched off inside the context and restored
+    after. Modules read through their `attn_drop` dropout, which timm applies to the softmaxed map.
+    """
+    maps: dict[str, torch.Tensor] = {}
+    fused, handles = [], []
+    for name, mod in model.named_modules():
+        if hasattr(mod, "fused_attn") and isinstance(getattr(mod, "attn_drop", None), nn.Module):
+            fused.append((mod, mod.fused_attn))
+            mod.fused_attn = False
+            handles.append(mod.attn_drop.register_forward_hook(_store(maps, name)))
+    try:
+        yield maps
+    finally:
+        for mod, flag in fused:
+            mod.fused_attn = flag
+        for h in handles:
+            h.remove()

@@ -1,0 +1,235 @@
+"""Self-describing checkpoints: `.pt` (read with weights_only=True only) and `.safetensors`.
+
+A checkpoint carries everything needed to rebuild and feed the model: architecture + kwargs, num_classes,
+task, input spec (size, mean, std) and provenance (command, parents, metrics). In a `.pt` the metadata is a
+JSON string beside the state_dict, so the file holds only tensors and strings and loads without unpickling
+any object; in a `.safetensors` it sits in the header's metadata. A bare timm state_dict plus an arch name
+is accepted too. Writes are atomic: a temporary file in the target folder, then a rename.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+import time
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import __version__
+from .errors import CompressError
+from .registry import create_model, default_img_size
+
+FORMAT = "compress-checkpoint/1"
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+TASKS = ("classification", "segmentation")
+
+
+@dataclass
+class InputSpec:
+    """What the model expects: square size in pixels, per-channel mean and std (on 0..1 images)."""
+
+    size: int = 32
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+    def __post_init__(self):
+        self.mean, self.std = tuple(float(v) for v in self.mean), tuple(float(v) for v in self.std)
+        if self.size < 8 or len(self.mean) != len(self.std):
+            raise CompressError("invalid input spec", expected="size >= 8 and one mean/std per channel",
+                                found=f"size={self.size}, {len(self.mean)} means, {len(self.std)} stds")
+
+
+@dataclass
+class Checkpoint:
+    """A model and its description. `build()` returns the nn.Module with the weights loaded.
+
+    Example:
+        >>> ckpt = Checkpoint.create("vit", num_classes=10)
+        >>> save(ckpt, "a.pt"); load("a.pt").build()(torch.randn(1, 3, 32, 32)).shape
+        torch.Size([1, 10])
+    """
+
+    arch: str
+    arch_args: dict = field(default_factory=dict)
+    num_classes: int = 10
+    task: str = "classification"
+    input: InputSpec = field(default_factory=InputSpec)
+    state_dict: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    provenance: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise CompressError(f"unknown task '{self.task}'", expected=" or ".join(TASKS))
+        if isinstance(self.input, dict):
+            self.input = InputSpec(**self.input)
+
+    @classmethod
+    def create(cls, arch: str, num_classes: int = 10, task: str = "classification", arch_args: dict | None = None,
+               input: InputSpec | None = None, seed: int | None = None) -> Checkpoint:
+        """A freshly initialised model (seeded) wrapped in a checkpoint."""
+        arch_args = dict(arch_args or {})
+        spec = input or InputSpec(size=default_img_size(arch, arch_args))
+        ckpt = cls(arch, arch_args, num_classes, task, spec)
+        if seed is not None:
+            torch.manual_seed(seed)
+        ckpt.state_dict = ckpt.instantiate().state_dict()
+        return ckpt
+
+    def instantiate(self) -> nn.Module:
+        """The architecture with fresh weights."""
+        if self.task == "segmentation":
+            from .segmentation import SegmentationNet
+
+            return SegmentationNet(self.arch, self.num_classes, self.arch_args, self.input.size)
+        return create_model(self.arch, num_classes=self.num_classes, **self.arch_args)
+
+    def build(self) -> nn.Module:
+        """The architecture with this checkpoint's weights; a mismatch is a clear error."""
+        model = self.instantiate()
+        load_weights(model, self.state_dict, self.arch)
+        return model.eval()
+
+    def metadata(self) -> dict:
+        meta = asdict(self)
+        meta.pop("state_dict")
+        meta["format"] = FORMAT
+        return meta
+
+    def derive(self, model: nn.Module, command: str, metrics: dict | None = None,
+               parents: list[str] | None = None, **changes) -> Checkpoint:
+        """A new checkpoint for `model`, same description, provenance pointing at its parents."""
+        prov = {"command": command, "parents": parents or [], "metrics": metrics or {},
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "compress_version": __version__}
+        fields = {**{k: getattr(self, k) for k in ("arch", "arch_args", "num_classes", "task", "input")}, **changes}
+        return Checkpoint(**fields, state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()},
+                          provenance=prov)
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], arch: str) -> None:
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        found = "; ".join(filter(None, [
+            f"{len(missing)} missing (e.g. {', '.join(missing[:3])})" if missing else "",
+            f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})" if unexpected else "",
+            f"{len(shapes)} with other shapes (e.g. {'; '.join(shapes[:2])})" if shapes else ""]))
+        raise CompressError(f"state_dict does not match architecture '{arch}'",
+                            expected=f"the {len(own)} tensors of {type(model).__name__}", found=found,
+                            hint="pass the --arch and --arch-args the weights were trained with")
+    model.load_state_dict(state)
+
+
+# ---- files ------------------------------------------------------------------------------------------
+
+def save(ckpt: Checkpoint, path: str | os.PathLike) -> Path:
+    """Write `ckpt` atomically as `.pt` or `.safetensors` (by suffix)."""
+    path = Path(path)
+    meta = json.dumps(ckpt.metadata(), default=list)
+    state = {k: v.detach().cpu().contiguous() for k, v in ckpt.state_dict.items()}
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        state = {k: v.clone() for k, v in state.items()}  # safetensors refuses shared storage
+        return atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"compress": meta}))
+    if path.suffix != ".pt":
+        raise CompressError(f"cannot write '{path}'", expected="a .pt or .safetensors path", found=path.suffix or "no suffix")
+    return atomic_write(path, lambda tmp: torch.save({"compress": meta, "state_dict": state}, tmp))
+
+
+def atomic_write(path: Path, write) -> Path:
+    """Call `write(tmp_path)` then rename onto `path`: a reader never sees a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load(path: str | os.PathLike, arch: str | None = None, arch_args: dict | None = None,
+         num_classes: int | None = None) -> Checkpoint:
+    """Read a checkpoint; never executes code from the file.
+
+    A bare state_dict (timm's, or {'state_dict': ...} / {'model': ...}) needs `arch`; num_classes is then
+    read from the classifier's shape unless given.
+
+    Example:
+        >>> load("resnet18_weights.pth.pt", arch="resnet18").build()
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CompressError(f"checkpoint '{path}' not found", expected="an existing .pt or .safetensors file")
+    meta, state = (_read_safetensors if path.suffix == ".safetensors" else _read_pt)(path)
+    if meta is None:
+        if arch is None:
+            raise CompressError(f"'{path}' is a bare state_dict with no description",
+                                expected="a compress checkpoint, or --arch NAME for a bare (timm) state_dict")
+        args = dict(arch_args or {})
+        n = num_classes or _guess_classes(state)
+        return Checkpoint(arch, args, n, "classification", InputSpec(size=default_img_size(arch, args)), state,
+                          {"command": "import", "parents": [str(path)], "metrics": {}})
+    if meta.get("format") != FORMAT:
+        raise CompressError(f"'{path}' has an unknown metadata format", expected=FORMAT, found=str(meta.get("format")))
+    meta.pop("format")
+    return Checkpoint(**meta, state_dict=state)
+
+
+def _read_pt(path: Path):
+    if not zipfile.is_zipfile(path):
+        raise CompressError(f"cannot read '{path}'", expected="a torch zip checkpoint",
+                            found="a truncated or non-checkpoint file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CompressError(f"refused to load '{path}'", expected="tensors and plain containers only",
+                            found=f"pickled objects that weights_only loading rejects ({str(e).splitlines()[0][:120]})",
+                            hint="the file was not unpickled; no code from it ran") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CompressError(f"cannot read '{path}'", expected="a complete torch checkpoint",
+                            found=f"a damaged or truncated file ({str(e).splitlines()[0][:120]})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("compress"), str):
+        return json.loads(obj["compress"]), obj["state_dict"]
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CompressError(f"cannot read '{path}'", expected="a state_dict of tensors", found=type(obj).__name__)
+    return None, obj
+
+
+def _read_safetensors(path: Path):
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = (f.metadata() or {}).get("compress")
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CompressError(f"cannot read '{path}'", expected="a complete .safetensors file",
+                            found=f"a damaged or truncated file ({str(e)[:120]})") from None
+    return (json.loads(meta) if meta else None), state
+
+
+def _guess_classes(state: dict[str, torch.Tensor]) -> int:
+    for key in ("head.fc.weight", "head.weight", "fc.weight", "classifier.weight", "head.l.weight"):
+        if key in state:
+            return int(state[key].shape[0])
+    return 1000

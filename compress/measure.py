@@ -1,0 +1,91 @@
+"""Measurements: accuracy, mIoU, parameters, MACs, file size and latency, all measured, never assumed."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+
+@torch.no_grad()
+def predict(model: nn.Module, data: Dataset, batch_size: int = 256):
+    """Yield (outputs, targets) batches with the model in eval mode."""
+    model.eval()
+    for x, y in DataLoader(data, batch_size=batch_size):
+        yield model(x), y
+
+
+def top1(model: nn.Module, data: Dataset) -> float:
+    """Top-1 accuracy in percent."""
+    correct = total = 0
+    for out, y in predict(model, data):
+        correct += (out.argmax(1) == y).sum().item()
+        total += len(y)
+    return 100.0 * correct / max(total, 1)
+
+
+def miou(model: nn.Module, data: Dataset, num_classes: int) -> float:
+    """Mean intersection-over-union in percent, over classes present in targets or predictions."""
+    inter = torch.zeros(num_classes)
+    union = torch.zeros(num_classes)
+    for out, y in predict(model, data, batch_size=64):
+        p = out.argmax(1)
+        for c in range(num_classes):
+            pc, yc = p == c, y == c
+            inter[c] += (pc & yc).sum()
+            union[c] += (pc | yc).sum()
+    present = union > 0
+    return 100.0 * (inter[present] / union[present]).mean().item()
+
+
+def param_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def macs(model: nn.Module, input_size: int, in_chans: int = 3) -> int:
+    """Multiply-accumulates of one forward at batch 1 (torch's FLOP counter / 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(torch.randn(1, in_chans, input_size, input_size))
+    return counter.get_total_flops() // 2
+
+
+@contextmanager
+def threads(n: int | None):
+    old = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+@torch.no_grad()
+def latency_ms(model: nn.Module, input_size: int, batch: int = 1, warmup: int = 5, runs: int = 30,
+               num_threads: int | None = None, in_chans: int = 3) -> float:
+    """Median wall-clock milliseconds of one forward at `batch`, after warm-up."""
+    model.eval()
+    x = torch.randn(batch, in_chans, input_size, input_size)
+    with threads(num_threads):
+        for _ in range(warmup):
+            model(x)
+        times = []
+        for _ in range(runs):
+            t = time.perf_counter()
+            model(x)
+            times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def file_size(path) -> int:
+    return os.path.getsize(path)

@@ -1,0 +1,167 @@
+"""One small `Registry` reused everywhere, and the architecture registry built on it.
+
+An architecture is resolved in this order: a registered builder (our CPU-sized aliases, or the user's own
+via `@register_arch` or a `package.module:function` spec), then any timm model name.
+
+Example:
+    >>> model = create_model("vit", num_classes=10)                         # small alias
+    >>> model = create_model("resnet18", num_classes=10)                    # any timm name
+    >>> model = create_model("vit", num_classes=10, embed_dim=64, depth=2)  # architecture kwargs
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from .errors import CompressError
+
+
+class Registry:
+    """A name -> object table with a decorator, overwrite warnings and did-you-mean errors.
+
+    Example:
+        >>> LOSSES = Registry("loss")
+        >>> @LOSSES.register("kd")
+        ... def kd_loss(s, t): ...
+        >>> LOSSES.get("kd") is kd_loss
+        True
+    """
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._items: dict[str, Any] = {}
+
+    def register(self, name: str | None = None) -> Callable:
+        def deco(obj):
+            key = name or obj.__name__
+            if key in self._items:
+                warnings.warn(f"{self.kind} '{key}' is registered again; the new one replaces it", stacklevel=2)
+            self._items[key] = obj
+            return obj
+
+        return deco
+
+    def get(self, name: str) -> Any:
+        if name not in self._items:
+            raise CompressError(f"unknown {self.kind} '{name}'", expected=f"one of {', '.join(sorted(self._items))}")
+        return self._items[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._items
+
+    def names(self) -> list[str]:
+        return sorted(self._items)
+
+
+ARCHS = Registry("architecture")
+
+
+def register_arch(name: str | None = None, img_size: int = 32) -> Callable:
+    """Register a model builder `fn(num_classes, **kwargs) -> nn.Module` under `name`.
+
+    `img_size` is the input resolution the builder is meant for; it is stored in checkpoints so data is
+    resized to match.
+
+    Example:
+        >>> @register_arch("tiny_cnn")
+        ... def tiny_cnn(num_classes=10, width=16):
+        ...     return nn.Sequential(nn.Conv2d(3, width, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        ...                          nn.Linear(width, num_classes))
+    """
+
+    def deco(fn):
+        fn.default_img_size = img_size
+        return ARCHS.register(name)(fn)
+
+    return deco
+
+
+def _timm():
+    import timm  # imported lazily: `compress --help` should not pay for it
+
+    return timm
+
+
+def resolve_builder(arch: str) -> Callable[..., nn.Module]:
+    """The builder for `arch`: a registered name, a `module:function` spec, or a timm model name."""
+    if arch in ARCHS:
+        return ARCHS.get(arch)
+    if ":" in arch:
+        module, _, fn = arch.partition(":")
+        try:
+            builder = getattr(importlib.import_module(module), fn)
+        except (ImportError, AttributeError) as e:
+            raise CompressError(f"cannot import architecture builder '{arch}'",
+                                expected="an importable package.module:function", found=str(e)) from None
+        return builder
+    timm = _timm()
+    if timm.is_model(arch):
+        return lambda num_classes=1000, **kw: timm.create_model(arch, pretrained=False, num_classes=num_classes, **kw)
+    close = difflib.get_close_matches(arch, ARCHS.names() + timm.list_models(), n=5, cutoff=0.6)
+    raise CompressError(f"unknown architecture '{arch}'",
+                        expected="a registered alias (compress models), a timm model name, or package.module:function",
+                        hint=f"did you mean {', '.join(close)}?" if close else None)
+
+
+def default_img_size(arch: str, kwargs: dict | None = None) -> int:
+    """Input resolution for `arch`: an explicit img_size kwarg, the builder's, or timm's pretrained cfg."""
+    if kwargs and "img_size" in kwargs:
+        size = kwargs["img_size"]
+        return int(size[0] if isinstance(size, (tuple, list)) else size)
+    builder = resolve_builder(arch)
+    if hasattr(builder, "default_img_size"):
+        return builder.default_img_size
+    try:
+        return int(_timm().get_pretrained_cfg(arch).input_size[-1])
+    except Exception:  # noqa: BLE001 - models without a pretrained cfg
+        return 224
+
+
+def create_model(arch: str, num_classes: int = 10, **kwargs) -> nn.Module:
+    """Build `arch` with `num_classes` outputs; kwargs override the architecture's defaults.
+
+    Example:
+        >>> create_model("swin", num_classes=10, embed_dim=32).__class__.__name__
+        'SwinTransformer'
+    """
+    builder = resolve_builder(arch)
+    try:
+        return builder(num_classes=num_classes, **kwargs)
+    except TypeError as e:
+        raise CompressError(f"architecture '{arch}' rejected its arguments",
+                            expected="keyword arguments its builder accepts", found=str(e)) from None
+
+
+def parse_arch_args(text: str | None) -> dict[str, Any]:
+    """Parse `img_size=32,embed_dim=96,depths=2x2x2` into typed kwargs (tuples written with `x` or `/`).
+
+    Example:
+        >>> parse_arch_args("img_size=32,depths=2x2x6x2,drop_rate=0.1,act=gelu")
+        {'img_size': 32, 'depths': (2, 2, 6, 2), 'drop_rate': 0.1, 'act': 'gelu'}
+    """
+    out: dict[str, Any] = {}
+    for item in filter(None, (s.strip() for s in (text or "").split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CompressError(f"cannot parse architecture argument '{item}'", expected="key=value")
+        out[key.strip()] = _parse_value(value.strip())
+    return out
+
+
+def _parse_value(v: str) -> Any:
+    for sep in ("x", "/"):
+        parts = v.split(sep)
+        if len(parts) > 1 and all(p.strip().lstrip("-").isdigit() for p in parts):
+            return tuple(int(p) for p in parts)
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None}.get(v.lower(), v)

@@ -1,0 +1,29 @@
+"""Shared helpers for the tests."""
+
+import torch
+
+from compress import create_model
+from compress.registry import default_img_size
+
+FAMILIES = ["vit", "deit", "swin", "resnet", "convnext", "mobilevit", "mobilevitv2", "efficientformer",
+            "efficientformerv2", "mixer", "resmlp"]
+
+
+def small_model(arch: str):
+    """A registered alias in eval mode, with its input size."""
+    return create_model(arch, num_classes=10).eval(), default_img_size(arch)
+
+
+def perturb_(model: torch.nn.Module, seed: int = 0) -> None:
+    """Break the symmetric init (norm weights at 1, zero biases, zero heads) so a wrong permutation shows."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if not t.dtype.is_floating_point:
+                continue
+            noise = torch.randn(t.shape, generator=g)
+            if name.endswith("running_var"):
+                t.copy_(0.5 + torch.rand(t.shape, generator=g))
+            else:
+                scale = t.std().item() if t.numel() > 1 and t.std() > 0 else 0.1
+                t.add_(0.2 * scale * noise)

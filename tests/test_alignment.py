@@ -1,0 +1,117 @@
+"""The alignment layer: spaces (permutation invariance), blocks (kinds, bridges) and taps (NCHW)."""
+
+import pytest
+import torch
+
+from compress import align, create_model
+from compress.alignment.blocks import find_blocks
+from compress.alignment.spaces import find_spaces
+
+from .helpers import FAMILIES, perturb_, small_model
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_random_permutation_of_every_space_keeps_logits(arch):
+    model, size = small_model(arch)
+    perturb_(model)
+    x = torch.randn(4, 3, size, size)
+    sg = find_spaces(model, x[:1])
+    assert sg.unknown_ops == []
+    assert len(sg.spaces) >= 4 and any(s.residual for s in sg.spaces)
+    assert sg.coverage(model.state_dict()) > 0.9
+    state = model.state_dict()
+    permuted = sg.permute_state(state, sg.random_permutations(torch.Generator().manual_seed(1)))
+    floats = [k for k, v in state.items() if v.dtype.is_floating_point and v.numel() > 1]
+    moved = sum(not torch.equal(state[k], permuted[k]) for k in floats)
+    assert moved / len(floats) > 0.7, "most tensors must actually be permuted"
+    twin = create_model(arch, num_classes=10).eval()  # a fresh model: timm caches attention biases in eval
+    twin.load_state_dict(permuted)
+    with torch.no_grad():
+        y, y2 = model(x), twin(x)
+    assert (y - y2).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("arch", ["vit", "resnet", "mobilevit"])
+def test_permuting_part_of_a_space_breaks_the_model(arch):
+    """The invariance test can fail: permuting a space on only some of its tensors changes the logits."""
+    model, size = small_model(arch)
+    perturb_(model)
+    x = torch.randn(4, 3, size, size)
+    sg = find_spaces(model, x[:1])
+    space = max(sg.spaces, key=lambda s: len(s.tensors))
+    perm = {space.id: torch.randperm(space.size, generator=torch.Generator().manual_seed(0))}
+    state = model.state_dict()
+    full = sg.permute_state(state, perm)
+    half = dict(state)
+    first = space.tensors[0]
+    half[first] = full[first]  # only one member tensor moves
+    twin = create_model(arch, num_classes=10).eval()
+    twin.load_state_dict(half)
+    with torch.no_grad():
+        assert (model(x) - twin(x)).abs().max().item() > 1e-3
+
+
+def test_vit_spaces_are_head_aware():
+    model, size = small_model("vit")
+    sg = find_spaces(model, torch.randn(1, 3, size, size))
+    qkv = [s for s in sg.spaces if s.name.startswith("blocks.0.attn.qkv.weight")]
+    assert sorted(s.size for s in qkv) == [3, 32]  # heads and head_dim, not one 288-wide axis
+    residual = [s for s in sg.spaces if s.residual]
+    assert len(residual) == 1 and {"cls_token", "pos_embed", "head.weight"} <= set(residual[0].tensors)
+
+
+@pytest.mark.parametrize("arch", ["mobilevit", "efficientformer"])
+def test_bridge_blocks_are_found(arch):
+    model, size = small_model(arch)
+    blocks = find_blocks(model, torch.randn(1, 3, size, size))
+    bridges = [b for b in blocks if b.kind == "bridge"]
+    assert bridges, [(b.name, b.kind) for b in blocks]
+    if arch == "mobilevit":  # the MobileViT blocks (conv -> tokens -> conv), not the inverted residuals
+        assert {b.name for b in bridges} == {"stages.2.1", "stages.3.1", "stages.4.1"}
+    else:  # the 4-D -> 3-D transition before the attention stage
+        assert {b.name for b in bridges} == {"stages.3.blocks.0", "stages.3.blocks.2"}
+
+
+@pytest.mark.parametrize("arch,kind", [("vit", "attention"), ("swin", "attention"), ("resnet", "conv"),
+                                       ("convnext", "conv"), ("mixer", "mlp"), ("resmlp", "mlp")])
+def test_block_kinds_of_plain_families(arch, kind):
+    model, size = small_model(arch)
+    blocks = find_blocks(model, torch.randn(1, 3, size, size))
+    assert blocks and {b.kind for b in blocks} == {kind}
+    assert [b.index for b in blocks] == list(range(len(blocks)))
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_stage_taps_are_nchw_with_declared_channels(arch):
+    model, size = small_model(arch)
+    al = align(model, size)
+    x = torch.randn(2, 3, size, size)
+    feats = al.features(x)
+    assert 3 <= len(feats) <= 4
+    for f, s in zip(feats, al.stages):
+        assert f.ndim == 4 and f.shape[0] == 2 and f.shape[1] == s.channels
+    emb = al.embedding(x)
+    assert emb.ndim == 4 and emb.shape[0] == 2
+
+
+def test_vit_taps_match_the_blocks_tokens():
+    """The NCHW tap of a ViT block is exactly that block's patch tokens (cls removed)."""
+    model, size = small_model("vit")
+    x = torch.randn(2, 3, size, size)
+    store = {}
+    h = model.blocks[1].register_forward_hook(lambda m, i, o: store.__setitem__("o", o))
+    feats = align(model, size).features(x)
+    model(x)
+    h.remove()
+    tokens = store["o"][:, 1:]  # drop cls
+    assert torch.allclose(feats[1].flatten(2).transpose(1, 2), tokens, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["vit", "swin"])
+def test_attention_maps_are_row_stochastic(arch):
+    model, size = small_model(arch)
+    maps = align(model, size).attention_maps(torch.randn(2, 3, size, size))
+    assert maps
+    for m in maps.values():
+        assert torch.allclose(m.sum(-1), torch.ones_like(m.sum(-1)), atol=1e-5)
+    assert all(getattr(mod, "fused_attn", False) in (True, False) for mod in model.modules())
