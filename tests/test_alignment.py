@@ -115,3 +115,11 @@ def test_attention_maps_are_row_stochastic(arch):
     for m in maps.values():
         assert torch.allclose(m.sum(-1), torch.ones_like(m.sum(-1)), atol=1e-5)
     assert all(getattr(mod, "fused_attn", False) in (True, False) for mod in model.modules())
+
+
+@pytest.mark.parametrize("arch,streams", [("vit", 1), ("swin", 3), ("resnet", 4), ("convnext", 4), ("mixer", 1)])
+def test_one_residual_stream_per_stage(arch, streams):
+    """Residual = two input-dependent tensors added; a relative-position bias or a mask does not count."""
+    model, size = small_model(arch)
+    sg = find_spaces(model, torch.randn(1, 3, size, size))
+    assert sum(s.residual for s in sg.spaces) == streams

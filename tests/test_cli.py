@@ -67,3 +67,13 @@ def test_output_equal_to_input_is_refused_and_input_kept(tmp_path, capsys):
     assert main(["eval", str(path), "--json", str(path)]) == 2
     assert "is also an input" in capsys.readouterr().err
     assert path.read_bytes() == before
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out-dir", str(out), "--vit-epochs", "1", "--cnn-epochs", "1", "--json",
+                 str(tmp_path / "d.json")]) == 0
+    models = json.loads((tmp_path / "d.json").read_text())["models"]
+    assert [m["arch"] for m in models] == ["vit", "resnet"]
+    assert all(m["params"] > 0 and m["latency_ms"] > 0 and 0 <= m["top1"] <= 100 for m in models)
+    assert (out / "vit-digits.pt").exists() and (out / "resnet-digits.pt").exists()

@@ -66,7 +66,8 @@ def unify(a: Atom, b: Atom) -> None:
     if ra is rb:
         return
     if ra.size != rb.size:  # cannot happen for a well-formed graph; stay safe by pinning
-        pin(ra), pin(rb)
+        pin(ra)
+        pin(rb)
         return
     if ra.kind == "leaf" or rb.kind == "leaf":
         leaf, other = (ra, rb) if ra.kind == "leaf" else (rb, ra)
@@ -79,7 +80,9 @@ def unify(a: Atom, b: Atom) -> None:
     ra.parent = rb
     rb.residual |= ra.residual
     if not same_shape:  # incompatible structures: be conservative
-        pin(rb), [pin(c) for c in ra.children]
+        pin(rb)
+        for c in ra.children:
+            pin(c)
         return
     if ra.pinned:
         pin(rb)

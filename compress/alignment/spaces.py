@@ -116,11 +116,15 @@ def _propagate(g: TracedGraph, state: dict[str, torch.Tensor]) -> SpaceGraph:
         if node.op == "placeholder":
             shape = _val(node).shape
             free = node in g.tensors
+            node.meta["compress_dynamic"] = not free
             atoms = [Atom(s, pinned=not free) for s in shape]
             if free:
                 tensor_axes[g.tensors[node]] = atoms
             env[node] = atoms
         elif node.op == "call_function":
+            # does it depend on the model's input? (an add of two such tensors is a residual connection;
+            # an add of a relative-position bias or a mask is not)
+            node.meta["compress_dynamic"] = any(a.meta.get("compress_dynamic") for a in node.all_input_nodes)
             env[node] = _apply(node, env, unknown)
         elif node.op == "output":
             for a in _tensor_args(node.args, env):
@@ -190,7 +194,7 @@ def _broadcast(node, args, env):
     out_shape = _shape(node)
     tensors = [a for a in args if isinstance(a, list) and (not a or isinstance(a[0], Atom))]
     out = [None] * len(out_shape)
-    computed = sum(1 for a in node.args if isinstance(a, fx.Node) and a.op != "placeholder")
+    computed = sum(1 for a in node.args if isinstance(a, fx.Node) and a.meta.get("compress_dynamic"))
     for t in tensors:
         off = len(out_shape) - len(t)
         for i, atom in enumerate(t):
@@ -228,11 +232,6 @@ def _unsqueeze(node, args, env):
     a = list(args[0])
     d = args[1] % (len(a) + 1)
     return a[:d] + [fresh(1)] + a[d:]
-
-
-def _squeeze(node, args, env):
-    shape = _shape(node)
-    return ax.regroup(args[0], shape)
 
 
 def _expand(node, args, env):
@@ -444,7 +443,7 @@ def _new(node, args, env):
     return [fresh(s) for s in _shape(node)]
 
 
-_ADDS = set()
+_ADDS = {torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor}  # an add of two activations = residual
 _RULES = {}
 for _op in ("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "addcmul", "where", "maximum", "minimum",
             "rsub", "pow", "eq", "ne", "lt", "gt", "le", "ge", "masked_fill", "lerp"):
@@ -457,7 +456,7 @@ for _op in ("alias", "clone", "contiguous", "relu", "relu_", "gelu", "silu", "si
     _RULES[_op] = _same
 _RULES.update({
     "view": _reshape, "_unsafe_view": _reshape, "reshape": _reshape, "flatten": _reshape, "unflatten": _reshape,
-    "squeeze": _squeeze, "permute": _permute, "transpose": _transpose, "t": _t, "unsqueeze": _unsqueeze,
+    "squeeze": _reshape, "permute": _permute, "transpose": _transpose, "t": _t, "unsqueeze": _unsqueeze,
     "expand": _expand, "mm": _mm, "addmm": _addmm, "bmm": _bmm,
     "_scaled_dot_product_flash_attention_for_cpu": _sdpa, "convolution": _conv,
     "native_layer_norm": _layer_norm, "native_batch_norm": _batch_norm,
@@ -469,6 +468,3 @@ _RULES.update({
     "constant_pad_nd": _pad, "empty": _new, "zeros": _new, "ones": _new, "full": _new, "arange": _new,
     "scalar_tensor": _new, "as_strided": _restride, "as_strided_": _restride,
 })
-import torch as _torch  # noqa: E402
-
-_ADDS = {_torch.ops.aten.add.Tensor, _torch.ops.aten.add_.Tensor}
