@@ -70,6 +70,19 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     _common(p)
 
+    p = sub.add_parser("fuse", help="fuse two or more trained models of one architecture with optimal transport")
+    p.add_argument("--models", nargs="+", default=None, help="checkpoints to fuse (the last is the anchor)")
+    p.add_argument("--data", default="digits", help="calibration, finetuning and evaluation data")
+    p.add_argument("--out", help="output checkpoint")
+    p.add_argument("--solver", default="emd", choices=["emd", "sinkhorn", "hungarian"])
+    p.add_argument("--softness", type=float, default=0.1, help="sinkhorn regulariser relative to the cost scale")
+    p.add_argument("--calib", type=int, default=256, help="calibration images for activation statistics")
+    p.add_argument("--anchor", type=int, default=-1, help="index of the model whose basis the result takes")
+    p.add_argument("--finetune-epochs", type=int, default=0, help="finetune the fused model (and vanilla) after")
+    p.add_argument("--finetune-lr", type=float, default=5e-4)
+    p.add_argument("--plot", metavar="PNG", help="write the transport maps as a picture")
+    _common(p)
+
     p = sub.add_parser("inspect", help="print a checkpoint's description and its model's alignment")
     p.add_argument("checkpoint")
     _model_args(p)
@@ -288,7 +301,121 @@ def _save_resolved(args, out) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(yaml.safe_dump(settings, sort_keys=True)))
 
 
-COMMANDS = {"demo": cmd_demo, "models": cmd_models, "train": cmd_train, "eval": cmd_eval, "inspect": cmd_inspect}
+def cmd_fuse(args) -> dict:
+    import resource
+
+    import torch
+
+    from compress import load, save
+    from compress.data import load_data
+    from compress.measure import top1
+    from compress.report import console, table
+    from compress.train import TrainConfig, train
+    from fuse import FuseConfig, ensemble_top1, fuse_models, recompute_batchnorm, vanilla_average
+
+    if not args.models or len(args.models) < 2:
+        raise CompressError("fuse needs --models with two or more checkpoints", found=str(len(args.models or [])))
+    if not args.out:
+        raise CompressError("fuse needs --out", expected="an output path ending in .pt or .safetensors")
+    guard_paths(args.models, [args.out, args.json, args.plot])
+    cfg = FuseConfig(solver=args.solver, softness=args.softness, calib=args.calib, anchor=args.anchor)
+    ckpts = [load(p) for p in args.models]
+    first = ckpts[0]
+    for path, c in zip(args.models[1:], ckpts[1:]):  # every mismatch is named before any work
+        for what, a, b in (("architecture", first.arch, c.arch), ("classes", first.num_classes, c.num_classes),
+                           ("task", first.task, c.task), ("input spec", vars(first.input), vars(c.input))):
+            if a != b:
+                raise CompressError(f"cannot fuse {args.models[0]} with {path}: different {what}",
+                                    expected=str(a), found=str(b))
+    torch.manual_seed(args.seed)
+    timings = {}
+    t0 = time.perf_counter()
+    models = [c.build() for c in ckpts]
+    data = load_data(args.data, first.input, first.task)
+    images = _images(data.train, cfg.calib)
+    anchor_ckpt = ckpts[cfg.anchor % len(ckpts)]
+    result = {"models": args.models, "arch": first.arch, "solver": cfg.solver, "softness": cfg.softness,
+              "parents": [top1(m, data.test) for m in models], "ensemble": ensemble_top1(models, data.test)}
+    same_shapes = all(m.state_dict()[k].shape == v.shape for m in models for k, v in models[0].state_dict().items())
+    vanilla = None
+    if same_shapes:
+        vanilla = anchor_ckpt.build()
+        vanilla.load_state_dict(vanilla_average(models))
+        recompute_batchnorm(vanilla, images)
+        result["vanilla"] = top1(vanilla, data.test)
+    else:
+        result["vanilla"] = None
+    t = time.perf_counter()
+    state, report = fuse_models(models, images, cfg)
+    fused = anchor_ckpt.build()
+    fused.load_state_dict(state)
+    bn = recompute_batchnorm(fused, images)
+    timings["fuse"] = time.perf_counter() - t
+    result["ot"] = top1(fused, data.test)
+    result.update(ot_finetuned=None, vanilla_finetuned=None, batchnorm_recomputed=bn, spaces=report.spaces,
+                  unmatched_spaces=report.unmatched, fallbacks=report.fallbacks, partners=report.partners)
+    if args.finetune_epochs:
+        ft = TrainConfig(epochs=args.finetune_epochs, lr=args.finetune_lr, seed=args.seed)
+        t = time.perf_counter()
+        train(fused.train(), data.train, ft, description="finetune OT-fused")
+        timings["finetune"] = time.perf_counter() - t
+        result["ot_finetuned"] = top1(fused, data.test)
+        if vanilla is not None:
+            train(vanilla.train(), data.train, ft, description="finetune vanilla")
+            result["vanilla_finetuned"] = top1(vanilla, data.test)
+    timings.update(trace=report.seconds_trace, statistics=report.seconds_stats, ot_solve=report.seconds_solve,
+                   apply=report.seconds_apply)
+    result["seconds"] = round(time.perf_counter() - t0, 2)
+    result["seconds_by_stage"] = {k: round(v, 3) for k, v in timings.items()}
+    result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    ckpt = anchor_ckpt.derive(fused, command=" ".join(["compress", *args.argv]), parents=list(args.models),
+                              metrics={k: result[k] for k in ("ot", "ot_finetuned", "vanilla", "ensemble")})
+    save(ckpt, args.out)
+    if args.plot:
+        _plot_maps(report.maps, args.plot)
+    rows = [{"model": f"parent {i}", "top1": v} for i, v in enumerate(result["parents"])]
+    rows += [{"model": "output ensemble", "top1": result["ensemble"]},
+             {"model": "vanilla average", "top1": result["vanilla"]},
+             {"model": f"OT one-shot ({cfg.solver})", "top1": result["ot"]}]
+    if args.finetune_epochs:
+        rows += [{"model": f"vanilla + {args.finetune_epochs} ep", "top1": result["vanilla_finetuned"]},
+                 {"model": f"OT + {args.finetune_epochs} ep", "top1": result["ot_finetuned"]}]
+    console.print(table(f"fusion of {len(models)} x {first.arch} on {data.name} (test top-1)", rows))
+    console.print("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in result["seconds_by_stage"].items()) +
+                  f"; peak memory {result['peak_rss_mb']} MB -> {args.out}")
+    for f in report.fallbacks:
+        console.print(f"[yellow]fallback[/]: {f}")
+    return result
+
+
+def _images(dataset, n: int):
+    import torch
+
+    if hasattr(dataset, "tensors"):
+        return dataset.tensors[0][:n]
+    return torch.stack([dataset[i][0] for i in range(min(n, len(dataset)))])
+
+
+def _plot_maps(maps: dict, path: str, most: int = 8) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from compress.checkpoint import atomic_write
+
+    items = sorted(maps.items(), key=lambda kv: -kv[1].numel())[:most]
+    fig, axs = plt.subplots(2, (len(items) + 1) // 2, figsize=(3 * ((len(items) + 1) // 2), 6), squeeze=False)
+    for a, (name, t) in zip(axs.flat, items):
+        a.imshow(t.numpy() * t.shape[0], cmap="viridis", vmin=0, vmax=1)
+        a.set_title(name[:28], fontsize=7)
+        a.set_xticks([]), a.set_yticks([])
+    fig.tight_layout()
+    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
+    plt.close(fig)
+
+
+COMMANDS = {"fuse": cmd_fuse, "demo": cmd_demo, "models": cmd_models, "train": cmd_train, "eval": cmd_eval, "inspect": cmd_inspect}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -55,7 +55,8 @@ def test_vit_spaces_are_head_aware():
     model, size = small_model("vit")
     sg = find_spaces(model, torch.randn(1, 3, size, size))
     qkv = [s for s in sg.spaces if s.name.startswith("blocks.0.attn.qkv.weight")]
-    assert sorted(s.size for s in qkv) == [3, 32]  # heads and head_dim, not one 288-wide axis
+    # heads (shared by q, k, v), head_dim of q and k (tied by the attention product), head_dim of v
+    assert sorted(s.size for s in qkv) == [3, 32, 32]
     residual = [s for s in sg.spaces if s.residual]
     assert len(residual) == 1 and {"cls_token", "pos_embed", "head.weight"} <= set(residual[0].tensors)
 
@@ -123,3 +124,24 @@ def test_one_residual_stream_per_stage(arch, streams):
     model, size = small_model(arch)
     sg = find_spaces(model, torch.randn(1, 3, size, size))
     assert sum(s.residual for s in sg.spaces) == streams
+
+
+@pytest.mark.parametrize("arch", ["vit", "swin", "mobilevitv2", "efficientformerv2"])
+def test_transport_with_permutation_matrices_equals_permutation(arch):
+    model, size = small_model(arch)
+    perturb_(model)
+    sg = find_spaces(model, torch.randn(1, 3, size, size))
+    perms = sg.random_permutations(torch.Generator().manual_seed(2))
+    # new[i] = old[p[i]]  <=>  new = old @ M with M[p[i], i] = 1
+    mats = {k: torch.eye(len(p))[:, p] for k, p in perms.items()}
+    maps = {k: {"in": m, "out": m} for k, m in mats.items()}
+    a, b = sg.permute_state(model.state_dict(), perms), sg.transport_state(model.state_dict(), maps)
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6), k
+
+
+def test_roles_mark_contracted_axes():
+    model, size = small_model("vit")
+    sg = find_spaces(model, torch.randn(1, 3, size, size))
+    assert sg.roles[("blocks.0.mlp.fc2.weight", 1)] == "in" and sg.roles[("blocks.0.mlp.fc2.weight", 0)] == "out"
+    assert sg.roles[("blocks.0.norm1.weight", 0)] == "out" and sg.roles[("patch_embed.proj.weight", 1)] == "in"

@@ -23,7 +23,7 @@ _ids = itertools.count()
 class Atom:
     """One axis (or factor of an axis) of size `size`; only the union-find root's fields are meaningful."""
 
-    __slots__ = ("id", "size", "parent", "kind", "children", "pinned", "residual")
+    __slots__ = ("id", "size", "parent", "kind", "children", "pinned", "residual", "owner")
 
     def __init__(self, size: int, pinned: bool = False):
         self.id = next(_ids)
@@ -33,6 +33,7 @@ class Atom:
         self.children: list[Atom] = []
         self.pinned = pinned
         self.residual = False  # set when two computed activations are added on this axis
+        self.owner: Atom | None = None  # the atom this one is a factor or segment of
 
     def __repr__(self) -> str:
         r = find(self)
@@ -93,7 +94,34 @@ def unify(a: Atom, b: Atom) -> None:
 def _refine(r: Atom, kind: str, sizes: list[int]) -> list[Atom]:
     r.kind = kind
     r.children = [Atom(s, r.pinned) for s in sizes]
+    for c in r.children:
+        c.owner = r
     return r.children
+
+
+def unbind_factor(u: Atom) -> list[dict[int, Atom]] | None:
+    """Unbinding the product factor `u` (the 3 of a fused qkv reshaped to (3, heads, head_dim)) makes its
+    slices independent: the owner axis becomes a sum of `u.size` segments, each a product of fresh copies
+    of the other factors. Returns, per slice, a map from the old factors' root ids to their copies, or None
+    when `u` is not such a factor (the caller pins it instead)."""
+    owner = find(u.owner) if u.owner is not None else None
+    if owner is None or owner.kind != "prod" or owner.pinned:
+        return None
+    roots = [find(c) for c in owner.children]
+    if find(u) not in roots or sum(r is find(u) for r in roots) != 1:
+        return None
+    others = [r for r in roots if r is not find(u)]
+    slices, segments = [], []
+    for _ in range(u.size):
+        copies: dict[int, Atom] = {}
+        parts = [_clone(r, copies) for r in others]
+        seg = _product(parts) if len(parts) > 1 else parts[0]
+        segments.append(seg)
+        slices.append(copies)
+    owner.kind, owner.children = "sum", segments
+    for seg in segments:
+        seg.owner = owner
+    return slices
 
 
 def factors(a: Atom) -> list[Atom]:
@@ -137,9 +165,23 @@ def regroup(atoms: list[Atom], sizes: list[int]) -> list[Atom]:
     return out
 
 
+def _clone(a: Atom, copies: dict[int, Atom]) -> Atom:
+    """A fresh atom with the structure of `a`; `copies` maps every old root id in the tree to its copy."""
+    r = find(a)
+    c = Atom(r.size, r.pinned)
+    c.kind = r.kind
+    c.children = [_clone(k, copies) for k in r.children]
+    for k in c.children:
+        k.owner = c
+    copies[r.id] = c
+    return c
+
+
 def _product(group: list[Atom]) -> Atom:
     a = Atom(prod(g.size for g in group))
     a.kind, a.children = "prod", list(group)
+    for g in group:
+        g.owner = g.owner or a
     return a
 
 
@@ -206,3 +248,70 @@ def index_map(a: Atom, perms: dict[int, torch.Tensor]) -> torch.Tensor:
     for c, p in zip(r.children, parts):  # row-major: idx = ((i0 * n1) + i1) * n2 + i2 ...
         idx = idx.unsqueeze(-1) * c.size + p
     return idx.reshape(-1)
+
+
+def transport(t: torch.Tensor, axis: int, atom: Atom, maps: dict[int, torch.Tensor]) -> torch.Tensor:
+    """Move axis `axis` of `t` into another basis: for each space id in `maps`, new = old @ M along that
+    factor, where M is (n_old, n_new). Product factors are transported independently (a Kronecker map),
+    sum segments blockwise. With permutation matrices this equals `index_map`.
+    """
+    r = find(atom)
+    if r.kind == "leaf":
+        if r.id not in maps:
+            return t
+        return (t.movedim(axis, -1) @ maps[r.id].to(t.dtype)).movedim(-1, axis)
+    if r.kind == "sum":
+        parts = t.split([c.size for c in r.children], dim=axis)
+        return torch.cat([transport(p, axis, c, maps) for p, c in zip(parts, r.children)], dim=axis)
+    shape = list(t.shape)
+    t = t.reshape(shape[:axis] + [c.size for c in r.children] + shape[axis + 1:])
+    for k, c in enumerate(r.children):
+        t = transport(t, axis + k, c, maps)
+    return t.reshape(shape[:axis] + [-1] + shape[axis + 1:])
+
+
+def paired_views(ta: torch.Tensor, a: Atom, tb: torch.Tensor, b: Atom, axis: int):
+    """For two tensors whose `axis` has the same structure (two models of one architecture), yield
+    (leaf_a, leaf_b, rows_a, rows_b): each leaf's activations as (samples, neurons) matrices. Other axes are
+    samples; sibling factors of a product (the head_dim beside the head axis) are averaged out, since each
+    model orders them differently and pairing them as samples would compare unrelated neurons."""
+    ra, rb = find(a), find(b)
+    if ra.kind != rb.kind or len(ra.children) != len(rb.children):
+        return
+    if ra.kind == "leaf":
+        if ra.size > 1 and not ra.pinned:
+            yield ra, rb, ta.movedim(axis, -1).reshape(-1, ra.size), tb.movedim(axis, -1).reshape(-1, rb.size)
+        return
+    if ra.kind == "sum":
+        pa = ta.split([c.size for c in ra.children], dim=axis)
+        pb = tb.split([c.size for c in rb.children], dim=axis)
+        for xa, ca, xb, cb in zip(pa, ra.children, pb, rb.children):
+            yield from paired_views(xa, ca, xb, cb, axis)
+        return
+    sa, sb = list(ta.shape), list(tb.shape)
+    ta = ta.reshape(sa[:axis] + [c.size for c in ra.children] + sa[axis + 1:])
+    tb = tb.reshape(sb[:axis] + [c.size for c in rb.children] + sb[axis + 1:])
+    n = len(ra.children)
+    for k, (ca, cb) in enumerate(zip(ra.children, rb.children)):
+        others = [axis + j for j in range(n) if j != k]
+        xa = ta.mean(dim=others) if others else ta
+        xb = tb.mean(dim=others) if others else tb
+        yield from paired_views(xa, ca, xb, cb, axis)
+
+
+def expand_products(t: torch.Tensor, atoms: list[Atom]) -> tuple[torch.Tensor, list[Atom]]:
+    """Reshape `t` so that every product factor of every axis is an axis of its own (batch x tokens merged
+    by a view become two axes again); returns the tensor and the atom of each new axis."""
+    shape, out = [], []
+    for size, a in zip(t.shape, atoms):
+        fs = _prod_factors(a)
+        if size != prod(f.size for f in fs):
+            fs = [find(a)]
+        shape += [f.size for f in fs]
+        out += fs
+    return t.reshape(shape), out
+
+
+def _prod_factors(a: Atom) -> list[Atom]:
+    r = find(a)
+    return [f for c in r.children for f in _prod_factors(c)] if r.kind == "prod" else [r]

@@ -16,9 +16,13 @@ from torch.utils._pytree import tree_flatten
 
 @dataclass
 class TracedGraph:
-    graph: fx.Graph
+    module: fx.GraphModule  # runnable: call with (state dict, *inputs) at the traced batch size
     inputs: list[fx.Node]  # the model's tensor inputs
     tensors: dict[fx.Node, str]  # placeholder -> state_dict key (parameters and buffers)
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.module.graph
 
 
 def state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -52,4 +56,4 @@ def trace(model: nn.Module, *example_inputs: torch.Tensor) -> TracedGraph:
     if len(flat) != len(placeholders):
         raise RuntimeError(f"trace produced {len(placeholders)} placeholders for {len(flat)} inputs")
     tensors = {n: names[i] for i, n in enumerate(placeholders[: len(names)])}
-    return TracedGraph(gm.graph, placeholders[len(names):], tensors)
+    return TracedGraph(gm, placeholders[len(names):], tensors)

@@ -9,7 +9,6 @@ which is always safe (fewer spaces, never a wrong one) and is reported in `Space
 from __future__ import annotations
 
 import operator
-from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +27,7 @@ class Member:
     tensor: str
     axis: int
     structured: bool
+    role: str = "out"  # "in": the axis is contracted (a weight's input columns); "out": it carries the neurons
 
 
 @dataclass
@@ -57,6 +57,9 @@ class SpaceGraph:
     spaces: list[Space]
     tensor_axes: dict[str, list[Atom]]  # every state tensor's axes
     unknown_ops: list[str]
+    traced: TracedGraph | None = None
+    node_axes: dict = field(default_factory=dict)  # fx.Node -> its axes (list[Atom]) for tensor-valued nodes
+    roles: dict = field(default_factory=dict)  # (tensor, axis) -> "in" | "out"
 
     def permute_state(self, state: dict[str, torch.Tensor], perms: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Apply one permutation per space id to a state dict (new[i] = old[perm[i]] on every member axis).
@@ -75,6 +78,28 @@ class SpaceGraph:
                 if not any(s.id in perms for s in ax.leaves(atom)):
                     continue
                 t = t.index_select(axis, ax.index_map(atom, perms).to(t.device))
+            out[name] = t
+        return out
+
+    def transport_state(self, state: dict[str, torch.Tensor], maps: dict[int, dict[str, torch.Tensor]],
+                        shapes: dict[str, torch.Size] | None = None) -> dict[str, torch.Tensor]:
+        """Move a state dict into another basis: `maps[space_id]` holds an (n_old, n_new) matrix per role,
+        `"out"` for axes that carry the neurons (rows, biases, norms, tokens) and `"in"` for contracted axes
+        (a next layer's input columns). Tensors on no mapped space are returned unchanged.
+
+        Example:
+            >>> maps = {s.id: {"out": P, "in": P} for s, P in zip(sg.spaces, permutation_matrices)}
+            >>> sg.transport_state(model.state_dict(), maps)  # same as permute_state
+        """
+        out = dict(state)
+        by_role = {role: {k: m[role] for k, m in maps.items()} for role in ("in", "out")}
+        for name, atoms in self.tensor_axes.items():
+            if name not in out or not out[name].dtype.is_floating_point:
+                continue
+            t = out[name]
+            for axis, atom in enumerate(atoms):
+                if any(s.id in maps for s in ax.leaves(atom)):
+                    t = ax.transport(t, axis, atom, by_role[self.roles[(name, axis)]])
             out[name] = t
         return out
 
@@ -112,6 +137,7 @@ def _propagate(g: TracedGraph, state: dict[str, torch.Tensor]) -> SpaceGraph:
     env: dict[fx.Node, object] = {}  # node -> list[Atom] (a tensor) or a list of those (a tuple)
     tensor_axes: dict[str, list[Atom]] = {}
     unknown: set[str] = set()
+    _CONTRACTED.clear()
     for node in g.graph.nodes:
         if node.op == "placeholder":
             shape = _val(node).shape
@@ -130,6 +156,8 @@ def _propagate(g: TracedGraph, state: dict[str, torch.Tensor]) -> SpaceGraph:
             for a in _tensor_args(node.args, env):
                 for atom in a:
                     pin(atom)  # the logits' class order is part of the function
+    roles = {(name, axis): "in" if id(atom) in _CONTRACTED else "out"
+             for name, atoms in tensor_axes.items() for axis, atom in enumerate(atoms)}
     order: dict[int, Space] = {}
     for name, atoms in tensor_axes.items():
         for axis, atom in enumerate(atoms):
@@ -137,9 +165,10 @@ def _propagate(g: TracedGraph, state: dict[str, torch.Tensor]) -> SpaceGraph:
             for k, leaf in enumerate(ax.leaves(atom)):
                 label = f"{name}:{axis}" + (f".{k}" if structured else "")  # .k: k-th factor (a head axis...)
                 sp = order.setdefault(leaf.id, Space(leaf.id, label, leaf.size, residual=leaf.residual))
-                sp.members.append(Member(name, axis, structured))
+                sp.members.append(Member(name, axis, structured, roles[(name, axis)]))
     spaces = [s for s in order.values() if len(s.tensors) > 1 or len(s.members) > 1]
-    return SpaceGraph(spaces, tensor_axes, sorted(unknown))
+    node_axes = {n: a for n, a in env.items() if isinstance(a, list) and a and isinstance(a[0], Atom)}
+    return SpaceGraph(spaces, tensor_axes, sorted(unknown), g, node_axes, roles)
 
 
 def _lookup(a, env):
@@ -241,8 +270,21 @@ def _expand(node, args, env):
     return lead + [atom if atom.size == s else fresh(s) for atom, s in zip(a, shape[len(lead):])]
 
 
+_CONTRACTED: set[int] = set()  # ids of the original atoms that a matmul or conv contracts (consumer axes)
+
+
+def _static(node, i) -> bool:
+    """True when argument `i` is computed from parameters only (a weight, or its transpose)."""
+    a = node.args[i]
+    return isinstance(a, fx.Node) and not a.meta.get("compress_dynamic")
+
+
 def _mm(node, args, env):
     x, w = args[0], args[1]
+    off = 1 if node.target is torch.ops.aten.addmm.default else 0
+    for i, atom in ((0, x[1]), (1, w[0])):  # a weight's contracted axis is a consumer ("in") axis
+        if _static(node, i + off):
+            _CONTRACTED.add(id(atom))
     unify(x[1], w[0])
     return [x[0], w[1]]
 
@@ -288,6 +330,8 @@ def _conv(node, args, env):
     wout = ax.regroup([w[0]], [groups, cout // groups]) if groups > 1 else [None, w[0]]
     if groups > 1:
         unify(xin[0], wout[0])
+    if _static(node, 1):
+        _CONTRACTED.add(id(w[1]))
     if w[1].size > 1 or xin[1].size > 1:
         unify(xin[1], w[1])
     if b is not None:
@@ -392,8 +436,13 @@ def _select(node, args, env):
 def _unbind(node, args, env):
     x = args[0]
     dim = (node.args[1] if len(node.args) > 1 else 0) % len(x)
-    pin(x[dim])
-    return [x[:dim] + x[dim + 1:] for _ in range(x[dim].size)]
+    rest = x[:dim] + x[dim + 1:]
+    slices = ax.unbind_factor(x[dim])
+    if slices is None:
+        pin(x[dim])
+        return [list(rest) for _ in range(x[dim].size)]
+    # q, k and v of a fused projection get their own head axes; the attention op ties q and k back together
+    return [[copies.get(find(a).id, a) for a in rest] for copies in slices]
 
 
 def _index(node, args, env):

@@ -1,0 +1,179 @@
+"""OT fusion of two or more models of one architecture (OTFusion; Transformer Fusion with OT).
+
+Every non-anchor model is moved into the anchor's neuron basis, space by space (spaces come from the
+alignment layer, so residual streams, heads, norms, tokens and biases move together), then all aligned
+models are averaged with equal weights. Ground costs come from activation correlations streamed over the
+calibration data (`ground="acts"`). BatchNorm statistics are recomputed on the fused model.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from compress.alignment.graph import state_tensors
+from compress.alignment.spaces import SpaceGraph, find_spaces
+from compress.errors import CompressError
+
+from .stats import cross_statistics
+from .transport import SOLVERS, Solution, correlation_cost, solve
+
+
+@dataclass
+class FuseConfig:
+    """How to fuse.
+
+    Example:
+        >>> FuseConfig(solver="sinkhorn", softness=0.1, calib=256)
+    """
+
+    solver: str = "emd"  # emd | sinkhorn | hungarian
+    softness: float = 0.1  # sinkhorn only: regulariser relative to the cost scale (fuse.transport.sinkhorn_reg)
+    calib: int = 256  # calibration images for the activation statistics
+    batch_size: int = 32
+    anchor: int = -1  # index of the model whose basis (and config) the fused model takes
+    version: int = 1
+
+    def __post_init__(self):
+        if self.solver not in SOLVERS:
+            raise CompressError(f"unknown solver '{self.solver}'", expected=" | ".join(SOLVERS))
+        if self.softness <= 0 or self.calib < self.batch_size or self.batch_size < 1:
+            raise CompressError("invalid fusion config", expected="softness > 0 and calib >= batch_size >= 1",
+                                found=f"softness={self.softness}, calib={self.calib}, batch_size={self.batch_size}")
+
+
+@dataclass
+class FuseReport:
+    seconds_trace: float = 0.0
+    seconds_stats: float = 0.0
+    seconds_solve: float = 0.0
+    seconds_apply: float = 0.0
+    spaces: int = 0
+    unmatched: list[str] = field(default_factory=list)  # spaces no activation site carried (left as they are)
+    fallbacks: list[str] = field(default_factory=list)
+    partners: float = 1.0  # mean effective partners per neuron over all maps (1 = hard)
+    maps: dict = field(default_factory=dict, repr=False)  # space name -> coupling, for plots
+
+
+def calibration_batches(images: torch.Tensor, cfg: FuseConfig) -> list[torch.Tensor]:
+    n = (min(len(images), cfg.calib) // cfg.batch_size) * cfg.batch_size
+    if n == 0:
+        raise CompressError("too few calibration images", expected=f">= {cfg.batch_size}", found=str(len(images)))
+    return list(images[:n].split(cfg.batch_size))
+
+
+def align_to(model: nn.Module, anchor: nn.Module, batches: list[torch.Tensor], cfg: FuseConfig,
+             report: FuseReport | None = None) -> dict[str, torch.Tensor]:
+    """`model`'s state dict moved into `anchor`'s neuron basis (shapes become the anchor's).
+
+    Example:
+        >>> aligned = align_to(model_a, model_b, calibration_batches(x, cfg), cfg)
+        >>> fused = {k: (aligned[k] + model_b.state_dict()[k]) / 2 for k in aligned}
+    """
+    report = report or FuseReport()
+    t = time.perf_counter()
+    sg_m, sg_a = _spaces(model, batches[0]), _spaces(anchor, batches[0])
+    report.seconds_trace += time.perf_counter() - t
+    t = time.perf_counter()
+    stats = cross_statistics(sg_m, sg_a, state_tensors(model), state_tensors(anchor), batches)
+    report.seconds_stats += time.perf_counter() - t
+    t = time.perf_counter()
+    maps, partners = {}, []
+    names = {s.id: s.name for s in sg_m.spaces}
+    for space in sg_m.spaces:
+        if space.id not in stats:
+            report.unmatched.append(space.name)
+            continue
+        _, st = stats[space.id]
+        sol: Solution = solve(correlation_cost(st.correlation()), cfg.solver, cfg.softness)
+        if sol.note:
+            report.fallbacks.append(f"{names[space.id]}: {sol.note}")
+        maps[space.id] = sol.maps()
+        partners.append(sol.partners)
+        report.maps[space.name] = sol.coupling
+    report.spaces += len(maps)
+    report.partners = float(sum(partners) / max(len(partners), 1))
+    report.seconds_solve += time.perf_counter() - t
+    t = time.perf_counter()
+    aligned = sg_m.transport_state(model.state_dict(), maps)
+    report.seconds_apply += time.perf_counter() - t
+    own = anchor.state_dict()
+    bad = [k for k in own if k in aligned and aligned[k].shape != own[k].shape]
+    if bad:
+        raise CompressError("alignment left tensors in the wrong shape", expected="the anchor's shapes",
+                            found=f"{len(bad)} tensors, e.g. {bad[0]} {tuple(aligned[bad[0]].shape)}")
+    return aligned
+
+
+def _spaces(model: nn.Module, example: torch.Tensor) -> SpaceGraph:
+    return find_spaces(model, example)
+
+
+def average(states: list[dict[str, torch.Tensor]], like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Equal-weight average of float tensors; integer buffers (BatchNorm counters) come from `like`."""
+    return {k: (sum(s[k] for s in states) / len(states)).to(v.dtype) if v.dtype.is_floating_point else v.clone()
+            for k, v in like.items()}
+
+
+def fuse_models(models: list[nn.Module], images: torch.Tensor, cfg: FuseConfig) -> tuple[dict, FuseReport]:
+    """Fuse `models` (one architecture) into the anchor's basis with equal weights.
+
+    Returns the fused state dict (load it into a copy of the anchor, then `recompute_batchnorm`).
+
+    Example:
+        >>> state, report = fuse_models([a, b], calib_images, FuseConfig(solver="emd"))
+    """
+    if len(models) < 2:
+        raise CompressError("fusion needs at least two models", found=str(len(models)))
+    anchor_i = cfg.anchor % len(models)
+    anchor = models[anchor_i]
+    batches = calibration_batches(images, cfg)
+    report = FuseReport()
+    aligned = [anchor.state_dict() if i == anchor_i else align_to(m, anchor, batches, cfg, report)
+               for i, m in enumerate(models)]
+    return average(aligned, anchor.state_dict()), report
+
+
+def vanilla_average(models: list[nn.Module]) -> dict[str, torch.Tensor]:
+    """Plain weight averaging (the baseline OT must beat); needs identical shapes."""
+    states = [m.state_dict() for m in models]
+    for k, v in states[0].items():
+        for s in states[1:]:
+            if s[k].shape != v.shape:
+                raise CompressError("vanilla averaging needs identical shapes", found=f"{k}: {tuple(v.shape)} vs "
+                                    f"{tuple(s[k].shape)}")
+    return average(states, states[-1])
+
+
+@torch.no_grad()
+def recompute_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -> int:
+    """Reset and re-estimate BatchNorm running statistics on `images` (fused weights invalidate them).
+    Returns the number of BatchNorm layers updated; other layers stay in eval mode."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return 0
+    model.eval()
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average over all batches
+        bn.train()
+    for x in images.split(batch_size):
+        model(x)
+    model.eval()
+    return len(bns)
+
+
+@torch.no_grad()
+def ensemble_top1(models: list[nn.Module], data) -> float:
+    """Top-1 of the output ensemble (mean of softmax probabilities)."""
+    from torch.utils.data import DataLoader
+
+    correct = total = 0
+    for x, y in DataLoader(data, batch_size=256):
+        p = sum(m.eval()(x).softmax(-1) for m in models)
+        correct += (p.argmax(-1) == y).sum().item()
+        total += len(y)
+    return 100.0 * correct / max(total, 1)

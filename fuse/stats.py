@@ -1,0 +1,149 @@
+"""Streaming activation statistics between two models, one space at a time.
+
+Both models are traced at the calibration batch size and run node by node in lockstep through their aten
+graphs; at each producer node (convolutions, linear layers, residual adds, attention outputs) every space
+the node carries contributes (samples, neurons) activations. Only running sums are kept: memory is
+O(n_a * n_b) per space whatever the number of samples.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+from torch.utils._pytree import tree_flatten
+
+from compress.alignment import axes as ax
+from compress.alignment.spaces import SpaceGraph
+from compress.errors import CompressError
+
+SITES = {"convolution", "addmm", "mm", "add", "add_"}  # adds only where two activations meet (residuals)
+
+
+def _is_site(node: fx.Node) -> bool:
+    if node.op != "call_function" or _op(node) not in SITES or not node.meta.get("compress_dynamic"):
+        return False
+    if _op(node) in ("add", "add_"):  # an attention mask or a position bias added is not a neuron's output
+        return sum(bool(a.meta.get("compress_dynamic")) for a in node.all_input_nodes) >= 2
+    return True
+
+
+@dataclass
+class CrossStats:
+    """Running first and second moments of two neuron sets observed on the same samples."""
+
+    n_a: int
+    n_b: int
+    count: int = 0
+    sa: torch.Tensor = field(init=False)
+    sb: torch.Tensor = field(init=False)
+    saa: torch.Tensor = field(init=False)
+    sbb: torch.Tensor = field(init=False)
+    sab: torch.Tensor = field(init=False)
+
+    def __post_init__(self):
+        z = lambda *s: torch.zeros(*s, dtype=torch.float64)  # noqa: E731
+        self.sa, self.sb, self.saa, self.sbb, self.sab = z(self.n_a), z(self.n_b), z(self.n_a), z(self.n_b), z(
+            self.n_a, self.n_b)
+
+    def update(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        a, b = a.float(), b.float()
+        self.count += a.shape[0]
+        self.sa += a.sum(0).double()
+        self.sb += b.sum(0).double()
+        self.saa += (a * a).sum(0).double()
+        self.sbb += (b * b).sum(0).double()
+        self.sab += (a.T @ b).double()
+
+    def correlation(self) -> torch.Tensor:
+        n = max(self.count, 1)
+        ma, mb = self.sa / n, self.sb / n
+        va = (self.saa / n - ma**2).clamp_min(1e-12)
+        vb = (self.sbb / n - mb**2).clamp_min(1e-12)
+        cov = self.sab / n - ma[:, None] * mb[None, :]
+        return (cov / (va.sqrt()[:, None] * vb.sqrt()[None, :])).float()
+
+
+def _op(node: fx.Node) -> str:
+    return getattr(node.target, "__name__", str(node.target)).split(".")[0]
+
+
+def cross_statistics(sg_a: SpaceGraph, sg_b: SpaceGraph, state_a: dict, state_b: dict,
+                     batches: list[torch.Tensor]) -> dict[int, tuple[int, CrossStats]]:
+    """Statistics between model A's spaces and model B's: {A space id: (B space id, CrossStats)}.
+
+    Example:
+        >>> stats = cross_statistics(sg_a, sg_b, a.state_dict(), b.state_dict(), calib_batches)
+    """
+    ga, gb = sg_a.traced, sg_b.traced
+    nodes_a, nodes_b = list(ga.graph.nodes), list(gb.graph.nodes)
+    if len(nodes_a) != len(nodes_b) or any(_op(x) != _op(y) for x, y in zip(nodes_a, nodes_b)):
+        raise CompressError("the models do not have the same structure",
+                            expected="one architecture (widths may differ)",
+                            found=f"graphs of {len(nodes_a)} and {len(nodes_b)} ops")
+    wanted = {s.id for s in sg_a.spaces}
+    sites = [i for i, n in enumerate(nodes_a) if _is_site(n) and n in sg_a.node_axes]
+    index = {n: i for i, n in enumerate(nodes_a)}
+    free_at = defaultdict(list)
+    last = {}
+    for i, n in enumerate(nodes_a):
+        for m in n.all_input_nodes:
+            last[index[m]] = i
+    for j, i in last.items():
+        free_at[i].append(j)
+    site_set = set(sites)
+    stats: dict[int, tuple[int, CrossStats]] = {}
+    interps = [fx.Interpreter(ga.module), fx.Interpreter(gb.module)]
+    names_a, names_b = [ga.tensors[n] for n in ga.tensors], [gb.tensors[n] for n in gb.tensors]
+    with torch.no_grad():
+        for x in batches:
+            flats = [iter(tree_flatten(({k: state_a[k] for k in names_a}, x))[0]),
+                     iter(tree_flatten(({k: state_b[k] for k in names_b}, x))[0])]
+            for i in range(len(nodes_a)):
+                vals = []
+                for interp, nodes, flat in zip(interps, (nodes_a, nodes_b), flats):
+                    n = nodes[i]
+                    if n.op == "placeholder":
+                        v = next(flat)
+                    elif n.op == "output":
+                        v = None
+                    else:
+                        v = interp.run_node(n)
+                    interp.env[n] = v
+                    vals.append(v)
+                if i in site_set:
+                    _accumulate(stats, wanted, vals, sg_a.node_axes[nodes_a[i]], sg_b.node_axes[nodes_b[i]])
+                for j in free_at[i]:
+                    for interp, nodes in zip(interps, (nodes_a, nodes_b)):
+                        interp.env.pop(nodes[j], None)
+            for interp in interps:
+                interp.env.clear()
+    return stats
+
+
+def _accumulate(stats, wanted, vals, axes_a, axes_b) -> None:
+    ta, tb = vals
+    if not isinstance(ta, torch.Tensor) or not ta.dtype.is_floating_point:
+        return
+    ta, axes_a = ax.expand_products(ta, axes_a)
+    tb, axes_b = ax.expand_products(tb, axes_b)
+    if len(axes_a) != len(axes_b):
+        return
+    free = [k for k, atom in enumerate(axes_a) if ax.leaves(atom)]
+    for axis in free:
+        atom_a, atom_b = axes_a[axis], axes_b[axis]
+        if not any(leaf.id in wanted for leaf in ax.leaves(atom_a)):
+            continue
+        # Only pinned axes (batch, tokens, pixels) pair up as samples; other neuron axes are ordered
+        # differently in each model (and may differ in width), so they are averaged out.
+        others = [k for k in free if k != axis]
+        xa, xb = (ta.mean(dim=others), tb.mean(dim=others)) if others else (ta, tb)
+        pos = axis - sum(k < axis for k in others)
+        for la, lb, ra, rb in ax.paired_views(xa, atom_a, xb, atom_b, pos):
+            if la.id not in wanted:
+                continue
+            if la.id not in stats:
+                stats[la.id] = (lb.id, CrossStats(la.size, lb.size))
+            stats[la.id][1].update(ra, rb)

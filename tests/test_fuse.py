@@ -1,0 +1,118 @@
+"""OT fusion: exact self-fusion for every family, transport algebra, solver fallbacks, a real CNN fusion."""
+
+import pytest
+import torch
+
+from cli import main
+from compress import Checkpoint, InputSpec, create_model, save
+from compress.alignment.spaces import find_spaces
+from compress.data import load_data
+from compress.measure import top1
+from compress.train import TrainConfig, train
+from fuse import FuseConfig, align_to, fuse_models, recompute_batchnorm, solve, vanilla_average
+
+from .helpers import FAMILIES, perturb_, small_model
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+@pytest.mark.parametrize("solver", ["hungarian", "emd"])
+def test_self_fusion_with_a_permuted_copy_returns_the_same_function(arch, solver):
+    if solver == "emd" and arch not in ("vit", "resnet", "mobilevit"):
+        pytest.skip("emd checked on three families; hungarian on all")
+    model, size = small_model(arch)
+    perturb_(model)
+    sg = find_spaces(model, torch.randn(1, 3, size, size))
+    twin = create_model(arch, num_classes=10).eval()
+    twin.load_state_dict(sg.permute_state(model.state_dict(), sg.random_permutations(torch.Generator().manual_seed(5))))
+    x = torch.randn(64, 3, size, size)
+    state, report = fuse_models([twin, model], x, FuseConfig(solver=solver, calib=64, batch_size=32))
+    assert not report.unmatched and report.partners == pytest.approx(1.0)
+    fused = create_model(arch, num_classes=10).eval()
+    fused.load_state_dict(state)
+    xt = torch.randn(4, 3, size, size)
+    with torch.no_grad():
+        assert (fused(xt) - model(xt)).abs().max().item() < 1e-4
+
+
+def test_transport_maps_normalise_rows_and_columns():
+    cost = torch.rand(6, 4)
+    sol = solve(cost, "emd")
+    t = sol.coupling
+    assert torch.allclose(t.sum(1), torch.full((6,), 1 / 6), atol=1e-6)
+    assert torch.allclose(t.sum(0), torch.full((4,), 1 / 4), atol=1e-6)
+    m = sol.maps()
+    assert torch.allclose(m["out"].sum(0), torch.ones(4), atol=1e-5)  # each target neuron: an average
+    assert torch.allclose(m["in"].sum(1), torch.ones(6), atol=1e-5)  # each source input: fully passed on
+
+
+def test_sinkhorn_that_does_not_converge_falls_back_to_emd():
+    torch.manual_seed(0)
+    cost = torch.rand(40, 40)
+    sol = solve(cost, "sinkhorn", softness=0.01, sinkhorn_iter=1)
+    assert sol.solver == "emd" and "did not converge" in sol.note
+    good = solve(cost, "sinkhorn", softness=0.5)
+    assert good.solver == "sinkhorn" and 1.0 < good.partners < 40
+
+
+def test_sinkhorn_softness_is_relative_to_the_cost_scale():
+    torch.manual_seed(0)
+    cost = torch.rand(30, 30)
+    a, b = solve(cost, "sinkhorn", softness=0.3), solve(100 * cost, "sinkhorn", softness=0.3)
+    assert a.partners == pytest.approx(b.partners, rel=1e-3)
+
+
+def test_wider_model_aligns_into_a_narrower_anchor():
+    wide, narrow = create_model("vit", embed_dim=96).eval(), create_model("vit", embed_dim=48).eval()
+    state = align_to(wide, narrow, list(torch.randn(64, 3, 32, 32).split(32)), FuseConfig(calib=64))
+    target = create_model("vit", embed_dim=48).eval()
+    target.load_state_dict(state)
+    assert torch.isfinite(target(torch.randn(2, 3, 32, 32))).all()
+
+
+def test_ot_fusion_of_two_trained_cnns_beats_vanilla_averaging():
+    data = load_data("digits", InputSpec(size=32))
+    parents = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        m = create_model("resnet")
+        train(m, data.train, TrainConfig(epochs=2, seed=seed))
+        parents.append(m.eval())
+    images = data.train.tensors[0][:256]
+    state, _ = fuse_models(parents, images, FuseConfig())
+    ot, vanilla = create_model("resnet").eval(), create_model("resnet").eval()
+    ot.load_state_dict(state)
+    vanilla.load_state_dict(vanilla_average(parents))
+    recompute_batchnorm(ot, images)
+    recompute_batchnorm(vanilla, images)
+    acc_ot, acc_vanilla = top1(ot, data.test), top1(vanilla, data.test)
+    assert acc_ot > acc_vanilla + 10 and acc_ot > 60, (acc_ot, acc_vanilla)
+
+
+def test_fuse_command_refuses_mismatched_models_before_any_work(tmp_path, capsys):
+    a = save(Checkpoint.create("resmlp", seed=0), tmp_path / "a.pt")
+    b = save(Checkpoint.create("mixer", seed=0), tmp_path / "b.pt")
+    c = save(Checkpoint.create("resmlp", num_classes=7, seed=0), tmp_path / "c.pt")
+    assert main(["fuse", "--models", str(a), str(b), "--out", str(tmp_path / "f.pt")]) == 2
+    assert "different architecture: expected resmlp, found mixer" in capsys.readouterr().err
+    assert main(["fuse", "--models", str(a), str(c), "--out", str(tmp_path / "f.pt")]) == 2
+    assert "different classes" in capsys.readouterr().err
+    assert main(["fuse", "--models", str(a), str(a), "--out", str(a)]) == 2
+    assert not (tmp_path / "f.pt").exists()
+
+
+def test_fuse_command_end_to_end(tmp_path):
+    import json
+
+    paths = []
+    for seed in (0, 1):
+        p = tmp_path / f"m{seed}.pt"
+        assert main(["train", "--arch", "resmlp", "--arch-args", "num_blocks=2", "--epochs", "2", "--seed",
+                     str(seed), "--out", str(p)]) == 0
+        paths.append(str(p))
+    out, js, png = tmp_path / "f.pt", tmp_path / "f.json", tmp_path / "maps.png"
+    assert main(["fuse", "--models", *paths, "--calib", "128", "--finetune-epochs", "1", "--out", str(out),
+                 "--json", str(js), "--plot", str(png)]) == 0
+    r = json.loads(js.read_text())
+    assert {"parents", "vanilla", "ensemble", "ot", "ot_finetuned", "seconds"} <= set(r)
+    assert len(r["parents"]) == 2 and r["ot_finetuned"] is not None and png.stat().st_size > 1000
+    assert main(["eval", str(out), "--latency-runs", "2"]) == 0
