@@ -308,10 +308,10 @@ def cmd_fuse(args) -> dict:
 
     from compress import load, save
     from compress.data import load_data
-    from compress.measure import top1
+    from compress.measure import miou, top1
     from compress.report import console, table
     from compress.train import TrainConfig, train
-    from fuse import FuseConfig, ensemble_top1, fuse_models, recompute_batchnorm, vanilla_average
+    from fuse import Ensemble, FuseConfig, fuse_models, recompute_batchnorm, vanilla_average
 
     if not args.models or len(args.models) < 2:
         raise CompressError("fuse needs --models with two or more checkpoints", found=str(len(args.models or [])))
@@ -334,15 +334,20 @@ def cmd_fuse(args) -> dict:
     data = load_data(args.data, first.input, first.task)
     images = _images(data.train, cfg.calib)
     anchor_ckpt = ckpts[cfg.anchor % len(ckpts)]
+
+    def score(model):  # top-1 for classifiers, mIoU for segmentation
+        return miou(model, data.test, data.num_classes) if data.task == "segmentation" else top1(model, data.test)
+
     result = {"models": args.models, "arch": first.arch, "solver": cfg.solver, "softness": cfg.softness,
-              "parents": [top1(m, data.test) for m in models], "ensemble": ensemble_top1(models, data.test)}
+              "metric": "miou" if data.task == "segmentation" else "top1",
+              "parents": [score(m) for m in models], "ensemble": score(Ensemble(models))}
     same_shapes = all(m.state_dict()[k].shape == v.shape for m in models for k, v in models[0].state_dict().items())
     vanilla = None
     if same_shapes:
         vanilla = anchor_ckpt.build()
         vanilla.load_state_dict(vanilla_average(models))
         recompute_batchnorm(vanilla, images)
-        result["vanilla"] = top1(vanilla, data.test)
+        result["vanilla"] = score(vanilla)
     else:
         result["vanilla"] = None
     t = time.perf_counter()
@@ -351,7 +356,7 @@ def cmd_fuse(args) -> dict:
     fused.load_state_dict(state)
     bn = recompute_batchnorm(fused, images)
     timings["fuse"] = time.perf_counter() - t
-    result["ot"] = top1(fused, data.test)
+    result["ot"] = score(fused)
     result.update(ot_finetuned=None, vanilla_finetuned=None, batchnorm_recomputed=bn, spaces=report.spaces,
                   unmatched_spaces=report.unmatched, fallbacks=report.fallbacks, partners=report.partners)
     if args.finetune_epochs:
@@ -359,10 +364,10 @@ def cmd_fuse(args) -> dict:
         t = time.perf_counter()
         train(fused.train(), data.train, ft, description="finetune OT-fused")
         timings["finetune"] = time.perf_counter() - t
-        result["ot_finetuned"] = top1(fused, data.test)
+        result["ot_finetuned"] = score(fused)
         if vanilla is not None:
             train(vanilla.train(), data.train, ft, description="finetune vanilla")
-            result["vanilla_finetuned"] = top1(vanilla, data.test)
+            result["vanilla_finetuned"] = score(vanilla)
     timings.update(trace=report.seconds_trace, statistics=report.seconds_stats, ot_solve=report.seconds_solve,
                    apply=report.seconds_apply)
     result["seconds"] = round(time.perf_counter() - t0, 2)
@@ -380,7 +385,7 @@ def cmd_fuse(args) -> dict:
     if args.finetune_epochs:
         rows += [{"model": f"vanilla + {args.finetune_epochs} ep", "top1": result["vanilla_finetuned"]},
                  {"model": f"OT + {args.finetune_epochs} ep", "top1": result["ot_finetuned"]}]
-    console.print(table(f"fusion of {len(models)} x {first.arch} on {data.name} (test top-1)", rows))
+    console.print(table(f"fusion of {len(models)} x {first.arch} on {data.name} (test {result['metric']})", rows))
     console.print("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in result["seconds_by_stage"].items()) +
                   f"; peak memory {result['peak_rss_mb']} MB -> {args.out}")
     for f in report.fallbacks:

@@ -1,8 +1,8 @@
 """OT fusion: merge two or more trained models of one architecture into one (see fusion.py)."""
 
-from .fusion import (FuseConfig, FuseReport, align_to, ensemble_top1, fuse_models, recompute_batchnorm,
+from .fusion import (FuseConfig, FuseReport, align_to, Ensemble, fuse_models, recompute_batchnorm,
                      vanilla_average)
 from .transport import correlation_cost, solve
 
 __all__ = ["FuseConfig", "FuseReport", "align_to", "fuse_models", "vanilla_average", "recompute_batchnorm",
-           "ensemble_top1", "solve", "correlation_cost"]
+           "Ensemble", "solve", "correlation_cost"]

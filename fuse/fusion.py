@@ -166,14 +166,13 @@ def recompute_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: int 
     return len(bns)
 
 
-@torch.no_grad()
-def ensemble_top1(models: list[nn.Module], data) -> float:
-    """Top-1 of the output ensemble (mean of softmax probabilities)."""
-    from torch.utils.data import DataLoader
+class Ensemble(nn.Module):
+    """Output ensemble: the mean of the members' class probabilities (dim 1: logits or per-pixel maps).
+    Evaluate it with the same metric as any model."""
 
-    correct = total = 0
-    for x, y in DataLoader(data, batch_size=256):
-        p = sum(m.eval()(x).softmax(-1) for m in models)
-        correct += (p.argmax(-1) == y).sum().item()
-        total += len(y)
-    return 100.0 * correct / max(total, 1)
+    def __init__(self, models: list[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(models)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(x).softmax(1) for m in self.members]).mean(0)

@@ -1,0 +1,82 @@
+"""OT fusion on digits: pairs of independently trained parents, every solver option, mean of seed pairs.
+
+Needs the parents from bench/train_digits.py (seeds 0-5) and, for the heterogeneous row, ViTs of width 48:
+    .venv/bin/python bench/train_digits.py --seeds 0 1 2 3 4 5
+    for s in 0 1; do compress train --recipe recipes/train-vit.yaml --arch-args embed_dim=48 --seed $s \\
+        --out bench/results/vit48-s$s.pt; done
+Run: .venv/bin/python bench/fuse_digits.py   (writes bench/results/fuse_digits.json, prints markdown tables)
+"""
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from cli import main  # noqa: E402
+
+R = Path("bench/results")
+PAIRS = [(0, 1), (2, 3), (4, 5)]
+OPTIONS = {
+    "vit": [("emd", []), ("hungarian", []), ("sinkhorn", ["--softness", "0.002"]), ("sinkhorn", ["--softness", "0.02"])],
+    "resnet": [("emd", []), ("hungarian", []), ("sinkhorn", ["--softness", "0.002"])],
+}
+RECIPES = {"vit": "recipes/fuse-vit.yaml", "resnet": "recipes/fuse-cnn.yaml"}
+
+
+def fuse(models: list[str], recipe: str, solver: str, extra: list[str], tag: str) -> dict:
+    js = R / f"fuse-{tag}.json"
+    code = main(["fuse", "--recipe", recipe, "--models", *models, "--solver", solver, *extra, "--threads", "2",
+                 "--out", str(R / f"fuse-{tag}.pt"), "--json", str(js)])
+    if code:
+        raise SystemExit(code)
+    return json.loads(js.read_text())
+
+
+def mean(rows: list[dict], key: str):
+    vals = [r[key] for r in rows if r.get(key) is not None]
+    return statistics.mean(vals) if vals else None
+
+
+def main_bench() -> dict:
+    out = {}
+    for arch, options in OPTIONS.items():
+        for solver, extra in options:
+            label = f"{solver} {' '.join(extra[1:])}".strip()
+            rows = [fuse([str(R / f"{arch}-s{a}.pt"), str(R / f"{arch}-s{b}.pt")], RECIPES[arch], solver, extra,
+                         f"{arch}-{a}{b}-{label.replace(' ', '')}") for a, b in PAIRS]
+            for r in rows:
+                r["best_parent"] = max(r["parents"])
+            out[f"{arch} | {label}"] = {k: mean(rows, k) for k in (
+                "best_parent", "ensemble", "vanilla", "ot", "vanilla_finetuned", "ot_finetuned", "partners", "seconds")}
+            out[f"{arch} | {label}"]["pairs"] = rows
+    # heterogeneous: a width-96 and a width-48 ViT fused into width 48 (the anchor), vs the narrow alone
+    het = fuse([str(R / "vit-s0.pt"), str(R / "vit48-s1.pt")], RECIPES["vit"], "emd", [], "vit-het")
+    scratch = R / "vit48-scratch84.json"
+    if not scratch.exists():  # the narrow model alone, given the epochs that went into the fused one (40+40+4)
+        main(["train", "--recipe", "recipes/train-vit.yaml", "--arch-args", "embed_dim=48", "--epochs", "84",
+              "--threads", "2", "--out", str(R / "vit48-scratch84.pt"), "--json", str(scratch)])
+    het["narrow_from_scratch_84_epochs"] = json.loads(scratch.read_text())["top1"]
+    out["vit heterogeneous 96+48 -> 48"] = het
+    (R / "fuse_digits.json").write_text(json.dumps(out, indent=2, default=str))
+    return out
+
+
+def fmt(v) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+if __name__ == "__main__":
+    res = main_bench()
+    print("| model | solver | best parent | ensemble | vanilla | OT one-shot | vanilla + FT | OT + FT | partners | s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for key, r in res.items():
+        if "|" not in key:
+            continue
+        arch, label = (k.strip() for k in key.split("|"))
+        print(f"| {arch} | {label} | {fmt(r['best_parent'])} | {fmt(r['ensemble'])} | {fmt(r['vanilla'])} | "
+              f"{fmt(r['ot'])} | {fmt(r['vanilla_finetuned'])} | {fmt(r['ot_finetuned'])} | {r['partners']:.2f} | "
+              f"{r['seconds']:.1f} |")
+    h = res["vit heterogeneous 96+48 -> 48"]
+    print(f"\nheterogeneous: parents {', '.join(fmt(p) for p in h['parents'])}; OT one-shot {fmt(h['ot'])}; "
+          f"OT + FT {fmt(h['ot_finetuned'])}; narrow from scratch, 84 epochs {fmt(h['narrow_from_scratch_84_epochs'])}")
