@@ -84,6 +84,7 @@ def cross_statistics(sg_a: SpaceGraph, sg_b: SpaceGraph, state_a: dict, state_b:
                             expected="one architecture (widths may differ)",
                             found=f"graphs of {len(nodes_a)} and {len(nodes_b)} ops")
     wanted = {s.id for s in sg_a.spaces}
+    residual = {s.id for s in sg_a.spaces if s.residual}
     sites = [i for i, n in enumerate(nodes_a) if _is_site(n) and n in sg_a.node_axes]
     index = {n: i for i, n in enumerate(nodes_a)}
     free_at = defaultdict(list)
@@ -114,7 +115,10 @@ def cross_statistics(sg_a: SpaceGraph, sg_b: SpaceGraph, state_a: dict, state_b:
                     interp.env[n] = v
                     vals.append(v)
                 if i in site_set:
-                    _accumulate(stats, wanted, vals, sg_a.node_axes[nodes_a[i]], sg_b.node_axes[nodes_b[i]])
+                    # A residual stream is read where it is (the sums), not from the branches writing into it:
+                    # measured on digits ViTs, this aligns better than pooling writers and sums.
+                    keep = wanted if _op(nodes_a[i]) in ("add", "add_") else wanted - residual
+                    _accumulate(stats, keep, vals, sg_a.node_axes[nodes_a[i]], sg_b.node_axes[nodes_b[i]])
                 for j in free_at[i]:
                     for interp, nodes in zip(interps, (nodes_a, nodes_b)):
                         interp.env.pop(nodes[j], None)
