@@ -74,10 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", nargs="+", default=None, help="checkpoints to fuse (the last is the anchor)")
     p.add_argument("--data", default="digits", help="calibration, finetuning and evaluation data")
     p.add_argument("--out", help="output checkpoint")
+    p.add_argument("--ground", default="acts", choices=["acts", "wts"],
+                   help="ground cost: activation correlations, or weight matching (no data needed for it)")
     p.add_argument("--solver", default="emd", choices=["emd", "sinkhorn", "hungarian"])
     p.add_argument("--softness", type=float, default=0.1, help="sinkhorn regulariser relative to the cost scale")
     p.add_argument("--calib", type=int, default=256, help="calibration images for activation statistics")
     p.add_argument("--anchor", type=int, default=-1, help="index of the model whose basis the result takes")
+    p.add_argument("--tokens", default="all", choices=["all", "cls", "window"],
+                   help="token positions in the statistics (ViT-style sequences; conv maps use all)")
+    p.add_argument("--window", type=int, default=6, help="central patch window side for --tokens window")
     p.add_argument("--finetune-epochs", type=int, default=0, help="finetune the fused model (and vanilla) after")
     p.add_argument("--finetune-lr", type=float, default=5e-4)
     p.add_argument("--plot", metavar="PNG", help="write the transport maps as a picture")
@@ -318,7 +323,8 @@ def cmd_fuse(args) -> dict:
     if not args.out:
         raise CompressError("fuse needs --out", expected="an output path ending in .pt or .safetensors")
     guard_paths(args.models, [args.out, args.json, args.plot])
-    cfg = FuseConfig(solver=args.solver, softness=args.softness, calib=args.calib, anchor=args.anchor)
+    cfg = FuseConfig(ground=args.ground, solver=args.solver, softness=args.softness, calib=args.calib, anchor=args.anchor,
+                     tokens=args.tokens, window=args.window)
     ckpts = [load(p) for p in args.models]
     first = ckpts[0]
     for path, c in zip(args.models[1:], ckpts[1:]):  # every mismatch is named before any work
@@ -339,6 +345,7 @@ def cmd_fuse(args) -> dict:
         return miou(model, data.test, data.num_classes) if data.task == "segmentation" else top1(model, data.test)
 
     result = {"models": args.models, "arch": first.arch, "solver": cfg.solver, "softness": cfg.softness,
+              "tokens": cfg.tokens, "ground": cfg.ground,
               "metric": "miou" if data.task == "segmentation" else "top1",
               "parents": [score(m) for m in models], "ensemble": score(Ensemble(models))}
     same_shapes = all(m.state_dict()[k].shape == v.shape for m in models for k, v in models[0].state_dict().items())

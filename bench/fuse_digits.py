@@ -17,9 +17,13 @@ from cli import main  # noqa: E402
 
 R = Path("bench/results")
 PAIRS = [(0, 1), (2, 3), (4, 5)]
-OPTIONS = {
-    "vit": [("emd", []), ("hungarian", []), ("sinkhorn", ["--softness", "0.002"]), ("sinkhorn", ["--softness", "0.02"])],
-    "resnet": [("emd", []), ("hungarian", []), ("sinkhorn", ["--softness", "0.002"])],
+OPTIONS = {  # every row names its ground cost, so the recipes' defaults do not change the table
+    "vit": [("emd", ["--ground", "acts"]), ("hungarian", ["--ground", "acts"]),
+            ("sinkhorn", ["--ground", "acts", "--softness", "0.002"]),
+            ("sinkhorn", ["--ground", "acts", "--softness", "0.02"]),
+            ("emd", ["--ground", "acts", "--tokens", "window"]), ("emd", ["--ground", "wts"])],
+    "resnet": [("emd", ["--ground", "acts"]), ("hungarian", ["--ground", "acts"]),
+               ("sinkhorn", ["--ground", "acts", "--softness", "0.002"]), ("emd", ["--ground", "wts"])],
 }
 RECIPES = {"vit": "recipes/fuse-vit.yaml", "resnet": "recipes/fuse-cnn.yaml"}
 
@@ -42,7 +46,7 @@ def main_bench() -> dict:
     out = {}
     for arch, options in OPTIONS.items():
         for solver, extra in options:
-            label = f"{solver} {' '.join(extra[1:])}".strip()
+            label = f"{solver} {' '.join(extra[1::2] if len(extra) > 2 else extra[1:])}".strip()
             rows = [fuse([str(R / f"{arch}-s{a}.pt"), str(R / f"{arch}-s{b}.pt")], RECIPES[arch], solver, extra,
                          f"{arch}-{a}{b}-{label.replace(' ', '')}") for a, b in PAIRS]
             for r in rows:
@@ -51,7 +55,8 @@ def main_bench() -> dict:
                 "best_parent", "ensemble", "vanilla", "ot", "vanilla_finetuned", "ot_finetuned", "partners", "seconds")}
             out[f"{arch} | {label}"]["pairs"] = rows
     # heterogeneous: a width-96 and a width-48 ViT fused into width 48 (the anchor), vs the narrow alone
-    het = fuse([str(R / "vit-s0.pt"), str(R / "vit48-s1.pt")], RECIPES["vit"], "emd", [], "vit-het")
+    het = fuse([str(R / "vit-s0.pt"), str(R / "vit48-s1.pt")], RECIPES["vit"], "emd", ["--ground", "acts"],
+               "vit-het")
     scratch = R / "vit48-scratch84.json"
     if not scratch.exists():  # the narrow model alone, given the epochs that went into the fused one (40+40+4)
         main(["train", "--recipe", "recipes/train-vit.yaml", "--arch-args", "embed_dim=48", "--epochs", "84",

@@ -18,7 +18,7 @@ from compress.alignment.graph import state_tensors
 from compress.alignment.spaces import SpaceGraph, find_spaces
 from compress.errors import CompressError
 
-from .stats import cross_statistics
+from .stats import TOKENS, cross_statistics
 from .transport import SOLVERS, Solution, correlation_cost, solve
 
 
@@ -30,16 +30,24 @@ class FuseConfig:
         >>> FuseConfig(solver="sinkhorn", softness=0.1, calib=256)
     """
 
+    ground: str = "acts"  # acts: activation correlations | wts: weight matching (coordinate descent)
     solver: str = "emd"  # emd | sinkhorn | hungarian
     softness: float = 0.1  # sinkhorn only: regulariser relative to the cost scale (fuse.transport.sinkhorn_reg)
     calib: int = 256  # calibration images for the activation statistics
     batch_size: int = 32
     anchor: int = -1  # index of the model whose basis (and config) the fused model takes
+    tokens: str = "all"  # all | cls | window: token positions used in the statistics (ViT-style sequences)
+    window: int = 6  # side of the central patch window for tokens="window" (the paper's window_6)
+    sweeps: int = 3  # ground="wts": passes over all spaces
     version: int = 1
 
     def __post_init__(self):
         if self.solver not in SOLVERS:
             raise CompressError(f"unknown solver '{self.solver}'", expected=" | ".join(SOLVERS))
+        if self.ground not in ("acts", "wts"):
+            raise CompressError(f"unknown ground cost '{self.ground}'", expected="acts | wts")
+        if self.tokens not in TOKENS:
+            raise CompressError(f"unknown token selection '{self.tokens}'", expected=" | ".join(TOKENS))
         if self.softness <= 0 or self.calib < self.batch_size or self.batch_size < 1:
             raise CompressError("invalid fusion config", expected="softness > 0 and calib >= batch_size >= 1",
                                 found=f"softness={self.softness}, calib={self.calib}, batch_size={self.batch_size}")
@@ -77,8 +85,12 @@ def align_to(model: nn.Module, anchor: nn.Module, batches: list[torch.Tensor], c
     t = time.perf_counter()
     sg_m, sg_a = _spaces(model, batches[0]), _spaces(anchor, batches[0])
     report.seconds_trace += time.perf_counter() - t
+    if cfg.ground == "wts":
+        maps = weight_matching(sg_m, sg_a, model.state_dict(), anchor.state_dict(), cfg, report)
+        return _apply(sg_m, model, anchor, maps, report)
     t = time.perf_counter()
-    stats = cross_statistics(sg_m, sg_a, state_tensors(model), state_tensors(anchor), batches)
+    stats = cross_statistics(sg_m, sg_a, state_tensors(model), state_tensors(anchor), batches, cfg.tokens,
+                             cfg.window)
     report.seconds_stats += time.perf_counter() - t
     t = time.perf_counter()
     maps, partners = {}, []
@@ -97,6 +109,10 @@ def align_to(model: nn.Module, anchor: nn.Module, batches: list[torch.Tensor], c
     report.spaces += len(maps)
     report.partners = float(sum(partners) / max(len(partners), 1))
     report.seconds_solve += time.perf_counter() - t
+    return _apply(sg_m, model, anchor, maps, report)
+
+
+def _apply(sg_m: SpaceGraph, model: nn.Module, anchor: nn.Module, maps: dict, report: FuseReport) -> dict:
     t = time.perf_counter()
     aligned = sg_m.transport_state(model.state_dict(), maps)
     report.seconds_apply += time.perf_counter() - t
@@ -106,6 +122,45 @@ def align_to(model: nn.Module, anchor: nn.Module, batches: list[torch.Tensor], c
         raise CompressError("alignment left tensors in the wrong shape", expected="the anchor's shapes",
                             found=f"{len(bad)} tensors, e.g. {bad[0]} {tuple(aligned[bad[0]].shape)}")
     return aligned
+
+
+def weight_matching(sg_m: SpaceGraph, sg_a: SpaceGraph, state_m: dict, state_a: dict, cfg: FuseConfig,
+                    report: FuseReport) -> dict:
+    """Ground cost from weights (Git Re-Basin's weight matching, with any of our solvers): for each space,
+    neuron i of the model and j of the anchor are compared through every tensor carrying the space, the
+    model's other axes moved by the current maps; repeated for `cfg.sweeps` passes over all spaces."""
+    from compress.alignment import axes as ax
+
+    if [s.name for s in sg_m.spaces] != [s.name for s in sg_a.spaces]:
+        raise CompressError("the models' spaces differ", expected="one architecture (widths may differ)")
+    pairs = list(zip(sg_m.spaces, sg_a.spaces))
+    maps: dict[int, dict[str, torch.Tensor]] = {}
+    t = time.perf_counter()
+    for _ in range(cfg.sweeps):
+        for sm, sa in pairs:
+            others = {k: v for k, v in maps.items() if k != sm.id}
+            tensors = {m.tensor for m in sm.members}
+            moved = sg_m.transport_state({k: state_m[k] for k in tensors}, others)
+            gram = torch.zeros(sm.size, sa.size, dtype=torch.float64)
+            sq_m, sq_a = torch.zeros(sm.size, dtype=torch.float64), torch.zeros(sa.size, dtype=torch.float64)
+            for member in sm.members:
+                name, axis = member.tensor, member.axis
+                views = ax.paired_views(moved[name].float(), sg_m.tensor_axes[name][axis], state_a[name].float(),
+                                        sg_a.tensor_axes[name][axis], axis)
+                for lm, _, rm, ra in views:
+                    if lm.id == sm.id:
+                        gram += (rm.T @ ra).double()
+                        sq_m += (rm * rm).sum(0).double()
+                        sq_a += (ra * ra).sum(0).double()
+            dist = (sq_m[:, None] + sq_a[None, :] - 2 * gram).clamp_min(0).sqrt()
+            sol = solve((dist / dist.max().clamp_min(1e-12)).float(), cfg.solver, cfg.softness)
+            if sol.note:
+                report.fallbacks.append(f"{sm.name}: {sol.note}")
+            maps[sm.id] = sol.maps()
+            report.maps[sm.name] = sol.coupling
+    report.seconds_solve += time.perf_counter() - t
+    report.spaces += len(maps)
+    return maps
 
 
 def _spaces(model: nn.Module, example: torch.Tensor) -> SpaceGraph:

@@ -19,6 +19,7 @@ from compress.alignment import axes as ax
 from compress.alignment.spaces import SpaceGraph
 from compress.errors import CompressError
 
+TOKENS = ("all", "cls", "window")
 SITES = {"convolution", "addmm", "mm", "add", "add_"}  # adds only where two activations meet (residuals)
 
 
@@ -71,7 +72,8 @@ def _op(node: fx.Node) -> str:
 
 
 def cross_statistics(sg_a: SpaceGraph, sg_b: SpaceGraph, state_a: dict, state_b: dict,
-                     batches: list[torch.Tensor]) -> dict[int, tuple[int, CrossStats]]:
+                     batches: list[torch.Tensor], tokens: str = "all",
+                     window: int = 6) -> dict[int, tuple[int, CrossStats]]:
     """Statistics between model A's spaces and model B's: {A space id: (B space id, CrossStats)}.
 
     Example:
@@ -118,7 +120,8 @@ def cross_statistics(sg_a: SpaceGraph, sg_b: SpaceGraph, state_a: dict, state_b:
                     # A residual stream is read where it is (the sums), not from the branches writing into it:
                     # measured on digits ViTs, this aligns better than pooling writers and sums.
                     keep = wanted if _op(nodes_a[i]) in ("add", "add_") else wanted - residual
-                    _accumulate(stats, keep, vals, sg_a.node_axes[nodes_a[i]], sg_b.node_axes[nodes_b[i]])
+                    _accumulate(stats, keep, vals, sg_a.node_axes[nodes_a[i]], sg_b.node_axes[nodes_b[i]],
+                                tokens, window)
                 for j in free_at[i]:
                     for interp, nodes in zip(interps, (nodes_a, nodes_b)):
                         interp.env.pop(nodes[j], None)
@@ -127,7 +130,33 @@ def cross_statistics(sg_a: SpaceGraph, sg_b: SpaceGraph, state_a: dict, state_b:
     return stats
 
 
-def _accumulate(stats, wanted, vals, axes_a, axes_b) -> None:
+def select_tokens(t: torch.Tensor, atoms: list, mode: str, window: int) -> tuple[torch.Tensor, list]:
+    """Keep some positions of a token sequence (prefix tokens + a patch grid, as in ViT/DeiT): `cls` the
+    prefix tokens, `window` the prefix plus the central window x window patches. Tensors without such a
+    sequence (conv maps, Swin windows) keep all positions."""
+    if mode == "all":
+        return t, atoms
+    for d, a in enumerate(atoms):
+        r = ax.find(a)
+        if r.kind != "sum" or not r.pinned or len(r.children) != 2:
+            continue
+        grid = [ax.find(c).size for c in ax.find(r.children[1]).children]
+        prefix = r.children[0].size
+        if len(grid) != 2:
+            continue
+        if mode == "cls":
+            idx = torch.arange(prefix)
+        else:
+            gh, gw = grid
+            k_h, k_w = min(window, gh), min(window, gw)
+            rows = torch.arange(k_h) + (gh - k_h) // 2
+            cols = torch.arange(k_w) + (gw - k_w) // 2
+            idx = torch.cat([torch.arange(prefix), prefix + (rows[:, None] * gw + cols[None, :]).reshape(-1)])
+        return t.index_select(d, idx), atoms[:d] + [ax.fresh(len(idx))] + atoms[d + 1:]
+    return t, atoms
+
+
+def _accumulate(stats, wanted, vals, axes_a, axes_b, tokens="all", window=6) -> None:
     ta, tb = vals
     if not isinstance(ta, torch.Tensor) or not ta.dtype.is_floating_point:
         return
@@ -135,6 +164,8 @@ def _accumulate(stats, wanted, vals, axes_a, axes_b) -> None:
     tb, axes_b = ax.expand_products(tb, axes_b)
     if len(axes_a) != len(axes_b):
         return
+    ta, axes_a = select_tokens(ta, axes_a, tokens, window)
+    tb, axes_b = select_tokens(tb, axes_b, tokens, window)
     free = [k for k, atom in enumerate(axes_a) if ax.leaves(atom)]
     for axis in free:
         atom_a, atom_b = axes_a[axis], axes_b[axis]

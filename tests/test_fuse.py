@@ -116,3 +116,52 @@ def test_fuse_command_end_to_end(tmp_path):
     assert {"parents", "vanilla", "ensemble", "ot", "ot_finetuned", "seconds"} <= set(r)
     assert len(r["parents"]) == 2 and r["ot_finetuned"] is not None and png.stat().st_size > 1000
     assert main(["eval", str(out), "--latency-runs", "2"]) == 0
+
+
+def test_token_selection_keeps_prefix_and_central_window():
+    from compress.alignment import axes as ax
+    from fuse.stats import select_tokens
+
+    model, size = small_model("vit")
+    sg = find_spaces(model, torch.randn(2, 3, size, size))
+    node, atoms = next((n, a) for n, a in sg.node_axes.items() if n.name == "add")
+    t = torch.arange(2 * 65 * 96, dtype=torch.float).reshape(2, 65, 96)
+    t, atoms = ax.expand_products(t, atoms)
+    cls, _ = select_tokens(t, atoms, "cls", 6)
+    win, _ = select_tokens(t, atoms, "window", 2)
+    assert cls.shape == (2, 1, 96) and torch.equal(cls[:, 0], t[:, 0])
+    # 8x8 grid, central 2x2 = grid cells (3,3),(3,4),(4,3),(4,4) -> tokens 1 + 27, 28, 35, 36
+    assert win.shape == (2, 5, 96) and torch.equal(win[:, 1:], t[:, [28, 29, 36, 37]])
+
+
+def test_self_fusion_with_window_tokens():
+    """(cls alone cannot do this: in block 0 the cls token is the same for every image, so it carries no
+    statistics; the window includes it plus varying patches)"""
+    tokens = "window"
+    model, size = small_model("vit")
+    perturb_(model)
+    sg = find_spaces(model, torch.randn(1, 3, size, size))
+    twin = create_model("vit", num_classes=10).eval()
+    twin.load_state_dict(sg.permute_state(model.state_dict(), sg.random_permutations(torch.Generator().manual_seed(5))))
+    state, _ = fuse_models([twin, model], torch.randn(64, 3, size, size),
+                           FuseConfig(solver="hungarian", calib=64, batch_size=32, tokens=tokens, window=4))
+    fused = create_model("vit", num_classes=10).eval()
+    fused.load_state_dict(state)
+    x = torch.randn(4, 3, size, size)
+    with torch.no_grad():
+        assert (fused(x) - model(x)).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("arch", ["vit", "resnet", "swin", "mobilevit"])
+def test_weight_matching_recovers_a_permuted_copy(arch):
+    model, size = small_model(arch)
+    perturb_(model)
+    sg = find_spaces(model, torch.randn(1, 3, size, size))
+    twin = create_model(arch, num_classes=10).eval()
+    twin.load_state_dict(sg.permute_state(model.state_dict(), sg.random_permutations(torch.Generator().manual_seed(5))))
+    state, _ = fuse_models([twin, model], torch.randn(32, 3, size, size), FuseConfig(ground="wts", calib=32))
+    fused = create_model(arch, num_classes=10).eval()
+    fused.load_state_dict(state)
+    x = torch.randn(4, 3, size, size)
+    with torch.no_grad():
+        assert (fused(x) - model(x)).abs().max().item() < 1e-4
