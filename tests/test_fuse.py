@@ -165,3 +165,23 @@ def test_weight_matching_recovers_a_permuted_copy(arch):
     x = torch.randn(4, 3, size, size)
     with torch.no_grad():
         assert (fused(x) - model(x)).abs().max().item() < 1e-4
+
+
+def test_three_models_fuse_into_the_anchor_with_equal_weights():
+    model, size = small_model("resnet")
+    perturb_(model)
+    sg = find_spaces(model, torch.randn(1, 3, size, size))
+    copies = []
+    for seed in (7, 8):
+        twin = create_model("resnet", num_classes=10).eval()
+        twin.load_state_dict(sg.permute_state(model.state_dict(),
+                                              sg.random_permutations(torch.Generator().manual_seed(seed))))
+        copies.append(twin)
+    state, report = fuse_models([*copies, model], torch.randn(64, 3, size, size),
+                                FuseConfig(solver="hungarian", calib=64))
+    fused = create_model("resnet", num_classes=10).eval()
+    fused.load_state_dict(state)
+    x = torch.randn(4, 3, size, size)
+    with torch.no_grad():
+        assert (fused(x) - model(x)).abs().max().item() < 1e-4
+    assert report.spaces == 2 * len(sg.spaces)  # two models aligned to the anchor
