@@ -27,3 +27,13 @@ def perturb_(model: torch.nn.Module, seed: int = 0) -> None:
             else:
                 scale = t.std().item() if t.numel() > 1 and t.std() > 0 else 0.1
                 t.add_(0.2 * scale * noise)
+
+
+def permuted_copy(arch: str, model: torch.nn.Module, size: int, seed: int = 5) -> torch.nn.Module:
+    """A fresh `arch` holding `model`'s weights with every space randomly permuted (same function)."""
+    from compress.alignment.spaces import find_spaces
+
+    sg = find_spaces(model, torch.randn(1, 3, size, size))
+    twin = create_model(arch, num_classes=10).eval()
+    twin.load_state_dict(sg.permute_state(model.state_dict(), sg.random_permutations(torch.Generator().manual_seed(seed))))
+    return twin

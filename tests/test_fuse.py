@@ -11,7 +11,7 @@ from compress.measure import top1
 from compress.train import TrainConfig, train
 from fuse import FuseConfig, align_to, fuse_models, recompute_batchnorm, solve, vanilla_average
 
-from .helpers import FAMILIES, perturb_, small_model
+from .helpers import FAMILIES, permuted_copy, perturb_, small_model
 
 
 @pytest.mark.parametrize("arch", FAMILIES)
@@ -21,9 +21,7 @@ def test_self_fusion_with_a_permuted_copy_returns_the_same_function(arch, solver
         pytest.skip("emd checked on three families; hungarian on all")
     model, size = small_model(arch)
     perturb_(model)
-    sg = find_spaces(model, torch.randn(1, 3, size, size))
-    twin = create_model(arch, num_classes=10).eval()
-    twin.load_state_dict(sg.permute_state(model.state_dict(), sg.random_permutations(torch.Generator().manual_seed(5))))
+    twin = permuted_copy(arch, model, size)
     x = torch.randn(64, 3, size, size)
     state, report = fuse_models([twin, model], x, FuseConfig(solver=solver, calib=64, batch_size=32))
     assert not report.unmatched and report.partners == pytest.approx(1.0)
@@ -140,9 +138,7 @@ def test_self_fusion_with_window_tokens():
     tokens = "window"
     model, size = small_model("vit")
     perturb_(model)
-    sg = find_spaces(model, torch.randn(1, 3, size, size))
-    twin = create_model("vit", num_classes=10).eval()
-    twin.load_state_dict(sg.permute_state(model.state_dict(), sg.random_permutations(torch.Generator().manual_seed(5))))
+    twin = permuted_copy("vit", model, size)
     state, _ = fuse_models([twin, model], torch.randn(64, 3, size, size),
                            FuseConfig(solver="hungarian", calib=64, batch_size=32, tokens=tokens, window=4))
     fused = create_model("vit", num_classes=10).eval()
@@ -156,9 +152,7 @@ def test_self_fusion_with_window_tokens():
 def test_weight_matching_recovers_a_permuted_copy(arch):
     model, size = small_model(arch)
     perturb_(model)
-    sg = find_spaces(model, torch.randn(1, 3, size, size))
-    twin = create_model(arch, num_classes=10).eval()
-    twin.load_state_dict(sg.permute_state(model.state_dict(), sg.random_permutations(torch.Generator().manual_seed(5))))
+    twin = permuted_copy(arch, model, size)
     state, _ = fuse_models([twin, model], torch.randn(32, 3, size, size), FuseConfig(ground="wts", calib=32))
     fused = create_model(arch, num_classes=10).eval()
     fused.load_state_dict(state)
@@ -170,13 +164,7 @@ def test_weight_matching_recovers_a_permuted_copy(arch):
 def test_three_models_fuse_into_the_anchor_with_equal_weights():
     model, size = small_model("resnet")
     perturb_(model)
-    sg = find_spaces(model, torch.randn(1, 3, size, size))
-    copies = []
-    for seed in (7, 8):
-        twin = create_model("resnet", num_classes=10).eval()
-        twin.load_state_dict(sg.permute_state(model.state_dict(),
-                                              sg.random_permutations(torch.Generator().manual_seed(seed))))
-        copies.append(twin)
+    copies = [permuted_copy("resnet", model, size, seed) for seed in (7, 8)]
     state, report = fuse_models([*copies, model], torch.randn(64, 3, size, size),
                                 FuseConfig(solver="hungarian", calib=64))
     fused = create_model("resnet", num_classes=10).eval()
@@ -184,4 +172,5 @@ def test_three_models_fuse_into_the_anchor_with_equal_weights():
     x = torch.randn(4, 3, size, size)
     with torch.no_grad():
         assert (fused(x) - model(x)).abs().max().item() < 1e-4
-    assert report.spaces == 2 * len(sg.spaces)  # two models aligned to the anchor
+    n_spaces = len(find_spaces(model, torch.randn(1, 3, size, size)).spaces)
+    assert report.spaces == 2 * n_spaces  # two models aligned to the anchor
