@@ -14,12 +14,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from compress.alignment import axes as ax
 from compress.alignment.graph import state_tensors
 from compress.alignment.spaces import SpaceGraph, find_spaces
 from compress.errors import CompressError
 
 from .stats import TOKENS, cross_statistics
-from .transport import SOLVERS, Solution, correlation_cost, solve
+from .transport import SOLVERS, Solution, correlation_cost, partners, solve
 
 
 @dataclass
@@ -62,8 +63,14 @@ class FuseReport:
     spaces: int = 0
     unmatched: list[str] = field(default_factory=list)  # spaces no activation site carried (left as they are)
     fallbacks: list[str] = field(default_factory=list)
-    partners: float = 1.0  # mean effective partners per neuron over all maps (1 = hard)
-    maps: dict = field(default_factory=dict, repr=False)  # space name -> coupling, for plots
+    maps: dict = field(default_factory=dict, repr=False)  # space name -> latest coupling, for plots
+
+    @property
+    def partners(self) -> float:
+        """Mean effective partners per neuron over the latest map of each space (1 = hard)."""
+        if not self.maps:
+            return 1.0
+        return float(sum(partners(t) for t in self.maps.values()) / len(self.maps))
 
 
 def calibration_batches(images: torch.Tensor, cfg: FuseConfig) -> list[torch.Tensor]:
@@ -83,7 +90,7 @@ def align_to(model: nn.Module, anchor: nn.Module, batches: list[torch.Tensor], c
     """
     report = report or FuseReport()
     t = time.perf_counter()
-    sg_m, sg_a = _spaces(model, batches[0]), _spaces(anchor, batches[0])
+    sg_m, sg_a = find_spaces(model, batches[0]), find_spaces(anchor, batches[0])
     report.seconds_trace += time.perf_counter() - t
     if cfg.ground == "wts":
         maps = weight_matching(sg_m, sg_a, model.state_dict(), anchor.state_dict(), cfg, report)
@@ -93,23 +100,25 @@ def align_to(model: nn.Module, anchor: nn.Module, batches: list[torch.Tensor], c
                              cfg.window)
     report.seconds_stats += time.perf_counter() - t
     t = time.perf_counter()
-    maps, partners = {}, []
-    names = {s.id: s.name for s in sg_m.spaces}
+    maps = {}
     for space in sg_m.spaces:
         if space.id not in stats:
             report.unmatched.append(space.name)
             continue
         _, st = stats[space.id]
-        sol: Solution = solve(correlation_cost(st.correlation()), cfg.solver, cfg.softness)
-        if sol.note:
-            report.fallbacks.append(f"{names[space.id]}: {sol.note}")
-        maps[space.id] = sol.maps()
-        partners.append(sol.partners)
-        report.maps[space.name] = sol.coupling
+        maps[space.id] = _record(solve(correlation_cost(st.correlation()), cfg.solver, cfg.softness), space.name,
+                                 report)
     report.spaces += len(maps)
-    report.partners = float(sum(partners) / max(len(partners), 1))
     report.seconds_solve += time.perf_counter() - t
     return _apply(sg_m, model, anchor, maps, report)
+
+
+def _record(sol: Solution, name: str, report: FuseReport) -> dict[str, torch.Tensor]:
+    """Note a solved map in the report (fallbacks; the coupling, for plots and the partners count)."""
+    if sol.note:
+        report.fallbacks.append(f"{name}: {sol.note}")
+    report.maps[name] = sol.coupling
+    return sol.maps()
 
 
 def _apply(sg_m: SpaceGraph, model: nn.Module, anchor: nn.Module, maps: dict, report: FuseReport) -> dict:
@@ -129,8 +138,6 @@ def weight_matching(sg_m: SpaceGraph, sg_a: SpaceGraph, state_m: dict, state_a: 
     """Ground cost from weights (Git Re-Basin's weight matching, with any of our solvers): for each space,
     neuron i of the model and j of the anchor are compared through every tensor carrying the space, the
     model's other axes moved by the current maps; repeated for `cfg.sweeps` passes over all spaces."""
-    from compress.alignment import axes as ax
-
     if [s.name for s in sg_m.spaces] != [s.name for s in sg_a.spaces]:
         raise CompressError("the models' spaces differ", expected="one architecture (widths may differ)")
     pairs = list(zip(sg_m.spaces, sg_a.spaces))
@@ -154,17 +161,10 @@ def weight_matching(sg_m: SpaceGraph, sg_a: SpaceGraph, state_m: dict, state_a: 
                         sq_a += (ra * ra).sum(0).double()
             dist = (sq_m[:, None] + sq_a[None, :] - 2 * gram).clamp_min(0).sqrt()
             sol = solve((dist / dist.max().clamp_min(1e-12)).float(), cfg.solver, cfg.softness)
-            if sol.note:
-                report.fallbacks.append(f"{sm.name}: {sol.note}")
-            maps[sm.id] = sol.maps()
-            report.maps[sm.name] = sol.coupling
+            maps[sm.id] = _record(sol, sm.name, report)
     report.seconds_solve += time.perf_counter() - t
     report.spaces += len(maps)
     return maps
-
-
-def _spaces(model: nn.Module, example: torch.Tensor) -> SpaceGraph:
-    return find_spaces(model, example)
 
 
 def average(states: list[dict[str, torch.Tensor]], like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -34,10 +34,14 @@ class Solution:
 
     @property
     def partners(self) -> float:
-        """Effective partners per source neuron (exp of row entropy): 1 for a hard map, n_b for uniform."""
-        p = self.coupling / self.coupling.sum(1, keepdim=True).clamp_min(1e-12)
-        ent = -(p * p.clamp_min(1e-30).log()).sum(1)
-        return float(ent.exp().mean())
+        return partners(self.coupling)
+
+
+def partners(coupling: torch.Tensor) -> float:
+    """Effective partners per source neuron (exp of row entropy): 1 for a hard map, n_b for uniform."""
+    p = coupling / coupling.sum(1, keepdim=True).clamp_min(1e-12)
+    ent = -(p * p.clamp_min(1e-30).log()).sum(1)
+    return float(ent.exp().mean())
 
 
 def correlation_cost(corr: torch.Tensor) -> torch.Tensor:

@@ -37,3 +37,12 @@ def permuted_copy(arch: str, model: torch.nn.Module, size: int, seed: int = 5) -
     twin = create_model(arch, num_classes=10).eval()
     twin.load_state_dict(sg.permute_state(model.state_dict(), sg.random_permutations(torch.Generator().manual_seed(seed))))
     return twin
+
+
+def assert_same_function(arch: str, state: dict, model: torch.nn.Module, size: int, atol: float = 1e-4) -> None:
+    """A fresh `arch` loaded with `state` computes what `model` computes (max abs logit difference < atol)."""
+    other = create_model(arch, num_classes=10).eval()
+    other.load_state_dict(state)
+    x = torch.randn(4, 3, size, size)
+    with torch.no_grad():
+        assert (other(x) - model(x)).abs().max().item() < atol

@@ -11,7 +11,7 @@ from compress.measure import top1
 from compress.train import TrainConfig, train
 from fuse import FuseConfig, align_to, fuse_models, recompute_batchnorm, solve, vanilla_average
 
-from .helpers import FAMILIES, permuted_copy, perturb_, small_model
+from .helpers import FAMILIES, assert_same_function, permuted_copy, perturb_, small_model
 
 
 @pytest.mark.parametrize("arch", FAMILIES)
@@ -25,11 +25,7 @@ def test_self_fusion_with_a_permuted_copy_returns_the_same_function(arch, solver
     x = torch.randn(64, 3, size, size)
     state, report = fuse_models([twin, model], x, FuseConfig(solver=solver, calib=64, batch_size=32))
     assert not report.unmatched and report.partners == pytest.approx(1.0)
-    fused = create_model(arch, num_classes=10).eval()
-    fused.load_state_dict(state)
-    xt = torch.randn(4, 3, size, size)
-    with torch.no_grad():
-        assert (fused(xt) - model(xt)).abs().max().item() < 1e-4
+    assert_same_function(arch, state, model, size)
 
 
 def test_transport_maps_normalise_rows_and_columns():
@@ -141,11 +137,7 @@ def test_self_fusion_with_window_tokens():
     twin = permuted_copy("vit", model, size)
     state, _ = fuse_models([twin, model], torch.randn(64, 3, size, size),
                            FuseConfig(solver="hungarian", calib=64, batch_size=32, tokens=tokens, window=4))
-    fused = create_model("vit", num_classes=10).eval()
-    fused.load_state_dict(state)
-    x = torch.randn(4, 3, size, size)
-    with torch.no_grad():
-        assert (fused(x) - model(x)).abs().max().item() < 1e-4
+    assert_same_function("vit", state, model, size)
 
 
 @pytest.mark.parametrize("arch", ["vit", "resnet", "swin", "mobilevit"])
@@ -154,11 +146,7 @@ def test_weight_matching_recovers_a_permuted_copy(arch):
     perturb_(model)
     twin = permuted_copy(arch, model, size)
     state, _ = fuse_models([twin, model], torch.randn(32, 3, size, size), FuseConfig(ground="wts", calib=32))
-    fused = create_model(arch, num_classes=10).eval()
-    fused.load_state_dict(state)
-    x = torch.randn(4, 3, size, size)
-    with torch.no_grad():
-        assert (fused(x) - model(x)).abs().max().item() < 1e-4
+    assert_same_function(arch, state, model, size)
 
 
 def test_three_models_fuse_into_the_anchor_with_equal_weights():
@@ -167,10 +155,6 @@ def test_three_models_fuse_into_the_anchor_with_equal_weights():
     copies = [permuted_copy("resnet", model, size, seed) for seed in (7, 8)]
     state, report = fuse_models([*copies, model], torch.randn(64, 3, size, size),
                                 FuseConfig(solver="hungarian", calib=64))
-    fused = create_model("resnet", num_classes=10).eval()
-    fused.load_state_dict(state)
-    x = torch.randn(4, 3, size, size)
-    with torch.no_grad():
-        assert (fused(x) - model(x)).abs().max().item() < 1e-4
+    assert_same_function("resnet", state, model, size)
     n_spaces = len(find_spaces(model, torch.randn(1, 3, size, size)).spaces)
     assert report.spaces == 2 * n_spaces  # two models aligned to the anchor

@@ -23,7 +23,7 @@ _ids = itertools.count()
 class Atom:
     """One axis (or factor of an axis) of size `size`; only the union-find root's fields are meaningful."""
 
-    __slots__ = ("id", "size", "parent", "kind", "children", "pinned", "residual", "owner")
+    __slots__ = ("id", "size", "parent", "kind", "children", "pinned", "residual", "owner", "contracted")
 
     def __init__(self, size: int, pinned: bool = False):
         self.id = next(_ids)
@@ -34,6 +34,7 @@ class Atom:
         self.pinned = pinned
         self.residual = False  # set when two computed activations are added on this axis
         self.owner: Atom | None = None  # the atom this one is a factor or segment of
+        self.contracted = False  # this very axis object (not its class) is a weight's contracted axis
 
     def __repr__(self) -> str:
         r = find(self)

@@ -81,8 +81,8 @@ class SpaceGraph:
             out[name] = t
         return out
 
-    def transport_state(self, state: dict[str, torch.Tensor], maps: dict[int, dict[str, torch.Tensor]],
-                        shapes: dict[str, torch.Size] | None = None) -> dict[str, torch.Tensor]:
+    def transport_state(self, state: dict[str, torch.Tensor],
+                        maps: dict[int, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Move a state dict into another basis: `maps[space_id]` holds an (n_old, n_new) matrix per role,
         `"out"` for axes that carry the neurons (rows, biases, norms, tokens) and `"in"` for contracted axes
         (a next layer's input columns). Tensors on no mapped space are returned unchanged.
@@ -137,7 +137,6 @@ def _propagate(g: TracedGraph, state: dict[str, torch.Tensor]) -> SpaceGraph:
     env: dict[fx.Node, object] = {}  # node -> list[Atom] (a tensor) or a list of those (a tuple)
     tensor_axes: dict[str, list[Atom]] = {}
     unknown: set[str] = set()
-    _CONTRACTED.clear()
     for node in g.graph.nodes:
         if node.op == "placeholder":
             shape = _val(node).shape
@@ -156,7 +155,7 @@ def _propagate(g: TracedGraph, state: dict[str, torch.Tensor]) -> SpaceGraph:
             for a in _tensor_args(node.args, env):
                 for atom in a:
                     pin(atom)  # the logits' class order is part of the function
-    roles = {(name, axis): "in" if id(atom) in _CONTRACTED else "out"
+    roles = {(name, axis): "in" if atom.contracted else "out"
              for name, atoms in tensor_axes.items() for axis, atom in enumerate(atoms)}
     order: dict[int, Space] = {}
     for name, atoms in tensor_axes.items():
@@ -270,9 +269,6 @@ def _expand(node, args, env):
     return lead + [atom if atom.size == s else fresh(s) for atom, s in zip(a, shape[len(lead):])]
 
 
-_CONTRACTED: set[int] = set()  # ids of the original atoms that a matmul or conv contracts (consumer axes)
-
-
 def _static(node, i) -> bool:
     """True when argument `i` is computed from parameters only (a weight, or its transpose)."""
     a = node.args[i]
@@ -284,7 +280,7 @@ def _mm(node, args, env):
     off = 1 if node.target is torch.ops.aten.addmm.default else 0
     for i, atom in ((0, x[1]), (1, w[0])):  # a weight's contracted axis is a consumer ("in") axis
         if _static(node, i + off):
-            _CONTRACTED.add(id(atom))
+            atom.contracted = True
     unify(x[1], w[0])
     return [x[0], w[1]]
 
@@ -331,7 +327,7 @@ def _conv(node, args, env):
     if groups > 1:
         unify(xin[0], wout[0])
     if _static(node, 1):
-        _CONTRACTED.add(id(w[1]))
+        w[1].contracted = True
     if w[1].size > 1 or xin[1].size > 1:
         unify(xin[1], w[1])
     if b is not None:
