@@ -88,6 +88,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="PNG", help="write the transport maps as a picture")
     _common(p)
 
+    p = sub.add_parser("prune", help="make a model physically smaller: drop blocks, slice widths, factorise")
+    p.add_argument("checkpoint")
+    p.add_argument("--method", default="width", choices=["depth", "width", "lowrank"])
+    p.add_argument("--ratio", type=float, default=0.5,
+                   help="fraction removed: of the blocks (depth), of each space's units (width), of each layer's "
+                        "parameters (lowrank)")
+    p.add_argument("--target-macs", type=float, default=None,
+                   help="choose the ratio that removes this fraction of the MACs (overrides --ratio)")
+    p.add_argument("--keep", type=int, default=None, help="depth: number of units to keep (instead of --ratio)")
+    p.add_argument("--unit", default="block", choices=["block", "attn", "mlp"], help="depth: what a unit is")
+    p.add_argument("--score", default="cos", choices=["cos", "loss"],
+                   help="depth: rank units by cos(in, out) (the paper's) or by greedy calibration loss")
+    p.add_argument("--importance", default="hessian", choices=["activation", "magnitude", "taylor", "hessian"],
+                   help="width: unit importance (hessian: most accurate without training, docs/BENCHMARKS.md)")
+    p.add_argument("--round-to", type=int, default=1, help="width: kept channel counts rounded up to a multiple")
+    p.add_argument("--include-residual", action="store_true", help="width: also slice the residual streams")
+    p.add_argument("--whiten", action="store_true", help="lowrank: activation-whitened SVD (SVD-LLM)")
+    p.add_argument("--exclude", nargs="*", default=[], help="fnmatch patterns of tensors / layers left alone")
+    p.add_argument("--data", default="digits", help="calibration, recovery and evaluation data")
+    p.add_argument("--calib", type=int, default=128, help="calibration images (scores, statistics)")
+    p.add_argument("--finetune-epochs", type=int, default=0, help="recovery training after pruning")
+    p.add_argument("--finetune-lr", type=float, default=1e-3)
+    p.add_argument("--distill-from-original", action="store_true",
+                   help="recovery with knowledge distillation from the unpruned model")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted recovery from its last epoch")
+    p.add_argument("--sweep", nargs="*", type=float, default=None,
+                   help="also measure accuracy (no recovery) at these ratios (default 0 0.1 ... 0.8)")
+    p.add_argument("--plot", metavar="PNG", help="with --sweep: the accuracy-vs-ratio curve as a picture")
+    p.add_argument("--out", help="output checkpoint")
+    _model_args(p)
+    _common(p)
+
     p = sub.add_parser("inspect", help="print a checkpoint's description and its model's alignment")
     p.add_argument("checkpoint")
     _model_args(p)
@@ -400,6 +432,144 @@ def cmd_fuse(args) -> dict:
     return result
 
 
+def cmd_prune(args) -> dict:
+    import copy
+
+    import torch
+
+    from compress import load, save
+    from compress.data import load_data
+    from compress.losses import distillation_objective
+    from compress.measure import compare_latency, file_size, macs, param_count, top1
+    from compress.prune import PruneConfig, prune
+    from compress.registry import parse_arch_args
+    from compress.report import console, table
+    from compress.train import TrainConfig, train
+
+    if not args.out and args.sweep is None:
+        raise CompressError("prune needs --out (or --sweep only)", expected="an output path ending in .pt or .safetensors")
+    guard_paths([args.checkpoint], [args.out, args.json, args.plot])
+    cfg = PruneConfig(method=args.method, ratio=args.ratio, keep=args.keep, importance=args.importance, unit=args.unit,
+                      score=args.score,
+                      round_to=args.round_to, include_residual=args.include_residual, whiten=args.whiten,
+                      exclude=tuple(args.exclude))
+    for r in args.sweep or []:
+        PruneConfig(method=args.method, ratio=r)  # every sweep ratio is checked before any work
+    if args.finetune_epochs < 0 or args.calib < 1:
+        raise CompressError("invalid recovery or calibration size", expected="--finetune-epochs >= 0, --calib >= 1",
+                            found=f"{args.finetune_epochs}, {args.calib}")
+    ckpt = load(args.checkpoint, arch=args.arch, arch_args=parse_arch_args(args.arch_args))
+    if ckpt.task != "classification":
+        raise CompressError("compress prune evaluates classifiers", expected="a classification checkpoint",
+                            found=f"task {ckpt.task}")
+    data = load_data(args.data, ckpt.input, ckpt.task)
+    if data.num_classes != ckpt.num_classes:
+        raise CompressError(f"'{args.checkpoint}' predicts {ckpt.num_classes} classes",
+                            expected=f"{data.num_classes} for {data.name}")
+    torch.manual_seed(args.seed)
+    original = ckpt.build()
+    x, y = _images(data.train, args.calib), _labels(data.train, args.calib)
+    size = ckpt.input.size
+    if args.target_macs is not None:
+        from dataclasses import replace
+
+        from compress.prune import ratio_for_macs
+
+        cfg = replace(cfg, ratio=ratio_for_macs(original, x, y, cfg, args.target_macs, ckpt.input.size), keep=None)
+    result = {"checkpoint": args.checkpoint, "arch": ckpt.arch, "method": cfg.method, "ratio": cfg.ratio,
+              "keep": cfg.keep, "unit": cfg.unit, "score": cfg.score, "importance": cfg.importance, "data": data.name}
+    if args.sweep is not None:
+        result["sweep"] = _prune_sweep(original, x, y, cfg, args.sweep or [i / 10 for i in range(9)], data, size,
+                                       args.threads)
+        console.print(table(f"{cfg.method} pruning sweep of {ckpt.arch} (no recovery, test top1)", result["sweep"]))
+        if args.plot:
+            _plot_sweep(result["sweep"], args.plot, f"{ckpt.arch}: {cfg.method} pruning")
+    if not args.out:
+        return result
+    t0 = time.perf_counter()
+    pruned = prune(copy.deepcopy(original), x, y, cfg)
+    result["prune_seconds"] = round(time.perf_counter() - t0, 2)
+    model = pruned.model.eval()
+    result["top1_pruned"] = top1(model, data.test)
+    if args.finetune_epochs:
+        loss = distillation_objective(original) if args.distill_from_original else None
+        t = time.perf_counter()
+        train(model.train(), data.train, TrainConfig(epochs=args.finetune_epochs, lr=args.finetune_lr, seed=args.seed),
+              loss_fn=loss, state_path=Path(str(args.out) + ".resume.pt"), resume=args.resume,
+              description="recovery")
+        result["finetune_seconds"] = round(time.perf_counter() - t, 2)
+    model.eval()
+    lat1 = compare_latency([original, model], size, 1, num_threads=args.threads)
+    lat32 = compare_latency([original, model], size, 32, runs=5, num_threads=args.threads)
+    result.update(params_before=param_count(original), params_after=param_count(model),
+                  macs_before=macs(original, size), macs_after=macs(model, size),
+                  latency_before_ms=round(lat1[0], 3), latency_after_ms=round(lat1[1], 3),
+                  latency_before_ms_batch32=round(lat32[0], 3), latency_after_ms_batch32=round(lat32[1], 3),
+                  top1_before=top1(original, data.test), top1_after=top1(model, data.test),
+                  finetune_epochs=args.finetune_epochs, distill_from_original=bool(args.distill_from_original),
+                  threads=args.threads or torch.get_num_threads(), op=pruned.op, units=pruned.rows)
+    out = ckpt.derive(model, command=" ".join(["compress", *args.argv]), parents=[args.checkpoint],
+                      structure=[*ckpt.structure, pruned.op],
+                      metrics={k: result[k] for k in ("top1_before", "top1_pruned", "top1_after")})
+    save(out, args.out)
+    _save_resolved(args, args.out)
+    result.update(size_before_bytes=file_size(args.checkpoint), size_after_bytes=file_size(args.out), out=args.out)
+    rows = [{"": what, "params": result[f"params_{k}"], "MACs": result[f"macs_{k}"],
+             "latency b1 ms": result[f"latency_{k}_ms"], "latency b32 ms": result[f"latency_{k}_ms_batch32"],
+             "size bytes": result[f"size_{k}_bytes"], "top1": result[f"top1_{k}"]}
+            for what, k in (("original", "before"), ("pruned", "after"))]
+    console.print(table(f"{cfg.method} pruning of {ckpt.arch} (ratio {cfg.ratio}; test top1; "
+                        f"{result['threads']} threads)", rows))
+    console.print(f"top1 right after pruning {result['top1_pruned']:.2f}%"
+                  + (f", after {args.finetune_epochs} recovery epochs {result['top1_after']:.2f}%"
+                     if args.finetune_epochs else "") + f" -> {args.out}")
+    return result
+
+
+def _prune_sweep(original, x, y, cfg, ratios, data, size, threads) -> list[dict]:
+    import copy
+    from dataclasses import replace
+
+    from compress.measure import compare_latency, macs, param_count, top1
+    from compress.prune import prune
+
+    rows = []
+    for r in ratios:
+        model = prune(copy.deepcopy(original), x, y, replace(cfg, ratio=r, keep=None)).model.eval()
+        base, lat = compare_latency([original, model], size, 1, rounds=1, num_threads=threads)
+        rows.append({"ratio": r, "params": param_count(model), "macs": macs(model, size),
+                     "speedup_b1": round(base / lat, 3), "top1": top1(model, data.test)})
+    return rows
+
+
+def _plot_sweep(rows: list[dict], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from compress.checkpoint import atomic_write
+
+    fig, a = plt.subplots(figsize=(5, 3.5))
+    a.plot([r["ratio"] for r in rows], [r["top1"] for r in rows], "o-", label="top-1 (no recovery)")
+    b = a.twinx()
+    b.plot([r["ratio"] for r in rows], [r["macs"] / rows[0]["macs"] for r in rows], "s--", color="gray",
+           label="MACs (relative)")
+    a.set_xlabel("ratio removed"), a.set_ylabel("top-1 %"), b.set_ylabel("MACs / MACs at first ratio")
+    a.set_title(title, fontsize=9)
+    fig.tight_layout()
+    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
+    plt.close(fig)
+
+
+def _labels(dataset, n: int):
+    import torch
+
+    if hasattr(dataset, "tensors"):
+        return dataset.tensors[1][:n]
+    return torch.tensor([int(dataset[i][1]) for i in range(min(n, len(dataset)))])
+
+
 def _images(dataset, n: int):
     import torch
 
@@ -427,7 +597,7 @@ def _plot_maps(maps: dict, path: str, most: int = 8) -> None:
     plt.close(fig)
 
 
-COMMANDS = {"fuse": cmd_fuse, "demo": cmd_demo, "models": cmd_models, "train": cmd_train, "eval": cmd_eval, "inspect": cmd_inspect}
+COMMANDS = {"prune": cmd_prune, "fuse": cmd_fuse, "demo": cmd_demo, "models": cmd_models, "train": cmd_train, "eval": cmd_eval, "inspect": cmd_inspect}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -62,6 +62,7 @@ class Checkpoint:
     input: InputSpec = field(default_factory=InputSpec)
     state_dict: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     provenance: dict = field(default_factory=dict)
+    structure: list = field(default_factory=list)  # surgery ops (pruning) replayed on the fresh architecture
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -87,7 +88,12 @@ class Checkpoint:
             from .segmentation import SegmentationNet
 
             return SegmentationNet(self.arch, self.num_classes, self.arch_args, self.input.size)
-        return create_model(self.arch, num_classes=self.num_classes, **self.arch_args)
+        model = create_model(self.arch, num_classes=self.num_classes, **self.arch_args)
+        if self.structure:
+            from .alignment.surgery import apply_structure
+
+            apply_structure(model, self.structure, self.input.size, len(self.input.mean))
+        return model
 
     def build(self) -> nn.Module:
         """The architecture with this checkpoint's weights; a mismatch is a clear error."""
@@ -106,7 +112,8 @@ class Checkpoint:
         """A new checkpoint for `model`, same description, provenance pointing at its parents."""
         prov = {"command": command, "parents": parents or [], "metrics": metrics or {},
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "compress_version": __version__}
-        fields = {**{k: getattr(self, k) for k in ("arch", "arch_args", "num_classes", "task", "input")}, **changes}
+        kept = ("arch", "arch_args", "num_classes", "task", "input", "structure")
+        fields = {**{k: getattr(self, k) for k in kept}, **changes}
         return Checkpoint(**fields, state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()},
                           provenance=prov)
 

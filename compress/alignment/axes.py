@@ -316,3 +316,23 @@ def expand_products(t: torch.Tensor, atoms: list[Atom]) -> tuple[torch.Tensor, l
 def _prod_factors(a: Atom) -> list[Atom]:
     r = find(a)
     return [f for c in r.children for f in _prod_factors(c)] if r.kind == "prod" else [r]
+
+
+def unit_sums(t: torch.Tensor, axis: int, atom: Atom):
+    """For each free leaf on axis `axis` of `t`, yield (leaf, per-unit sum of `t` over everything else):
+    a head axis inside (heads, head_dim) gets one number per head."""
+    r = find(atom)
+    if r.kind == "leaf":
+        if r.size > 1 and not r.pinned:
+            yield r, t.movedim(axis, 0).reshape(r.size, -1).sum(1)
+        return
+    if r.kind == "sum":
+        for part, c in zip(t.split([c.size for c in r.children], dim=axis), r.children):
+            yield from unit_sums(part, axis, c)
+        return
+    shape = list(t.shape)
+    t = t.reshape(shape[:axis] + [c.size for c in r.children] + shape[axis + 1:])
+    n = len(r.children)
+    for k, c in enumerate(r.children):
+        others = [axis + j for j in range(n) if j != k]
+        yield from unit_sums(t.sum(dim=others) if others else t, axis, c)
