@@ -77,6 +77,7 @@ def _gradients(model: nn.Module, x, y, batch_size: int, per_sample: bool) -> dic
     try:
         for i in range(0, len(x), step):
             model.zero_grad(set_to_none=True)
+            model.eval()  # timm modules drop their cached tensors (EfficientFormer's attention biases) on .train()
             F.cross_entropy(model(x[i:i + step]), y[i:i + step], reduction="sum").backward()
             for n, p in params.items():
                 if p.grad is not None:
