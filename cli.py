@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction removed: of the blocks (depth), of each space's units (width), of each layer's "
                         "parameters (lowrank)")
     p.add_argument("--target-macs", type=float, default=None,
-                   help="choose the ratio that removes this fraction of the MACs (overrides --ratio)")
+                   help="choose the ratio that removes this fraction of the MACs (overrides --ratio; 0 = off)")
     p.add_argument("--keep", type=int, default=None, help="depth: number of units to keep (instead of --ratio)")
     p.add_argument("--unit", default="block", choices=["block", "attn", "mlp"], help="depth: what a unit is")
     p.add_argument("--score", default="cos", choices=["cos", "loss"],
@@ -470,7 +470,7 @@ def cmd_prune(args) -> dict:
     original = ckpt.build()
     x, y = _images(data.train, args.calib), _labels(data.train, args.calib)
     size = ckpt.input.size
-    if args.target_macs is not None:
+    if args.target_macs:  # 0 turns a recipe's target off
         from dataclasses import replace
 
         from compress.prune import ratio_for_macs

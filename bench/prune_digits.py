@@ -57,6 +57,10 @@ def main_bench(seeds: list[int]) -> dict:
         out[f"width | {arch} | 50% MACs + recovery"] = summary([run(
             [checkpoint(arch, s), "--recipe", recipe, "--seed", str(s), "--out", str(R / f"prune-{arch}-w-s{s}.pt")],
             f"{arch}-w-s{s}") for s in seeds])
+    out["depth | vit | 50% of blocks by loss + recovery"] = summary([run(
+        [checkpoint("vit", s), "--recipe", "recipes/prune-vit.yaml", "--method", "depth", "--score", "loss",
+         "--ratio", "0.5", "--target-macs", "0", "--seed", str(s), "--out", str(R / f"prune-vit-d50-s{s}.pt")],
+        f"vit-d50-s{s}") for s in seeds])
     depth = [("vit", "block", "cos"), ("vit", "block", "loss"), ("vit8", "block", "cos"), ("vit8", "block", "loss"),
              ("vit", "mlp", "cos"), ("resnet", "block", "cos"), ("resnet", "block", "loss")]
     for arch, unit, score in depth:
