@@ -88,6 +88,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="PNG", help="write the transport maps as a picture")
     _common(p)
 
+    p = sub.add_parser("distill", help="train a student from a teacher of any architecture (OFA-KD, KD, hints)")
+    p.add_argument("--teacher", help="trained teacher checkpoint (an architecture name needs --train-teacher)")
+    p.add_argument("--student", help="student architecture name, or a checkpoint to start from")
+    p.add_argument("--student-args", default=None, help="student architecture kwargs, e.g. embed_dim=64,depth=4")
+    p.add_argument("--method", default="ofa", choices=["ofa", "kd", "fitnet", "scratch"])
+    p.add_argument("--data", default="digits")
+    p.add_argument("--out", help="output student checkpoint (helpers stripped)")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--gamma", type=float, default=1.0, help="OFA's target enhancement exponent")
+    p.add_argument("--temperature", type=float, default=1.0, help="OFA's temperature")
+    p.add_argument("--paper-form", action="store_true", help="OFA: the paper's loss instead of the reference code's")
+    p.add_argument("--ofa-weight", type=float, default=1.0, help="weight of OFA's stage-branch losses")
+    p.add_argument("--kd-temperature", type=float, default=4.0)
+    p.add_argument("--kd-alpha", type=float, default=0.9)
+    p.add_argument("--train-teacher", action="store_true", help="train the --teacher architecture first")
+    p.add_argument("--teacher-epochs", type=int, default=30)
+    p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
+                   help="also train the student from scratch and with KD on the same budget (default on)")
+    p.add_argument("--cka-plot", metavar="PNG", help="teacher-vs-student stage CKA heatmap")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last epoch")
+    _common(p)
+
     p = sub.add_parser("prune", help="make a model physically smaller: drop blocks, slice widths, factorise")
     p.add_argument("checkpoint")
     p.add_argument("--method", default="width", choices=["depth", "width", "lowrank"])
@@ -432,6 +456,144 @@ def cmd_fuse(args) -> dict:
     return result
 
 
+def cmd_distill(args) -> dict:
+    import torch
+
+    from compress import Checkpoint, InputSpec, load, save
+    from compress.alignment import align
+    from compress.data import load_data
+    from compress.measure import param_count, top1
+    from compress.registry import default_img_size, parse_arch_args
+    from compress.report import console, table
+    from compress.train import TrainConfig, train
+    from distill import Distiller, DistillConfig, cka_matrix
+
+    if not args.teacher or not args.student or not args.out:
+        raise CompressError("distill needs --teacher, --student and --out",
+                            expected="a teacher checkpoint, a student architecture (or checkpoint), an output path")
+    guard_paths([args.teacher, args.student], [args.out, args.json, args.cka_plot])
+    cfg = DistillConfig(method=args.method, gamma=args.gamma, temperature=args.temperature, paper_form=args.paper_form,
+                        ofa_weight=args.ofa_weight, kd_temperature=args.kd_temperature, kd_alpha=args.kd_alpha)
+    tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    student_args = parse_arch_args(args.student_args)
+    if Path(args.student).is_file():
+        base = load(args.student)
+    else:
+        base = Checkpoint(args.student, student_args, input=InputSpec(size=default_img_size(args.student, student_args)))
+    data = load_data(args.data, base.input, "classification")
+    teacher_ckpt = _teacher(args, data, base)
+    if teacher_ckpt.num_classes != data.num_classes:
+        raise CompressError("teacher and data predict different classes", expected=f"{data.num_classes} ({data.name})",
+                            found=f"{teacher_ckpt.num_classes} in {args.teacher}")
+    base.num_classes = data.num_classes
+    teacher = teacher_ckpt.build()
+    t0 = time.perf_counter()
+
+    def run(method: str):
+        torch.manual_seed(args.seed)
+        student = base.build() if base.state_dict else base.instantiate()
+        d = Distiller(student, teacher, DistillConfig(**{**vars(cfg), "method": method}), base.input,
+                      teacher_ckpt.input, data.num_classes)
+        t = time.perf_counter()
+        state = Path(f"{args.out}.{method}.resume.pt")
+        train(d, data.train, tcfg, loss_fn=lambda net, x, y: net(x, y), state_path=state, resume=args.resume,
+              description=f"{method} {base.arch}")
+        return d, time.perf_counter() - t
+
+    main_run, seconds = run(cfg.method)
+    student = main_run.student.eval()
+    result = {"teacher": args.teacher, "student": args.student, "method": cfg.method, "data": data.name,
+              "epochs": args.epochs, "top1": top1(student, data.test), "seconds": round(seconds, 2),
+              "teacher_top1": top1(teacher, data.test), "student_params": param_count(student),
+              "teacher_params": param_count(teacher), "extra_parameters": main_run.extra_parameters(),
+              "reconciled": main_run.teacher_input.changes, "families": main_run.shapes.families,
+              "gamma": cfg.gamma, "paper_form": cfg.paper_form}
+    for change in main_run.teacher_input.changes:
+        console.print(f"[yellow]teacher input reconciled[/]: {change}")
+    baselines = [m for m in ("scratch", "kd") if m != cfg.method] if args.baselines else []
+    for m in baselines:
+        d, sec = run(m)
+        result[f"{m}_top1"] = top1(d.student.eval(), data.test)
+        result[f"{m}_seconds"] = round(sec, 2)
+    x = _images(data.test, 256)
+    with torch.no_grad():
+        t_feats = align(teacher, teacher_ckpt.input.size).features(main_run.teacher_input(x))
+        s_feats = align(student, base.input.size).features(x)
+    result["cka"] = [[round(v, 4) for v in row] for row in cka_matrix(t_feats, s_feats)]
+    result["total_seconds"] = round(time.perf_counter() - t0, 2)
+    out = base.derive(student, command=" ".join(["compress", *args.argv]), parents=[args.teacher] + (
+        [args.student] if base.state_dict else []), metrics={k: result.get(k) for k in (
+            "top1", "teacher_top1", "scratch_top1", "kd_top1")}, num_classes=data.num_classes)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return result
+    save(out, args.out)
+    _save_resolved(args, args.out)
+    rows = [{"model": f"teacher {teacher_ckpt.arch}", "top1": result["teacher_top1"], "params": result["teacher_params"]}]
+    rows += [{"model": f"student {base.arch}: {m}", "top1": result[f"{m}_top1"], "params": result["student_params"]}
+             for m in baselines]
+    rows.append({"model": f"student {base.arch}: {cfg.method}", "top1": result["top1"], "params": result["student_params"]})
+    console.print(table(f"distillation on {data.name}, {args.epochs} epochs each (test top1)", rows))
+    cka_rows = [{"teacher stage": i, **{f"student {j}": v for j, v in enumerate(row)}} for i, row in enumerate(result["cka"])]
+    console.print(table("linear CKA, teacher stages (rows) vs student stages", cka_rows))
+    if args.cka_plot:
+        _plot_cka(result["cka"], args.cka_plot, f"CKA {teacher_ckpt.arch} vs {base.arch} ({cfg.method})")
+    console.print(f"-> {args.out}")
+    return result
+
+
+def _teacher(args, data, student_ckpt):
+    """The teacher checkpoint; an architecture name is trained first only with --train-teacher."""
+    from compress import Checkpoint, load, save
+    from compress.registry import ARCHS, default_img_size
+    from compress.train import TrainConfig, train
+
+    if Path(args.teacher).is_file():
+        return load(args.teacher)
+    if args.teacher not in ARCHS and ":" not in args.teacher and not _is_timm(args.teacher):
+        raise CompressError(f"teacher '{args.teacher}' not found", expected="a checkpoint file or an architecture name")
+    if not args.train_teacher:
+        raise CompressError(f"'{args.teacher}' is an architecture, not a trained teacher",
+                            expected="a teacher checkpoint",
+                            hint=f"train one first (compress train --arch {args.teacher} --data {args.data} --out "
+                                 f"teacher.pt) or add --train-teacher")
+    from compress import InputSpec
+
+    spec = InputSpec(size=default_img_size(args.teacher))
+    ckpt = Checkpoint.create(args.teacher, data.num_classes, input=spec, seed=args.seed)
+    from compress.data import load_data
+
+    model = ckpt.build().train()
+    train(model, load_data(args.data, spec, "classification").train,
+          TrainConfig(epochs=args.teacher_epochs, seed=args.seed), description=f"teacher {args.teacher}")
+    path = Path(f"{args.out}.teacher.pt")
+    save(ckpt.derive(model, command=f"compress distill --train-teacher ({args.teacher_epochs} epochs)"), path)
+    args.teacher = str(path)
+    return load(path)
+
+
+def _is_timm(name: str) -> bool:
+    import timm
+
+    return name in timm.list_models()
+
+
+def _plot_cka(matrix, path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from compress.checkpoint import atomic_write
+
+    fig, a = plt.subplots(figsize=(4, 3.5))
+    im = a.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
+    a.set_xlabel("student stage"), a.set_ylabel("teacher stage"), a.set_title(title, fontsize=8)
+    fig.colorbar(im)
+    fig.tight_layout()
+    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
+    plt.close(fig)
+
+
 def cmd_prune(args) -> dict:
     import copy
 
@@ -597,7 +759,7 @@ def _plot_maps(maps: dict, path: str, most: int = 8) -> None:
     plt.close(fig)
 
 
-COMMANDS = {"prune": cmd_prune, "fuse": cmd_fuse, "demo": cmd_demo, "models": cmd_models, "train": cmd_train, "eval": cmd_eval, "inspect": cmd_inspect}
+COMMANDS = {"distill": cmd_distill, "prune": cmd_prune, "fuse": cmd_fuse, "demo": cmd_demo, "models": cmd_models, "train": cmd_train, "eval": cmd_eval, "inspect": cmd_inspect}
 
 
 def main(argv: list[str] | None = None) -> int:

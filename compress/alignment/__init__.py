@@ -23,9 +23,11 @@ from torch import nn
 
 from .blocks import Block, find_blocks
 from .spaces import Member, Space, SpaceGraph, find_spaces
-from .taps import Stage, all_stages, attention_maps, canonical_stages, embedding_features, stage_features
+from .taps import (Stage, all_stages, attention_maps, canonical_stages, embedding_features, logits_and_features,
+                   stage_features)
 
-__all__ = ["Alignment", "align", "Block", "Space", "SpaceGraph", "Member", "Stage", "attention_maps"]
+__all__ = ["Alignment", "align", "Block", "Space", "SpaceGraph", "Member", "Stage", "attention_maps",
+           "logits_and_features"]
 
 
 class Alignment:
@@ -51,6 +53,16 @@ class Alignment:
     @cached_property
     def blocks(self) -> list[Block]:
         return find_blocks(self.model, self.example)
+
+    @cached_property
+    def stage_families(self) -> list[str]:
+        """Per canonical stage, `token` when its blocks attend or mix tokens (attention, mlp, bridge), else
+        `conv`: which kind of projector a distillation method should put behind it."""
+        out = []
+        for s in self.stages:
+            kinds = {b.kind for b in self.blocks if b.name == s.module or b.name.startswith(s.module + ".")}
+            out.append("token" if kinds & {"attention", "mlp", "bridge"} else "conv")
+        return out
 
     def features(self, x: torch.Tensor, stages: list[Stage] | None = None) -> list[torch.Tensor]:
         """NCHW outputs of `stages` (default: the canonical stages)."""

@@ -103,6 +103,17 @@ def stage_features(model: nn.Module, x: torch.Tensor, stages: list[Stage]) -> li
     return [to_nchw(t, s.channels, _grid(x, s.reduction)) for t, s in zip(raw, stages)]
 
 
+def logits_and_features(model: nn.Module, x: torch.Tensor, stages: list[Stage]):
+    """One ordinary forward that also returns the NCHW stage maps (differentiable: for distillation).
+
+    Example:
+        >>> logits, feats = logits_and_features(model, x, canonical_stages(model))
+    """
+    with hooked_outputs(model, [s.module for s in stages]) as outs:
+        logits = model(x)
+    return logits, [to_nchw(outs[s.module], s.channels, _grid(x, s.reduction)) for s in stages]
+
+
 @contextlib.contextmanager
 def hooked_outputs(model: nn.Module, names: list[str]):
     """Collect the outputs of the named submodules during forwards inside the context; hooks removed after."""

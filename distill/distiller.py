@@ -1,0 +1,119 @@
+"""The student and its helpers as one trainable module, with a frozen teacher beside it (not inside it,
+so it is neither trained, synchronised by DDP nor saved), fed through one input reconciliation."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compress.alignment import align, logits_and_features
+from compress.checkpoint import InputSpec
+from compress.errors import CompressError
+
+from .methods import DistillConfig, Shapes, method
+
+
+class TeacherInput(nn.Module):
+    """Maps a batch prepared for the student (its size, mean, std) to what the teacher expects."""
+
+    def __init__(self, student: InputSpec, teacher: InputSpec):
+        super().__init__()
+        if len(student.mean) != len(teacher.mean):
+            raise CompressError("the teacher cannot see the student's input",
+                                expected=f"{len(student.mean)} input channels like the student",
+                                found=f"{len(teacher.mean)} channels")
+        self.size = teacher.size if teacher.size != student.size else None
+        s_mean, s_std = torch.tensor(student.mean), torch.tensor(student.std)
+        t_mean, t_std = torch.tensor(teacher.mean), torch.tensor(teacher.std)
+        # x_t = ((x * s_std + s_mean) - t_mean) / t_std, as one per-channel affine map
+        self.register_buffer("scale", (s_std / t_std).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("shift", ((s_mean - t_mean) / t_std).view(1, -1, 1, 1), persistent=False)
+        self.changes = [f"resolution {student.size} -> {teacher.size} px (bilinear)"] if self.size else []
+        if not (torch.allclose(s_mean, t_mean) and torch.allclose(s_std, t_std)):
+            self.changes.append(f"normalisation mean {student.mean} std {student.std} -> mean {teacher.mean} "
+                                f"std {teacher.std}")
+
+    def forward(self, x):
+        x = x * self.scale + self.shift
+        if self.size:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        return x
+
+
+class Distiller(nn.Module):
+    """`forward(x)` is the student's logits; `forward(x, y)` the method's training loss.
+
+    Example:
+        >>> d = Distiller(student, teacher, DistillConfig("ofa"), student_spec, teacher_spec, num_classes=10)
+        >>> train(d, data.train, TrainConfig(epochs=10), loss_fn=lambda net, x, y: net(x, y))
+        >>> d.student  # the deployable model; d.helpers are dropped
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, cfg: DistillConfig, student_spec: InputSpec,
+                 teacher_spec: InputSpec | None, num_classes: int):
+        super().__init__()
+        self.cfg = cfg
+        self.method = method(cfg.method)
+        self.student = student
+        s_al = align(student, student_spec.size, len(student_spec.mean))
+        self.student_stages = s_al.stages if self.method.student_features else []
+        object.__setattr__(self, "teacher", teacher)  # a plain attribute: frozen, not saved, not synchronised
+        self.teacher_input = TeacherInput(student_spec, teacher_spec) if teacher is not None else None
+        self.teacher_stages = []
+        if cfg.method != "scratch":
+            if teacher is None:
+                raise CompressError(f"method '{cfg.method}' needs a teacher", expected="--teacher CHECKPOINT")
+            teacher.eval().requires_grad_(False)
+            t_size = teacher_spec.size
+            if self.method.teacher_features:
+                self.teacher_stages = align(teacher, t_size, len(teacher_spec.mean)).stages
+        x = torch.zeros(2, len(student_spec.mean), student_spec.size, student_spec.size)
+        with torch.no_grad():
+            was = student.training
+            student.eval()
+            _, s_feats = logits_and_features(student, x, s_al.stages)
+            student.train(was)
+            t_feats, t_dim = [], student.num_features
+            if teacher is not None:
+                try:
+                    t_logits, t_feats = logits_and_features(teacher, self.teacher_input(x), self.teacher_stages)
+                except (RuntimeError, ValueError, AssertionError) as e:
+                    raise CompressError("the teacher cannot see the student's input",
+                                        expected=f"a teacher that accepts {teacher_spec.size} px input",
+                                        found=str(e).splitlines()[0][:160]) from None
+                if t_logits.shape[-1] != num_classes:
+                    raise CompressError("teacher and student predict different classes",
+                                        expected=f"{num_classes} classes", found=f"{t_logits.shape[-1]}")
+                t_dim = getattr(teacher, "num_features", t_logits.shape[-1])
+        shapes = Shapes([tuple(f.shape[1:]) for f in s_feats], s_al.stage_families,
+                        [tuple(f.shape[1:]) for f in t_feats], student.num_features, t_dim, num_classes)
+        self.shapes = shapes
+        self.helpers = self.method.build(shapes, cfg)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # always: dropout off, BatchNorm statistics frozen
+        return self
+
+    def forward(self, x, y=None):
+        if y is None:
+            return self.student(x)
+        if self.student_stages:
+            logits, feats = logits_and_features(self.student, x, self.student_stages)
+        else:
+            logits, feats = self.student(x), []
+        t_logits, t_feats = None, []
+        if self.teacher is not None and self.cfg.method != "scratch":
+            with torch.no_grad():
+                xt = self.teacher_input(x)
+                if self.teacher_stages:
+                    t_logits, t_feats = logits_and_features(self.teacher, xt, self.teacher_stages)
+                else:
+                    t_logits = self.teacher(xt)
+        return self.method.loss(self.helpers, logits, feats, t_logits, t_feats, y, self.cfg)
+
+    def extra_parameters(self) -> int:
+        """Parameters trained beside the student and dropped at export."""
+        return sum(p.numel() for p in self.helpers.parameters())

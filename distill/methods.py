@@ -1,0 +1,136 @@
+"""The method registry: what each distillation method builds beside the student and what it minimises.
+
+Every method sees the same things: the student's logits and its canonical-stage maps (NCHW, from the
+alignment layer's taps), the teacher's logits (and maps, when it asks for them), and the labels.
+Add one with `@register_method("name")` on a `Method` subclass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compress.registry import Registry
+
+from .losses import hint_loss, kd_loss, ofa_loss
+from .projectors import ofa_branch, regressor
+
+METHODS = Registry("distillation method")
+
+
+def register_method(name: str):
+    return METHODS.register(name)
+
+
+@dataclass
+class DistillConfig:
+    """Loss settings (defaults: OFA's reference code, Hinton's KD with T = 4, alpha = 0.9).
+
+    Example:
+        >>> DistillConfig(method="ofa", gamma=1.2)
+    """
+
+    method: str = "ofa"
+    gamma: float = 1.0  # OFA: > 1 enhances the target class's share of the teacher's distribution
+    temperature: float = 1.0  # OFA's
+    paper_form: bool = False  # OFA: the paper's loss instead of the reference code's
+    ofa_weight: float = 1.0  # weight of the stage branches' losses
+    kd_temperature: float = 4.0
+    kd_alpha: float = 0.9
+    hint_weight: float = 1.0
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class Shapes:
+    """What a method may build from: per canonical stage of the student (and teacher) the NCHW shape and
+    the family of its blocks; the widths before the classifiers; the class count."""
+
+    student: list[tuple[int, int, int]]
+    families: list[str]
+    teacher: list[tuple[int, int, int]]
+    student_dim: int
+    teacher_dim: int
+    num_classes: int
+
+
+class Method:
+    student_features = False
+    teacher_features = False
+
+    def build(self, shapes: Shapes, cfg: DistillConfig) -> nn.ModuleDict:
+        return nn.ModuleDict()
+
+    def loss(self, helpers: nn.ModuleDict, s_logits, s_feats, t_logits, t_feats, y, cfg: DistillConfig):
+        raise NotImplementedError
+
+
+@register_method("scratch")
+class Scratch(Method):
+    """The student alone: cross-entropy on the labels (the teacher is not used)."""
+
+    def loss(self, helpers, s_logits, s_feats, t_logits, t_feats, y, cfg):
+        return F.cross_entropy(s_logits, y, label_smoothing=cfg.label_smoothing)
+
+
+@register_method("kd")
+class KD(Method):
+    """Hinton et al.: alpha * T^2 KL(teacher || student at temperature T) + (1 - alpha) * CE."""
+
+    def loss(self, helpers, s_logits, s_feats, t_logits, t_feats, y, cfg):
+        return cfg.kd_alpha * kd_loss(s_logits, t_logits, cfg.kd_temperature) + (1 - cfg.kd_alpha) * \
+            F.cross_entropy(s_logits, y, label_smoothing=cfg.label_smoothing)
+
+
+@register_method("fitnet")
+class FitNet(Method):
+    """FitNets-style hints at every canonical stage (paired by relative depth) + CE: a regressor maps
+    the student's map to the teacher's channels, compared at the teacher's grid."""
+
+    student_features = teacher_features = True
+
+    def build(self, shapes, cfg):
+        pairs = _pairs(len(shapes.student), len(shapes.teacher))
+        return nn.ModuleDict({f"hint{i}": regressor(shapes.student[i][0], shapes.teacher[j][0]) for i, j in pairs})
+
+    def loss(self, helpers, s_logits, s_feats, t_logits, t_feats, y, cfg):
+        pairs = _pairs(len(s_feats), len(t_feats))
+        hints = sum(hint_loss(helpers[f"hint{i}"](s_feats[i]), t_feats[j]) for i, j in pairs) / len(pairs)
+        return F.cross_entropy(s_logits, y, label_smoothing=cfg.label_smoothing) + cfg.hint_weight * hints
+
+
+@register_method("ofa")
+class OFA(Method):
+    """OFA-KD: an exit branch per student stage projects its map into logit space; the branches and the
+    student's own logits learn from the teacher's logits with the adaptive target enhancement loss."""
+
+    student_features = True
+
+    def build(self, shapes, cfg):
+        n = len(shapes.student)
+        final_side = shapes.student[-1][1]
+        return nn.ModuleDict({f"exit{i}": ofa_branch(shape, fam, i, n, final_side, shapes.student_dim,
+                                                     shapes.teacher_dim, shapes.num_classes)
+                              for i, (shape, fam) in enumerate(zip(shapes.student, shapes.families))})
+
+    def loss(self, helpers, s_logits, s_feats, t_logits, t_feats, y, cfg):
+        def term(z):
+            return ofa_loss(z, t_logits, y, cfg.gamma, cfg.temperature, cfg.paper_form)
+
+        branches = sum(term(helpers[f"exit{i}"](f)) for i, f in enumerate(s_feats))
+        ce = 0.0 if cfg.paper_form else F.cross_entropy(s_logits, y, label_smoothing=cfg.label_smoothing)
+        return ce + term(s_logits) + cfg.ofa_weight * branches
+
+
+def _pairs(n_student: int, n_teacher: int) -> list[tuple[int, int]]:
+    """Stage i of the student with the teacher stage at the same relative depth."""
+    return [(i, round((i + 1) * n_teacher / n_student) - 1) for i in range(n_student)]
+
+
+def method(name: str) -> Method:
+    return METHODS.get(name)()
+
+

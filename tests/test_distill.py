@@ -1,0 +1,129 @@
+"""Distillation: loss values by hand, projectors for every family, one step for every family pair, the CLI."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cli import main
+from compress import Checkpoint, InputSpec, load, save
+from compress.errors import CompressError
+from compress.registry import create_model, default_img_size
+from distill import Distiller, DistillConfig, linear_cka, ofa_loss
+from tests.helpers import FAMILIES
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_ofa_loss_by_hand():
+    z = torch.zeros(1, 2)  # teacher and student both uniform over two classes, target class 0
+    y = torch.tensor([0])
+    # code form, gamma 2: weights (0.5 + 1)^2 - 1 = 1.25 and 0.5^2 = 0.25 on -log 0.5
+    assert ofa_loss(z, z, y, gamma=2.0).item() == pytest.approx(1.5 * math.log(2), rel=1e-6)
+    # paper form, gamma 2: (1 + 0.5)^2 = 2.25 on the target, 0.5 (not powered) elsewhere
+    assert ofa_loss(z, z, y, gamma=2.0, paper_form=True).item() == pytest.approx(2.75 * math.log(2), rel=1e-6)
+
+
+def test_ofa_gamma_one_is_ce_plus_kd():
+    g = torch.Generator().manual_seed(0)
+    s, t, y = torch.randn(8, 10, generator=g), torch.randn(8, 10, generator=g), torch.randint(0, 10, (8,), generator=g)
+    kd = -(F.softmax(t, -1) * F.log_softmax(s, -1)).sum(-1).mean()  # KD as cross-entropy to the teacher
+    ce = F.cross_entropy(s, y)
+    assert ofa_loss(s, t, y, gamma=1.0).item() == pytest.approx(kd.item(), rel=1e-5)  # CE is added by the method
+    assert ofa_loss(s, t, y, gamma=1.0, paper_form=True).item() == pytest.approx((ce + kd).item(), rel=1e-5)
+
+
+def _distiller(student: str, teacher: str, method: str = "ofa") -> tuple[Distiller, int]:
+    size = default_img_size(student)
+    d = Distiller(create_model(student, num_classes=10), create_model(teacher, num_classes=10), DistillConfig(method),
+                  InputSpec(size), InputSpec(default_img_size(teacher)), 10)
+    return d, size
+
+
+@pytest.mark.parametrize("student", [f for f in FAMILIES if f != "deit"])
+def test_every_projector_outputs_num_classes(student):
+    d, size = _distiller(student, "resnet")
+    x = torch.randn(2, 3, size, size)
+    from compress.alignment import logits_and_features
+
+    _, feats = logits_and_features(d.student.eval(), x, d.student_stages)
+    assert len(feats) == len(d.helpers) >= 3
+    for i, f in enumerate(feats):
+        assert d.helpers[f"exit{i}"].eval()(f).shape == (2, 10)
+
+
+@pytest.mark.parametrize("teacher", ["resnet", "vit", "mixer", "mobilevit"])  # CNN, transformer, MLP, hybrid
+@pytest.mark.parametrize("student", ["resnet", "swin", "resmlp", "efficientformerv2"])
+def test_one_step_for_each_family_pair(teacher, student):
+    torch.manual_seed(0)
+    d, size = _distiller(student, teacher, "ofa" if teacher != "mixer" else "fitnet")
+    d.train()
+    opt = torch.optim.SGD([p for p in d.parameters() if p.requires_grad], lr=0.01)
+    before = {k: v.clone() for k, v in d.student.state_dict().items()}
+    teacher_before = {k: v.clone() for k, v in d.teacher.state_dict().items()}
+    loss = d(torch.randn(4, 3, size, size), torch.randint(0, 10, (4,)))
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss)
+    assert any(not torch.equal(before[k], v) for k, v in d.student.state_dict().items())
+    assert all(torch.equal(teacher_before[k], v) for k, v in d.teacher.state_dict().items())  # frozen, eval
+    assert not any(k.startswith("teacher") for k in d.state_dict())
+
+
+def test_teacher_input_is_reconciled_and_checked():
+    d, _ = _distiller("vit", "efficientformer", "kd")  # 32 px student, 64 px teacher
+    assert any("32 -> 64" in c for c in d.teacher_input.changes)
+    assert d.teacher_input(torch.zeros(1, 3, 32, 32)).shape == (1, 3, 64, 64)
+    with pytest.raises(CompressError, match="cannot see"):
+        Distiller(create_model("vit", num_classes=10), create_model("resnet", num_classes=10), DistillConfig("kd"),
+                  InputSpec(32), InputSpec(32, mean=(0.5,), std=(0.5,)), 10)
+    with pytest.raises(CompressError, match="different classes"):
+        Distiller(create_model("vit", num_classes=10), create_model("resnet", num_classes=7), DistillConfig("kd"),
+                  InputSpec(32), InputSpec(32), 10)
+
+
+def test_cka_invariances():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(128, 16, generator=g)
+    q = torch.linalg.qr(torch.randn(16, 16, generator=g))[0]
+    assert linear_cka(a, 3 * a @ q) == pytest.approx(1.0, abs=1e-9)
+    assert linear_cka(a, torch.randn(128, 16, generator=g)) < 0.3
+    assert linear_cka(torch.randn(8, 100, generator=g), torch.randn(8, 50, generator=g)) <= 1.0  # Gram form
+
+
+def test_cli_distill_learns_and_strips_helpers(tmp_path):
+    out, js = tmp_path / "s.pt", tmp_path / "s.json"
+    assert main(["distill", "--teacher", "resnet", "--train-teacher", "--teacher-epochs", "2", "--student", "resnet",
+                 "--epochs", "2", "--method", "ofa", "--out", str(out), "--json", str(js), "--no-baselines",
+                 "--cka-plot", str(tmp_path / "cka.png")]) == 0
+    r = json.loads(js.read_text())
+    assert {"teacher", "student", "method", "top1", "seconds"} <= set(r) and r["top1"] > 50  # chance is 10
+    assert r["extra_parameters"] > 0 and len(r["cka"]) == 4 and (tmp_path / "cka.png").exists()
+    assert set(load(out).state_dict) == set(create_model("resnet", num_classes=10).state_dict())
+    assert main(["eval", str(out), "--latency-runs", "2"]) == 0
+
+
+def test_cli_distill_bad_input(tmp_path, capsys):
+    assert main(["distill", "--teacher", "swin", "--student", "vit", "--out", str(tmp_path / "s.pt")]) == 2
+    assert "--train-teacher" in capsys.readouterr().err
+    teacher = tmp_path / "t.pt"
+    save(Checkpoint.create("resnet", num_classes=7, seed=0), teacher)
+    assert main(["distill", "--teacher", str(teacher), "--student", "vit", "--out", str(tmp_path / "s.pt")]) == 2
+    assert "different classes" in capsys.readouterr().err and not (tmp_path / "s.pt").exists()
+
+
+def test_torchrun_distill_two_cpu_processes(tmp_path):
+    teacher = tmp_path / "t.pt"
+    save(Checkpoint.create("resnet", num_classes=10, seed=0), teacher)
+    out = tmp_path / "ddp.pt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29537",
+           str(ROOT / "cli.py"), "distill", "--teacher", str(teacher), "--student", "resnet", "--method", "ofa",
+           "--epochs", "1", "--no-baselines", "--threads", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert out.exists() and "student" not in "".join(load(out).state_dict)
