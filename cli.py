@@ -466,7 +466,7 @@ def cmd_distill(args) -> dict:
     from compress.registry import default_img_size, parse_arch_args
     from compress.report import console, table
     from compress.train import TrainConfig, train
-    from distill import Distiller, DistillConfig, cka_matrix
+    from distill import DistillConfig, Distiller, cka_matrix
 
     if not args.teacher or not args.student or not args.out:
         raise CompressError("distill needs --teacher, --student and --out",
@@ -543,7 +543,8 @@ def cmd_distill(args) -> dict:
 
 def _teacher(args, data, student_ckpt):
     """The teacher checkpoint; an architecture name is trained first only with --train-teacher."""
-    from compress import Checkpoint, load, save
+    from compress import Checkpoint, InputSpec, load, save
+    from compress.data import load_data
     from compress.registry import ARCHS, default_img_size
     from compress.train import TrainConfig, train
 
@@ -556,12 +557,8 @@ def _teacher(args, data, student_ckpt):
                             expected="a teacher checkpoint",
                             hint=f"train one first (compress train --arch {args.teacher} --data {args.data} --out "
                                  f"teacher.pt) or add --train-teacher")
-    from compress import InputSpec
-
     spec = InputSpec(size=default_img_size(args.teacher))
     ckpt = Checkpoint.create(args.teacher, data.num_classes, input=spec, seed=args.seed)
-    from compress.data import load_data
-
     model = ckpt.build().train()
     train(model, load_data(args.data, spec, "classification").train,
           TrainConfig(epochs=args.teacher_epochs, seed=args.seed), description=f"teacher {args.teacher}")
@@ -577,21 +574,29 @@ def _is_timm(name: str) -> bool:
     return name in timm.list_models()
 
 
-def _plot_cka(matrix, path: str, title: str) -> None:
+def _pyplot():
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save_figure(fig, path: str) -> None:
     from compress.checkpoint import atomic_write
 
-    fig, a = plt.subplots(figsize=(4, 3.5))
+    fig.tight_layout()
+    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
+    _pyplot().close(fig)
+
+
+def _plot_cka(matrix, path: str, title: str) -> None:
+    fig, a = _pyplot().subplots(figsize=(4, 3.5))
     im = a.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
     a.set_xlabel("student stage"), a.set_ylabel("teacher stage"), a.set_title(title, fontsize=8)
     fig.colorbar(im)
-    fig.tight_layout()
-    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
-    plt.close(fig)
+    _save_figure(fig, path)
 
 
 def cmd_prune(args) -> dict:
@@ -705,23 +710,14 @@ def _prune_sweep(original, x, y, cfg, ratios, data, size, threads) -> list[dict]
 
 
 def _plot_sweep(rows: list[dict], path: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from compress.checkpoint import atomic_write
-
-    fig, a = plt.subplots(figsize=(5, 3.5))
+    fig, a = _pyplot().subplots(figsize=(5, 3.5))
     a.plot([r["ratio"] for r in rows], [r["top1"] for r in rows], "o-", label="top-1 (no recovery)")
     b = a.twinx()
     b.plot([r["ratio"] for r in rows], [r["macs"] / rows[0]["macs"] for r in rows], "s--", color="gray",
            label="MACs (relative)")
     a.set_xlabel("ratio removed"), a.set_ylabel("top-1 %"), b.set_ylabel("MACs / MACs at first ratio")
     a.set_title(title, fontsize=9)
-    fig.tight_layout()
-    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
-    plt.close(fig)
+    _save_figure(fig, path)
 
 
 def _labels(dataset, n: int):
@@ -741,22 +737,13 @@ def _images(dataset, n: int):
 
 
 def _plot_maps(maps: dict, path: str, most: int = 8) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from compress.checkpoint import atomic_write
-
     items = sorted(maps.items(), key=lambda kv: -kv[1].numel())[:most]
-    fig, axs = plt.subplots(2, (len(items) + 1) // 2, figsize=(3 * ((len(items) + 1) // 2), 6), squeeze=False)
+    fig, axs = _pyplot().subplots(2, (len(items) + 1) // 2, figsize=(3 * ((len(items) + 1) // 2), 6), squeeze=False)
     for a, (name, t) in zip(axs.flat, items):
         a.imshow(t.numpy() * t.shape[0], cmap="viridis", vmin=0, vmax=1)
         a.set_title(name[:28], fontsize=7)
         a.set_xticks([]), a.set_yticks([])
-    fig.tight_layout()
-    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
-    plt.close(fig)
+    _save_figure(fig, path)
 
 
 COMMANDS = {"distill": cmd_distill, "prune": cmd_prune, "fuse": cmd_fuse, "demo": cmd_demo, "models": cmd_models, "train": cmd_train, "eval": cmd_eval, "inspect": cmd_inspect}

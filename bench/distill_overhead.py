@@ -14,7 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from compress import InputSpec, create_model  # noqa: E402
-from distill import Distiller, DistillConfig  # noqa: E402
+from distill import DistillConfig, Distiller  # noqa: E402
 
 PAIRS = [("resnet", "vit"), ("vit", "resnet")]  # teacher, student
 
@@ -39,18 +39,18 @@ def main() -> dict:
                              InputSpec(32), 10).train() for m in ("scratch", "kd", "fitnet", "ofa")}
         opts = {m: torch.optim.AdamW([p for p in d.parameters() if p.requires_grad]) for m, d in runs.items()}
 
-        def train_step(m):
-            def fn():
-                opts[m].zero_grad()
-                runs[m](x, y).backward()
-                opts[m].step()
-            return fn
+        def train_step(d, opt, x=x, y=y):
+            def step():
+                opt.zero_grad()
+                d(x, y).backward()
+                opt.step()
+            return step
 
-        def teacher_forward():
+        def teacher_forward(teacher=teacher, x=x):
             with torch.no_grad():
                 teacher(x)
 
-        fns = {**{m: train_step(m) for m in runs}, "teacher_forward": teacher_forward}
+        fns = {**{m: train_step(d, opts[m]) for m, d in runs.items()}, "teacher_forward": teacher_forward}
         for fn in fns.values():  # warm-up
             fn()
         samples = {k: [] for k in fns}

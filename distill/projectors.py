@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import math
 
-import torch
-from torch import nn
-
 from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
+from torch import nn
 
 
 class SepConv(nn.Sequential):

@@ -14,7 +14,7 @@ from cli import main
 from compress import Checkpoint, InputSpec, load, save
 from compress.errors import CompressError
 from compress.registry import create_model, default_img_size
-from distill import Distiller, DistillConfig, linear_cka, ofa_loss
+from distill import DistillConfig, Distiller, linear_cka, ofa_loss
 from tests.helpers import FAMILIES
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..alignment.blocks import find_blocks
+from ..alignment.surgery import replace_modules
 from ..errors import CompressError
 from .depth import SCORES, UNITS, greedy_by_loss, plan_depth, removal_op, unit_similarity
 from .importance import CRITERIA, importance
@@ -94,9 +96,6 @@ def prune(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: PruneConfig) 
     if cfg.method == "lowrank":
         model, op, rows = prune_lowrank(model, x, cfg.ratio, cfg.whiten, cfg.exclude)
         return Pruned(model, op, rows)
-    from ..alignment.blocks import find_blocks
-    from ..alignment.surgery import replace_modules
-
     scores = unit_similarity(model, example, x, cfg.unit)
     total = len(find_blocks(model, example)) if cfg.unit == "block" else len(scores)
     removed = plan_depth(scores, total, None if cfg.keep is not None else cfg.ratio, cfg.keep)

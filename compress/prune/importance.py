@@ -108,7 +108,6 @@ def _activation(model: nn.Module, sg: SpaceGraph, spaces: list[Space], x, batch_
                             expected="spaces consumed by a dense layer",
                             found=f"none for {', '.join(unread[:3])}", hint="use --importance magnitude")
     sums: dict[int, torch.Tensor] = defaultdict(float)
-    count = [0]
 
     def hook(path):
         def fn(module, args, output):
@@ -130,12 +129,11 @@ def _activation(model: nn.Module, sg: SpaceGraph, spaces: list[Space], x, batch_
     try:
         for i in range(0, len(x), batch_size):
             model(x[i:i + batch_size])
-            count[0] += len(x[i:i + batch_size])
     finally:
         model.train(was_training)
         for h in handles:
             h.remove()
-    return {s.id: torch.as_tensor(sums[s.id]) / max(count[0], 1) for s in spaces}
+    return {s.id: torch.as_tensor(sums[s.id]) / len(x) for s in spaces}
 
 
 def _dense(m) -> bool:
