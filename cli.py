@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher-epochs", type=int, default=30)
     p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
                    help="also train the student from scratch and with KD on the same budget (default on)")
+    p.add_argument("--cache-teacher", action="store_true",
+                   help="compute the teacher's logits once per image (turns the random shifts off, so images recur)")
     p.add_argument("--cka-plot", metavar="PNG", help="teacher-vs-student stage CKA heatmap")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last epoch")
     _common(p)
@@ -474,7 +476,8 @@ def cmd_distill(args) -> dict:
     guard_paths([args.teacher, args.student], [args.out, args.json, args.cka_plot])
     cfg = DistillConfig(method=args.method, gamma=args.gamma, temperature=args.temperature, paper_form=args.paper_form,
                         ofa_weight=args.ofa_weight, kd_temperature=args.kd_temperature, kd_alpha=args.kd_alpha)
-    tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                       max_shift=0.0 if args.cache_teacher else TrainConfig.max_shift)
     student_args = parse_arch_args(args.student_args)
     if Path(args.student).is_file():
         base = load(args.student)
@@ -493,7 +496,7 @@ def cmd_distill(args) -> dict:
         torch.manual_seed(args.seed)
         student = base.build() if base.state_dict else base.instantiate()
         d = Distiller(student, teacher, DistillConfig(**{**vars(cfg), "method": method}), base.input,
-                      teacher_ckpt.input, data.num_classes)
+                      teacher_ckpt.input, data.num_classes, cache_teacher=args.cache_teacher and method != "scratch")
         t = time.perf_counter()
         state = Path(f"{args.out}.{method}.resume.pt")
         train(d, data.train, tcfg, loss_fn=lambda net, x, y: net(x, y), state_path=state, resume=args.resume,
@@ -507,7 +510,7 @@ def cmd_distill(args) -> dict:
               "teacher_top1": top1(teacher, data.test), "student_params": param_count(student),
               "teacher_params": param_count(teacher), "extra_parameters": main_run.extra_parameters(),
               "reconciled": main_run.teacher_input.changes, "families": main_run.shapes.families,
-              "gamma": cfg.gamma, "paper_form": cfg.paper_form}
+              "gamma": cfg.gamma, "paper_form": cfg.paper_form, "cache_teacher": bool(args.cache_teacher)}
     for change in main_run.teacher_input.changes:
         console.print(f"[yellow]teacher input reconciled[/]: {change}")
     baselines = [m for m in ("scratch", "kd") if m != cfg.method] if args.baselines else []

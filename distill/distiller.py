@@ -3,6 +3,8 @@ so it is neither trained, synchronised by DDP nor saved), fed through one input 
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,10 +53,15 @@ class Distiller(nn.Module):
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None, cfg: DistillConfig, student_spec: InputSpec,
-                 teacher_spec: InputSpec | None, num_classes: int):
+                 teacher_spec: InputSpec | None, num_classes: int, cache_teacher: bool = False):
         super().__init__()
         self.cfg = cfg
         self.method = method(cfg.method)
+        if cache_teacher and self.method.teacher_features:
+            raise CompressError(f"--cache-teacher cannot serve method '{cfg.method}'",
+                                expected="a method that reads only the teacher's logits (kd, ofa)",
+                                found="a method that reads the teacher's stage maps")
+        self.cache: dict[bytes, torch.Tensor] | None = {} if cache_teacher else None
         self.student = student
         s_al = align(student, student_spec.size, len(student_spec.mean))
         self.student_stages = s_al.stages if self.method.student_features else []
@@ -107,12 +114,24 @@ class Distiller(nn.Module):
         t_logits, t_feats = None, []
         if self.teacher is not None and self.cfg.method != "scratch":
             with torch.no_grad():
-                xt = self.teacher_input(x)
-                if self.teacher_stages:
-                    t_logits, t_feats = logits_and_features(self.teacher, xt, self.teacher_stages)
+                if self.cache is not None:
+                    t_logits = self._cached_logits(x)
+                elif self.teacher_stages:
+                    t_logits, t_feats = logits_and_features(self.teacher, self.teacher_input(x), self.teacher_stages)
                 else:
-                    t_logits = self.teacher(xt)
+                    t_logits = self.teacher(self.teacher_input(x))
         return self.method.loss(self.helpers, logits, feats, t_logits, t_feats, y, self.cfg)
+
+    def _cached_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Teacher logits by image content: computed once per distinct image, then looked up. Valid because
+        the teacher is frozen and deterministic; only useful when the same images recur (no augmentation)."""
+        keys = [hashlib.blake2b(row.numpy().tobytes(), digest_size=16).digest() for row in x.detach().cpu()]
+        missing = [i for i, k in enumerate(keys) if k not in self.cache]
+        if missing:
+            fresh = self.teacher(self.teacher_input(x[missing]))
+            for i, z in zip(missing, fresh):
+                self.cache[keys[i]] = z
+        return torch.stack([self.cache[k] for k in keys])
 
     def extra_parameters(self) -> int:
         """Parameters trained beside the student and dropped at export."""

@@ -127,3 +127,22 @@ def test_torchrun_distill_two_cpu_processes(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert out.exists() and "student" not in "".join(load(out).state_dict)
+
+
+def test_teacher_logit_cache_is_exact_and_computes_once():
+    torch.manual_seed(0)
+    teacher = create_model("resnet", num_classes=10).eval()
+    calls = []
+    teacher.register_forward_hook(lambda m, a, o: calls.append(len(a[0])))
+    d = Distiller(create_model("vit", num_classes=10), teacher, DistillConfig("kd"), InputSpec(32), InputSpec(32), 10,
+                  cache_teacher=True)
+    calls.clear()  # construction probes the teacher once
+    x = torch.randn(6, 3, 32, 32)
+    with torch.no_grad():
+        first = d._cached_logits(x[:4])
+        again = d._cached_logits(x[2:])  # two cached, two new
+        assert torch.allclose(first, teacher(x[:4])) and torch.allclose(again, teacher(x[2:]), atol=1e-6)
+    assert calls[:2] == [4, 2]  # the cached images were not run through the teacher again
+    with pytest.raises(CompressError, match="cache-teacher"):
+        Distiller(create_model("vit", num_classes=10), teacher, DistillConfig("fitnet"), InputSpec(32), InputSpec(32),
+                  10, cache_teacher=True)
