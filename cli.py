@@ -92,7 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", help="trained teacher checkpoint (an architecture name needs --train-teacher)")
     p.add_argument("--student", help="student architecture name, or a checkpoint to start from")
     p.add_argument("--student-args", default=None, help="student architecture kwargs, e.g. embed_dim=64,depth=4")
-    p.add_argument("--method", default="ofa", choices=["ofa", "kd", "fitnet", "scratch"])
+    p.add_argument("--method", default="ofa", choices=["ofa", "kd", "fitnet", "transkd", "scratch"],
+                   help="transkd: segmentation (digit-scenes, masks:) between hierarchical backbones")
+    p.add_argument("--transkd-variant", default="base", choices=["base", "gl", "ea"],
+                   help="TransKD: CSF + HCL + PEA, plus the GL-Mixer or the embedding assistant")
     p.add_argument("--data", default="digits")
     p.add_argument("--out", help="output student checkpoint (helpers stripped)")
     p.add_argument("--epochs", type=int, default=10)
@@ -464,32 +467,43 @@ def cmd_distill(args) -> dict:
     from compress import Checkpoint, InputSpec, load, save
     from compress.alignment import align
     from compress.data import load_data
-    from compress.measure import param_count, top1
+    from compress.measure import macs, miou, param_count, top1
     from compress.registry import default_img_size, parse_arch_args
     from compress.report import console, table
     from compress.train import TrainConfig, train
-    from distill import DistillConfig, Distiller, cka_matrix
+    from distill import METHODS, DistillConfig, Distiller, cka_matrix
 
     if not args.teacher or not args.student or not args.out:
         raise CompressError("distill needs --teacher, --student and --out",
                             expected="a teacher checkpoint, a student architecture (or checkpoint), an output path")
     guard_paths([args.teacher, args.student], [args.out, args.json, args.cka_plot])
     cfg = DistillConfig(method=args.method, gamma=args.gamma, temperature=args.temperature, paper_form=args.paper_form,
-                        ofa_weight=args.ofa_weight, kd_temperature=args.kd_temperature, kd_alpha=args.kd_alpha)
+                        ofa_weight=args.ofa_weight, kd_temperature=args.kd_temperature, kd_alpha=args.kd_alpha,
+                        transkd_variant=args.transkd_variant)
     tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                        max_shift=0.0 if args.cache_teacher else TrainConfig.max_shift)
     student_args = parse_arch_args(args.student_args)
+    task = "segmentation" if args.data == "digit-scenes" or args.data.startswith("masks:") else "classification"
     if Path(args.student).is_file():
         base = load(args.student)
     else:
-        base = Checkpoint(args.student, student_args, input=InputSpec(size=default_img_size(args.student, student_args)))
-    data = load_data(args.data, base.input, "classification")
+        base = Checkpoint(args.student, student_args, task=task,
+                          input=InputSpec(size=default_img_size(args.student, student_args)))
+    data = load_data(args.data, base.input, task)
     teacher_ckpt = _teacher(args, data, base)
     if teacher_ckpt.num_classes != data.num_classes:
         raise CompressError("teacher and data predict different classes", expected=f"{data.num_classes} ({data.name})",
                             found=f"{teacher_ckpt.num_classes} in {args.teacher}")
+    if teacher_ckpt.task != data.task or base.task != data.task:
+        raise CompressError("teacher, student and data disagree on the task", expected=f"{data.task} ({data.name})",
+                            found=f"teacher {teacher_ckpt.task}, student {base.task}")
     base.num_classes = data.num_classes
     teacher = teacher_ckpt.build()
+    metric = "miou" if data.task == "segmentation" else "top1"
+
+    def score(model):
+        return miou(model, data.test, data.num_classes) if metric == "miou" else top1(model, data.test)
+
     t0 = time.perf_counter()
 
     def run(method: str):
@@ -506,36 +520,41 @@ def cmd_distill(args) -> dict:
     main_run, seconds = run(cfg.method)
     student = main_run.student.eval()
     result = {"teacher": args.teacher, "student": args.student, "method": cfg.method, "data": data.name,
-              "epochs": args.epochs, "top1": top1(student, data.test), "seconds": round(seconds, 2),
-              "teacher_top1": top1(teacher, data.test), "student_params": param_count(student),
-              "teacher_params": param_count(teacher), "extra_parameters": main_run.extra_parameters(),
+              "metric": metric, "epochs": args.epochs, metric: score(student), "seconds": round(seconds, 2),
+              f"teacher_{metric}": score(teacher), "student_params": param_count(student),
+              "teacher_params": param_count(teacher), "student_macs": macs(student, base.input.size),
+              "teacher_macs": macs(teacher, teacher_ckpt.input.size), "extra_parameters": main_run.extra_parameters(),
               "reconciled": main_run.teacher_input.changes, "families": main_run.shapes.families,
               "gamma": cfg.gamma, "paper_form": cfg.paper_form, "cache_teacher": bool(args.cache_teacher)}
     for change in main_run.teacher_input.changes:
         console.print(f"[yellow]teacher input reconciled[/]: {change}")
-    baselines = [m for m in ("scratch", "kd") if m != cfg.method] if args.baselines else []
+    baselines = [m for m in ("scratch", "kd") if m != cfg.method and data.task in METHODS.get(m).tasks] \
+        if args.baselines else []
     for m in baselines:
         d, sec = run(m)
-        result[f"{m}_top1"] = top1(d.student.eval(), data.test)
+        result[f"{m}_{metric}"] = score(d.student.eval())
         result[f"{m}_seconds"] = round(sec, 2)
     x = _images(data.test, 256)
+    nets = [getattr(m, "backbone", m) for m in (teacher, student)]  # a segmentation network's backbone
     with torch.no_grad():
-        t_feats = align(teacher, teacher_ckpt.input.size).features(main_run.teacher_input(x))
-        s_feats = align(student, base.input.size).features(x)
+        t_feats = align(nets[0], teacher_ckpt.input.size).features(main_run.teacher_input(x))
+        s_feats = align(nets[1], base.input.size).features(x)
     result["cka"] = [[round(v, 4) for v in row] for row in cka_matrix(t_feats, s_feats)]
     result["total_seconds"] = round(time.perf_counter() - t0, 2)
     out = base.derive(student, command=" ".join(["compress", *args.argv]), parents=[args.teacher] + (
         [args.student] if base.state_dict else []), metrics={k: result.get(k) for k in (
-            "top1", "teacher_top1", "scratch_top1", "kd_top1")}, num_classes=data.num_classes)
+            metric, f"teacher_{metric}", f"scratch_{metric}", f"kd_{metric}")}, num_classes=data.num_classes)
     if int(os.environ.get("RANK", "0")) != 0:
         return result
     save(out, args.out)
     _save_resolved(args, args.out)
-    rows = [{"model": f"teacher {teacher_ckpt.arch}", "top1": result["teacher_top1"], "params": result["teacher_params"]}]
-    rows += [{"model": f"student {base.arch}: {m}", "top1": result[f"{m}_top1"], "params": result["student_params"]}
-             for m in baselines]
-    rows.append({"model": f"student {base.arch}: {cfg.method}", "top1": result["top1"], "params": result["student_params"]})
-    console.print(table(f"distillation on {data.name}, {args.epochs} epochs each (test top1)", rows))
+    rows = [{"model": f"teacher {teacher_ckpt.arch}", metric: result[f"teacher_{metric}"],
+             "params": result["teacher_params"], "MACs": result["teacher_macs"]}]
+    rows += [{"model": f"student {base.arch}: {m}", metric: result[f"{m}_{metric}"], "params": result["student_params"],
+              "MACs": result["student_macs"]} for m in baselines]
+    rows.append({"model": f"student {base.arch}: {cfg.method}", metric: result[metric],
+                 "params": result["student_params"], "MACs": result["student_macs"]})
+    console.print(table(f"distillation on {data.name}, {args.epochs} epochs each (test {metric})", rows))
     cka_rows = [{"teacher stage": i, **{f"student {j}": v for j, v in enumerate(row)}} for i, row in enumerate(result["cka"])]
     console.print(table("linear CKA, teacher stages (rows) vs student stages", cka_rows))
     if args.cka_plot:
@@ -560,11 +579,14 @@ def _teacher(args, data, student_ckpt):
                             expected="a teacher checkpoint",
                             hint=f"train one first (compress train --arch {args.teacher} --data {args.data} --out "
                                  f"teacher.pt) or add --train-teacher")
-    spec = InputSpec(size=default_img_size(args.teacher))
-    ckpt = Checkpoint.create(args.teacher, data.num_classes, input=spec, seed=args.seed)
+    # a segmentation network works at any size: the teacher sees the student's resolution
+    size = student_ckpt.input.size if data.task == "segmentation" else default_img_size(args.teacher)
+    spec = InputSpec(size=size)
+    ckpt = Checkpoint.create(args.teacher, data.num_classes, task=data.task, input=spec, seed=args.seed)
     model = ckpt.build().train()
-    train(model, load_data(args.data, spec, "classification").train,
-          TrainConfig(epochs=args.teacher_epochs, seed=args.seed), description=f"teacher {args.teacher}")
+    train(model, load_data(args.data, spec, data.task).train,
+          TrainConfig(epochs=args.teacher_epochs, seed=args.seed, label_smoothing=0.0 if data.task == "segmentation"
+                      else TrainConfig.label_smoothing), description=f"teacher {args.teacher}")
     path = Path(f"{args.out}.teacher.pt")
     save(ckpt.derive(model, command=f"compress distill --train-teacher ({args.teacher_epochs} epochs)"), path)
     args.teacher = str(path)

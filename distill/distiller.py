@@ -9,9 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress.alignment import align, logits_and_features
+from compress.alignment import Stage, align
+from compress.alignment.taps import hooked_outputs, to_nchw
 from compress.checkpoint import InputSpec
 from compress.errors import CompressError
+from compress.segmentation import SegmentationNet
 
 from .methods import DistillConfig, Shapes, method
 
@@ -57,46 +59,50 @@ class Distiller(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.method = method(cfg.method)
+        task = "segmentation" if isinstance(student, SegmentationNet) else "classification"
+        if task not in self.method.tasks:
+            raise CompressError(f"method '{cfg.method}' does not apply to {task}",
+                                expected=" or ".join(self.method.tasks) + " models")
         if cache_teacher and self.method.teacher_features:
             raise CompressError(f"--cache-teacher cannot serve method '{cfg.method}'",
                                 expected="a method that reads only the teacher's logits (kd, ofa)",
                                 found="a method that reads the teacher's stage maps")
         self.cache: dict[bytes, torch.Tensor] | None = {} if cache_teacher else None
         self.student = student
-        s_al = align(student, student_spec.size, len(student_spec.mean))
-        self.student_stages = s_al.stages if self.method.student_features else []
+        s_taps = _Taps(student, student_spec, self.method.student_features, self.method.embeddings)
+        self.student_taps = s_taps
         object.__setattr__(self, "teacher", teacher)  # a plain attribute: frozen, not saved, not synchronised
         self.teacher_input = TeacherInput(student_spec, teacher_spec) if teacher is not None else None
-        self.teacher_stages = []
+        self.teacher_taps = None
         if cfg.method != "scratch":
             if teacher is None:
                 raise CompressError(f"method '{cfg.method}' needs a teacher", expected="--teacher CHECKPOINT")
             teacher.eval().requires_grad_(False)
-            t_size = teacher_spec.size
-            if self.method.teacher_features:
-                self.teacher_stages = align(teacher, t_size, len(teacher_spec.mean)).stages
+            self.teacher_taps = _Taps(teacher, teacher_spec, self.method.teacher_features, self.method.embeddings)
+            if self.method.embeddings:
+                _check_hierarchical(s_taps, self.teacher_taps)
         x = torch.zeros(2, len(student_spec.mean), student_spec.size, student_spec.size)
         with torch.no_grad():
             was = student.training
             student.eval()
-            _, s_feats = logits_and_features(student, x, s_al.stages)
+            _, s_feats, s_embeds = s_taps(student, x, all_stages=True)
             student.train(was)
-            t_feats, t_dim = [], student.num_features
-            if teacher is not None:
+            t_feats, t_embeds, t_dim = [], [], getattr(student, "num_features", 0)
+            if self.teacher_taps is not None:
                 try:
-                    t_logits, t_feats = logits_and_features(teacher, self.teacher_input(x), self.teacher_stages)
+                    t_logits, t_feats, t_embeds = self.teacher_taps(teacher, self.teacher_input(x))
                 except (RuntimeError, ValueError, AssertionError) as e:
                     raise CompressError("the teacher cannot see the student's input",
                                         expected=f"a teacher that accepts {teacher_spec.size} px input",
                                         found=str(e).splitlines()[0][:160]) from None
-                if t_logits.shape[-1] != num_classes:
+                if t_logits.shape[1] != num_classes:
                     raise CompressError("teacher and student predict different classes",
-                                        expected=f"{num_classes} classes", found=f"{t_logits.shape[-1]}")
-                t_dim = getattr(teacher, "num_features", t_logits.shape[-1])
-        shapes = Shapes([tuple(f.shape[1:]) for f in s_feats], s_al.stage_families,
-                        [tuple(f.shape[1:]) for f in t_feats], student.num_features, t_dim, num_classes)
-        self.shapes = shapes
-        self.helpers = self.method.build(shapes, cfg)
+                                        expected=f"{num_classes} classes", found=f"{t_logits.shape[1]}")
+                t_dim = getattr(teacher, "num_features", t_logits.shape[1])
+        shape = lambda ts: [tuple(f.shape[1:]) for f in ts]  # noqa: E731
+        self.shapes = Shapes(shape(s_feats), s_taps.families, shape(t_feats), getattr(student, "num_features", 0),
+                             t_dim, num_classes, shape(s_embeds), shape(t_embeds))
+        self.helpers = self.method.build(self.shapes, cfg)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -107,20 +113,16 @@ class Distiller(nn.Module):
     def forward(self, x, y=None):
         if y is None:
             return self.student(x)
-        if self.student_stages:
-            logits, feats = logits_and_features(self.student, x, self.student_stages)
-        else:
-            logits, feats = self.student(x), []
-        t_logits, t_feats = None, []
-        if self.teacher is not None and self.cfg.method != "scratch":
+        logits, feats, embeds = self.student_taps(self.student, x)
+        t_logits, t_feats, t_embeds = None, [], []
+        if self.teacher_taps is not None:
             with torch.no_grad():
                 if self.cache is not None:
                     t_logits = self._cached_logits(x)
-                elif self.teacher_stages:
-                    t_logits, t_feats = logits_and_features(self.teacher, self.teacher_input(x), self.teacher_stages)
                 else:
-                    t_logits = self.teacher(self.teacher_input(x))
-        return self.method.loss(self.helpers, logits, feats, t_logits, t_feats, y, self.cfg)
+                    t_logits, t_feats, t_embeds = self.teacher_taps(self.teacher, self.teacher_input(x))
+        return self.method.loss(self.helpers, logits, feats, t_logits, t_feats, y, self.cfg, s_embeds=embeds,
+                                t_embeds=t_embeds, x=x)
 
     def _cached_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Teacher logits by image content: computed once per distinct image, then looked up. Valid because
@@ -136,3 +138,58 @@ class Distiller(nn.Module):
     def extra_parameters(self) -> int:
         """Parameters trained beside the student and dropped at export."""
         return sum(p.numel() for p in self.helpers.parameters())
+
+
+class _Taps:
+    """Where to read one model during distillation: its canonical stages (and the stage embeddings, the
+    inputs of each stage's first block), found by the alignment layer on the model or, for a
+    segmentation network, on its backbone."""
+
+    def __init__(self, model: nn.Module, spec: InputSpec, features: bool, embeddings: bool):
+        root, prefix = (model.backbone, "backbone.") if isinstance(model, SegmentationNet) else (model, "")
+        al = align(root, spec.size, len(spec.mean))
+        self.all = [Stage(s.index, prefix + s.module, s.channels, s.reduction) for s in al.stages]
+        self.families = al.stage_families
+        self.stages = self.all if features else []
+        entries = al.stage_entries if embeddings else []
+        self.entries = [prefix + e for e in entries]
+        self.reductions = [s.reduction for s in al.stages]
+        self.name = type(root).__name__
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, all_stages: bool = False):
+        """(logits, NCHW stage maps, NCHW stage embeddings) from one ordinary forward."""
+        stages = self.all if all_stages else self.stages
+        inputs: dict[str, torch.Tensor] = {}
+        modules = dict(model.named_modules())
+        handles = [modules[e].register_forward_pre_hook(lambda m, a, e=e: inputs.__setitem__(e, a[0]))
+                   for e in self.entries]
+        try:
+            with hooked_outputs(model, [s.module for s in stages]) as outs:
+                logits = model(x)
+        finally:
+            for h in handles:
+                h.remove()
+        grid = lambda r: (max(x.shape[-2] // r, 1), max(x.shape[-1] // r, 1))  # noqa: E731
+        feats = [to_nchw(outs[s.module], s.channels, grid(s.reduction)) for s in stages]
+        embeds = [_embedding_nchw(inputs[e], s, x) for e, s in zip(self.entries, self.all)]
+        return logits, feats, embeds
+
+
+def _embedding_nchw(t: torch.Tensor, stage: Stage, x: torch.Tensor) -> torch.Tensor:
+    """A stage's embedding as NCHW: maps keep their grid, token sequences take the stage's grid."""
+    if t.ndim == 4:
+        channel_last = t.shape[1] == t.shape[2] and t.shape[3] != t.shape[1]
+        return t.permute(0, 3, 1, 2).contiguous() if channel_last else t
+    side = int(round(t.shape[1] ** 0.5))
+    return to_nchw(t, t.shape[-1], (side, side))
+
+
+def _check_hierarchical(student: _Taps, teacher: _Taps) -> None:
+    for who in (student, teacher):
+        if len(set(who.reductions)) < 2:
+            raise CompressError("TransKD needs hierarchical backbones (stages at several strides)",
+                                expected="e.g. resnet, convnext, swin, efficientformer, mobilevit",
+                                found=f"{who.name} with every stage at stride {who.reductions[0]}")
+    if len(student.reductions) != len(teacher.reductions):
+        raise CompressError("TransKD pairs stages one to one", expected=f"{len(teacher.reductions)} student stages",
+                            found=f"{len(student.reductions)}")

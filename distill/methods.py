@@ -7,7 +7,7 @@ Add one with `@register_method("name")` on a `Method` subclass.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch.nn.functional as F
 from torch import nn
@@ -41,6 +41,7 @@ class DistillConfig:
     kd_alpha: float = 0.9
     hint_weight: float = 1.0
     label_smoothing: float = 0.0
+    transkd_variant: str = "base"  # TransKD: base (CSF + HCL + PEA) | gl (+ GL-Mixer) | ea (+ embedding assistant)
 
 
 @dataclass
@@ -54,16 +55,20 @@ class Shapes:
     student_dim: int
     teacher_dim: int
     num_classes: int
+    student_embeds: list = field(default_factory=list)  # stage embeddings (C, H, W), for TransKD
+    teacher_embeds: list = field(default_factory=list)
 
 
 class Method:
     student_features = False
     teacher_features = False
+    embeddings = False  # stage embeddings of both models (TransKD)
+    tasks = ("classification",)
 
     def build(self, shapes: Shapes, cfg: DistillConfig) -> nn.ModuleDict:
         return nn.ModuleDict()
 
-    def loss(self, helpers: nn.ModuleDict, s_logits, s_feats, t_logits, t_feats, y, cfg: DistillConfig):
+    def loss(self, helpers: nn.ModuleDict, s_logits, s_feats, t_logits, t_feats, y, cfg: DistillConfig, **extra):
         raise NotImplementedError
 
 
@@ -71,7 +76,9 @@ class Method:
 class Scratch(Method):
     """The student alone: cross-entropy on the labels (the teacher is not used)."""
 
-    def loss(self, helpers, s_logits, s_feats, t_logits, t_feats, y, cfg):
+    tasks = ("classification", "segmentation")
+
+    def loss(self, helpers, s_logits, s_feats, t_logits, t_feats, y, cfg, **extra):
         return F.cross_entropy(s_logits, y, label_smoothing=cfg.label_smoothing)
 
 
@@ -79,7 +86,7 @@ class Scratch(Method):
 class KD(Method):
     """Hinton et al.: alpha * T^2 KL(teacher || student at temperature T) + (1 - alpha) * CE."""
 
-    def loss(self, helpers, s_logits, s_feats, t_logits, t_feats, y, cfg):
+    def loss(self, helpers, s_logits, s_feats, t_logits, t_feats, y, cfg, **extra):
         return cfg.kd_alpha * kd_loss(s_logits, t_logits, cfg.kd_temperature) + (1 - cfg.kd_alpha) * \
             F.cross_entropy(s_logits, y, label_smoothing=cfg.label_smoothing)
 
@@ -95,7 +102,7 @@ class FitNet(Method):
         pairs = _pairs(len(shapes.student), len(shapes.teacher))
         return nn.ModuleDict({f"hint{i}": regressor(shapes.student[i][0], shapes.teacher[j][0]) for i, j in pairs})
 
-    def loss(self, helpers, s_logits, s_feats, t_logits, t_feats, y, cfg):
+    def loss(self, helpers, s_logits, s_feats, t_logits, t_feats, y, cfg, **extra):
         pairs = _pairs(len(s_feats), len(t_feats))
         hints = sum(hint_loss(helpers[f"hint{i}"](s_feats[i]), t_feats[j]) for i, j in pairs) / len(pairs)
         return F.cross_entropy(s_logits, y, label_smoothing=cfg.label_smoothing) + cfg.hint_weight * hints
@@ -115,13 +122,32 @@ class OFA(Method):
                                                      shapes.teacher_dim, shapes.num_classes)
                               for i, (shape, fam) in enumerate(zip(shapes.student, shapes.families))})
 
-    def loss(self, helpers, s_logits, s_feats, t_logits, t_feats, y, cfg):
+    def loss(self, helpers, s_logits, s_feats, t_logits, t_feats, y, cfg, **extra):
         def term(z):
             return ofa_loss(z, t_logits, y, cfg.gamma, cfg.temperature, cfg.paper_form)
 
         branches = sum(term(helpers[f"exit{i}"](f)) for i, f in enumerate(s_feats))
         ce = 0.0 if cfg.paper_form else F.cross_entropy(s_logits, y, label_smoothing=cfg.label_smoothing)
         return ce + term(s_logits) + cfg.ofa_weight * branches
+
+
+@register_method("transkd")
+class TransKD(Method):
+    """TransKD for segmentation between hierarchical backbones: CSF + HCL on the stage maps, PEA on the
+    stage embeddings (GL-Mixer / embedding assistant variants); no logit term (distill/transkd.py)."""
+
+    student_features = teacher_features = embeddings = True
+    tasks = ("segmentation",)
+
+    def build(self, shapes, cfg):
+        from .transkd import TransKDHelpers
+
+        return nn.ModuleDict({"transkd": TransKDHelpers(shapes.student, shapes.teacher, shapes.student_embeds,
+                                                        shapes.teacher_embeds, cfg.transkd_variant)})
+
+    def loss(self, helpers, s_logits, s_feats, t_logits, t_feats, y, cfg, **extra):
+        ce = F.cross_entropy(s_logits, y, label_smoothing=cfg.label_smoothing)
+        return ce + helpers["transkd"].loss(s_feats, t_feats, extra["s_embeds"], extra["t_embeds"], extra["x"])
 
 
 def _pairs(n_student: int, n_teacher: int) -> list[tuple[int, int]]:

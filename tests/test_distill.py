@@ -49,9 +49,7 @@ def _distiller(student: str, teacher: str, method: str = "ofa") -> tuple[Distill
 def test_every_projector_outputs_num_classes(student):
     d, size = _distiller(student, "resnet")
     x = torch.randn(2, 3, size, size)
-    from compress.alignment import logits_and_features
-
-    _, feats = logits_and_features(d.student.eval(), x, d.student_stages)
+    _, feats, _ = d.student_taps(d.student.eval(), x)
     assert len(feats) == len(d.helpers) >= 3
     for i, f in enumerate(feats):
         assert d.helpers[f"exit{i}"].eval()(f).shape == (2, 10)
@@ -146,3 +144,53 @@ def test_teacher_logit_cache_is_exact_and_computes_once():
     with pytest.raises(CompressError, match="cache-teacher"):
         Distiller(create_model("vit", num_classes=10), teacher, DistillConfig("fitnet"), InputSpec(32), InputSpec(32),
                   10, cache_teacher=True)
+
+
+def test_hcl_loss_by_hand():
+    from distill.transkd import hcl_loss
+
+    s, t = torch.zeros(1, 2, 8, 8), torch.ones(1, 2, 8, 8)
+    assert hcl_loss(s, t).item() == pytest.approx(1.0)  # every level's MSE is 1
+    t = torch.zeros(1, 1, 8, 8)
+    t[..., :4, :4] = 2.0  # full-res MSE 1; 4x4 pool MSE 1; 2x2 pool MSE 1; 1x1 pool MSE 0.25
+    expected = (1 + 0.5 * 1 + 0.25 * 1 + 0.125 * 0.25) / (1 + 0.5 + 0.25 + 0.125)
+    assert hcl_loss(torch.zeros(1, 1, 8, 8), t).item() == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("student,teacher,variant", [("efficientformer", "resnet", "base"),
+                                                     ("mobilevit", "convnext", "gl"), ("convnext", "resnet", "ea")])
+def test_transkd_one_step(student, teacher, variant):
+    from compress.segmentation import SegmentationNet
+
+    torch.manual_seed(0)
+    d = Distiller(SegmentationNet(student, 11, img_size=64), SegmentationNet(teacher, 11, img_size=64).eval(),
+                  DistillConfig("transkd", transkd_variant=variant), InputSpec(64), InputSpec(64), 11).train()
+    assert len(d.shapes.student_embeds) == len(d.shapes.teacher_embeds) == 4
+    before = {k: v.clone() for k, v in d.student.state_dict().items()}
+    loss = d(torch.randn(2, 3, 64, 64), torch.randint(0, 11, (2, 64, 64)))
+    loss.backward()
+    torch.optim.SGD(d.parameters(), lr=0.01).step()
+    assert torch.isfinite(loss) and any(not torch.equal(before[k], v) for k, v in d.student.state_dict().items())
+    assert not any(k.startswith("helpers") for k in d.student.state_dict())
+
+
+def test_transkd_refuses_non_hierarchical_and_classifiers():
+    from compress.segmentation import SegmentationNet
+
+    with pytest.raises(CompressError, match="hierarchical"):
+        Distiller(SegmentationNet("vit", 11, img_size=32), SegmentationNet("resnet", 11, img_size=32),
+                  DistillConfig("transkd"), InputSpec(32), InputSpec(32), 11)
+    with pytest.raises(CompressError, match="does not apply to classification"):
+        Distiller(create_model("resnet", num_classes=10), create_model("resnet", num_classes=10),
+                  DistillConfig("transkd"), InputSpec(32), InputSpec(32), 10)
+
+
+def test_cli_transkd_on_digit_scenes(tmp_path):
+    js = tmp_path / "t.json"
+    assert main(["distill", "--teacher", "resnet", "--train-teacher", "--teacher-epochs", "1", "--student",
+                 "efficientformer", "--data", "digit-scenes", "--method", "transkd", "--epochs", "1",
+                 "--out", str(tmp_path / "s.pt"), "--json", str(js)]) == 0
+    r = json.loads(js.read_text())
+    assert r["metric"] == "miou" and {"miou", "scratch_miou", "teacher_miou"} <= set(r)
+    assert r["student_macs"] <= 0.15 * r["teacher_macs"]
+    assert load(tmp_path / "s.pt").task == "segmentation"

@@ -64,6 +64,17 @@ class Alignment:
             out.append("token" if kinds & {"attention", "mlp", "bridge"} else "conv")
         return out
 
+    @cached_property
+    def stage_entries(self) -> list[str]:
+        """Per canonical stage, the first block inside it: its input is the stage's embedding (the tokens or
+        map after the stage's patch embedding / downsampling), which TransKD aligns. A stage without blocks
+        (MobileViT's final conv) is its own entry."""
+        out = []
+        for s in self.stages:
+            inside = [b.name for b in self.blocks if b.name.startswith(s.module + ".")]
+            out.append(inside[0] if inside else s.module)
+        return out
+
     def features(self, x: torch.Tensor, stages: list[Stage] | None = None) -> list[torch.Tensor]:
         """NCHW outputs of `stages` (default: the canonical stages)."""
         return stage_features(self.model, x, stages or self.stages)
