@@ -23,8 +23,15 @@ from torch import nn
 
 from .blocks import Block, find_blocks
 from .spaces import Member, Space, SpaceGraph, find_spaces
-from .taps import (Stage, all_stages, attention_maps, canonical_stages, embedding_features, logits_and_features,
-                   stage_features)
+from .taps import (
+    Stage,
+    all_stages,
+    attention_maps,
+    canonical_stages,
+    embedding_features,
+    logits_and_features,
+    stage_features,
+)
 
 __all__ = ["Alignment", "align", "Block", "Space", "SpaceGraph", "Member", "Stage", "attention_maps",
            "logits_and_features"]
