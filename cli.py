@@ -96,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="transkd: segmentation (digit-scenes, masks:) between hierarchical backbones")
     p.add_argument("--transkd-variant", default="base", choices=["base", "gl", "ea"],
                    help="TransKD: CSF + HCL + PEA, plus the GL-Mixer or the embedding assistant")
+    p.add_argument("--transkd-weight", type=float, default=1.0, help="TransKD: weight of its feature terms")
     p.add_argument("--data", default="digits")
     p.add_argument("--out", help="output student checkpoint (helpers stripped)")
     p.add_argument("--epochs", type=int, default=10)
@@ -479,7 +480,7 @@ def cmd_distill(args) -> dict:
     guard_paths([args.teacher, args.student], [args.out, args.json, args.cka_plot])
     cfg = DistillConfig(method=args.method, gamma=args.gamma, temperature=args.temperature, paper_form=args.paper_form,
                         ofa_weight=args.ofa_weight, kd_temperature=args.kd_temperature, kd_alpha=args.kd_alpha,
-                        transkd_variant=args.transkd_variant)
+                        transkd_variant=args.transkd_variant, transkd_weight=args.transkd_weight)
     tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                        max_shift=0.0 if args.cache_teacher else TrainConfig.max_shift)
     student_args = parse_arch_args(args.student_args)

@@ -42,6 +42,7 @@ class DistillConfig:
     hint_weight: float = 1.0
     label_smoothing: float = 0.0
     transkd_variant: str = "base"  # TransKD: base (CSF + HCL + PEA) | gl (+ GL-Mixer) | ea (+ embedding assistant)
+    transkd_weight: float = 1.0  # TransKD: weight of the feature + embedding terms (the reference's is 1)
 
 
 @dataclass
@@ -147,7 +148,8 @@ class TransKD(Method):
 
     def loss(self, helpers, s_logits, s_feats, t_logits, t_feats, y, cfg, **extra):
         ce = F.cross_entropy(s_logits, y, label_smoothing=cfg.label_smoothing)
-        return ce + helpers["transkd"].loss(s_feats, t_feats, extra["s_embeds"], extra["t_embeds"], extra["x"])
+        return ce + cfg.transkd_weight * helpers["transkd"].loss(s_feats, t_feats, extra["s_embeds"],
+                                                                 extra["t_embeds"], extra["x"])
 
 
 def _pairs(n_student: int, n_teacher: int) -> list[tuple[int, int]]:
