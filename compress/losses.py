@@ -18,6 +18,13 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
                     reduction="batchmean", log_target=True) * t * t
 
 
+def kd_with_labels(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor,
+                   alpha: float = 0.9, temperature: float = 4.0, label_smoothing: float = 0.0) -> torch.Tensor:
+    """alpha * KD + (1 - alpha) * cross-entropy on the labels (Hinton et al.)."""
+    return alpha * kd_loss(student_logits, teacher_logits, temperature) + (1 - alpha) * F.cross_entropy(
+        student_logits, target, label_smoothing=label_smoothing)
+
+
 def distillation_objective(teacher: torch.nn.Module, alpha: float = 0.9, temperature: float = 4.0,
                            label_smoothing: float = 0.1):
     """A `train()` loss: alpha * KD from the frozen `teacher` + (1 - alpha) * cross-entropy.
@@ -30,8 +37,6 @@ def distillation_objective(teacher: torch.nn.Module, alpha: float = 0.9, tempera
     def loss(model, x, y):
         with torch.no_grad():
             target = teacher(x)
-        out = model(x)
-        return alpha * kd_loss(out, target, temperature) + (1 - alpha) * F.cross_entropy(
-            out, y, label_smoothing=label_smoothing)
+        return kd_with_labels(model(x), target, y, alpha, temperature, label_smoothing)
 
     return loss

@@ -9,8 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress.alignment import Stage, align
-from compress.alignment.taps import hooked_outputs, to_nchw
+from compress.alignment import Stage, align, logits_and_features
 from compress.checkpoint import InputSpec
 from compress.errors import CompressError
 from compress.segmentation import SegmentationNet
@@ -87,7 +86,8 @@ class Distiller(nn.Module):
             student.eval()
             _, s_feats, s_embeds = s_taps(student, x, all_stages=True)
             student.train(was)
-            t_feats, t_embeds, t_dim = [], [], getattr(student, "num_features", 0)
+            s_dim = getattr(student, "num_features", 0)  # a segmentation network has none; TransKD needs none
+            t_feats, t_embeds, t_dim = [], [], s_dim
             if self.teacher_taps is not None:
                 try:
                     t_logits, t_feats, t_embeds = self.teacher_taps(teacher, self.teacher_input(x))
@@ -99,9 +99,8 @@ class Distiller(nn.Module):
                     raise CompressError("teacher and student predict different classes",
                                         expected=f"{num_classes} classes", found=f"{t_logits.shape[1]}")
                 t_dim = getattr(teacher, "num_features", t_logits.shape[1])
-        shape = lambda ts: [tuple(f.shape[1:]) for f in ts]  # noqa: E731
-        self.shapes = Shapes(shape(s_feats), s_taps.families, shape(t_feats), getattr(student, "num_features", 0),
-                             t_dim, num_classes, shape(s_embeds), shape(t_embeds))
+        self.shapes = Shapes(_shapes(s_feats), s_taps.families, _shapes(t_feats), s_dim, t_dim, num_classes,
+                             _shapes(s_embeds), _shapes(t_embeds))
         self.helpers = self.method.build(self.shapes, cfg)
 
     def train(self, mode: bool = True):
@@ -151,37 +150,17 @@ class _Taps:
         self.all = [Stage(s.index, prefix + s.module, s.channels, s.reduction) for s in al.stages]
         self.families = al.stage_families
         self.stages = self.all if features else []
-        entries = al.stage_entries if embeddings else []
-        self.entries = [prefix + e for e in entries]
+        self.entries = [prefix + e for e in al.stage_entries] if embeddings else []
         self.reductions = [s.reduction for s in al.stages]
         self.name = type(root).__name__
 
     def __call__(self, model: nn.Module, x: torch.Tensor, all_stages: bool = False):
         """(logits, NCHW stage maps, NCHW stage embeddings) from one ordinary forward."""
-        stages = self.all if all_stages else self.stages
-        inputs: dict[str, torch.Tensor] = {}
-        modules = dict(model.named_modules())
-        handles = [modules[e].register_forward_pre_hook(lambda m, a, e=e: inputs.__setitem__(e, a[0]))
-                   for e in self.entries]
-        try:
-            with hooked_outputs(model, [s.module for s in stages]) as outs:
-                logits = model(x)
-        finally:
-            for h in handles:
-                h.remove()
-        grid = lambda r: (max(x.shape[-2] // r, 1), max(x.shape[-1] // r, 1))  # noqa: E731
-        feats = [to_nchw(outs[s.module], s.channels, grid(s.reduction)) for s in stages]
-        embeds = [_embedding_nchw(inputs[e], s, x) for e, s in zip(self.entries, self.all)]
-        return logits, feats, embeds
+        return logits_and_features(model, x, self.all if all_stages else self.stages, self.entries)
 
 
-def _embedding_nchw(t: torch.Tensor, stage: Stage, x: torch.Tensor) -> torch.Tensor:
-    """A stage's embedding as NCHW: maps keep their grid, token sequences take the stage's grid."""
-    if t.ndim == 4:
-        channel_last = t.shape[1] == t.shape[2] and t.shape[3] != t.shape[1]
-        return t.permute(0, 3, 1, 2).contiguous() if channel_last else t
-    side = int(round(t.shape[1] ** 0.5))
-    return to_nchw(t, t.shape[-1], (side, side))
+def _shapes(tensors: list[torch.Tensor]) -> list[tuple[int, ...]]:
+    return [tuple(t.shape[1:]) for t in tensors]
 
 
 def _check_hierarchical(student: _Taps, teacher: _Taps) -> None:

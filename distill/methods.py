@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 import torch.nn.functional as F
 from torch import nn
 
+from compress.losses import kd_with_labels
 from compress.registry import Registry
 
-from .losses import hint_loss, kd_loss, ofa_loss
+from .losses import hint_loss, ofa_loss
 from .projectors import ofa_branch, regressor
 
 METHODS = Registry("distillation method")
@@ -88,8 +89,7 @@ class KD(Method):
     """Hinton et al.: alpha * T^2 KL(teacher || student at temperature T) + (1 - alpha) * CE."""
 
     def loss(self, helpers, s_logits, s_feats, t_logits, t_feats, y, cfg, **extra):
-        return cfg.kd_alpha * kd_loss(s_logits, t_logits, cfg.kd_temperature) + (1 - cfg.kd_alpha) * \
-            F.cross_entropy(s_logits, y, label_smoothing=cfg.label_smoothing)
+        return kd_with_labels(s_logits, t_logits, y, cfg.kd_alpha, cfg.kd_temperature, cfg.label_smoothing)
 
 
 @register_method("fitnet")

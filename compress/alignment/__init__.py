@@ -65,22 +65,19 @@ class Alignment:
     def stage_families(self) -> list[str]:
         """Per canonical stage, `token` when its blocks attend or mix tokens (attention, mlp, bridge), else
         `conv`: which kind of projector a distillation method should put behind it."""
-        out = []
-        for s in self.stages:
-            kinds = {b.kind for b in self.blocks if b.name == s.module or b.name.startswith(s.module + ".")}
-            out.append("token" if kinds & {"attention", "mlp", "bridge"} else "conv")
-        return out
+        return ["token" if {b.kind for b in self._blocks_in(s)} & {"attention", "mlp", "bridge"} else "conv"
+                for s in self.stages]
 
     @cached_property
     def stage_entries(self) -> list[str]:
         """Per canonical stage, the first block inside it: its input is the stage's embedding (the tokens or
         map after the stage's patch embedding / downsampling), which TransKD aligns. A stage without blocks
         (MobileViT's final conv) is its own entry."""
-        out = []
-        for s in self.stages:
-            inside = [b.name for b in self.blocks if b.name.startswith(s.module + ".")]
-            out.append(inside[0] if inside else s.module)
-        return out
+        return [next((b.name for b in self._blocks_in(s) if b.name != s.module), s.module) for s in self.stages]
+
+    def _blocks_in(self, stage: Stage) -> list[Block]:
+        """The blocks that are the stage module or lie inside it (ViT's stage `blocks.3` is one block)."""
+        return [b for b in self.blocks if b.name == stage.module or b.name.startswith(stage.module + ".")]
 
     def features(self, x: torch.Tensor, stages: list[Stage] | None = None) -> list[torch.Tensor]:
         """NCHW outputs of `stages` (default: the canonical stages)."""

@@ -103,15 +103,34 @@ def stage_features(model: nn.Module, x: torch.Tensor, stages: list[Stage]) -> li
     return [to_nchw(t, s.channels, _grid(x, s.reduction)) for t, s in zip(raw, stages)]
 
 
-def logits_and_features(model: nn.Module, x: torch.Tensor, stages: list[Stage]):
-    """One ordinary forward that also returns the NCHW stage maps (differentiable: for distillation).
+def channel_axis(t: torch.Tensor) -> int:
+    """Feature axis of an activation: tokens (B, N, C) and channels-last maps (B, H, W, C) keep it last;
+    NCHW maps (square H = W, the layout of every CNN here) have it at 1."""
+    if t.ndim == 4 and not (t.shape[1] == t.shape[2] and t.shape[2] != t.shape[3]):
+        return 1
+    return -1
+
+
+def logits_and_features(model: nn.Module, x: torch.Tensor, stages: list[Stage], entries: list[str] = ()):
+    """One ordinary forward that also returns the NCHW stage maps and the NCHW inputs of the `entries`
+    modules (differentiable: for distillation).
 
     Example:
-        >>> logits, feats = logits_and_features(model, x, canonical_stages(model))
+        >>> logits, feats, _ = logits_and_features(model, x, canonical_stages(model))
     """
-    with hooked_outputs(model, [s.module for s in stages]) as outs:
-        logits = model(x)
-    return logits, [to_nchw(outs[s.module], s.channels, _grid(x, s.reduction)) for s in stages]
+    inputs: dict[str, torch.Tensor] = {}
+    modules = dict(model.named_modules())
+    handles = [modules[e].register_forward_pre_hook(lambda m, a, e=e: inputs.__setitem__(e, a[0])) for e in entries]
+    try:
+        with hooked_outputs(model, [s.module for s in stages]) as outs:
+            logits = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    feats = [to_nchw(outs[s.module], s.channels, _grid(x, s.reduction)) for s in stages]
+    # an entry's grid is its own (a token sequence is taken as square): (0, 0) lets to_nchw infer it
+    embeds = [to_nchw(t, t.shape[channel_axis(t)], (0, 0)) for t in (inputs[e] for e in entries)]
+    return logits, feats, embeds
 
 
 @contextlib.contextmanager

@@ -10,7 +10,8 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import copy
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -18,6 +19,7 @@ from torch import nn
 from ..alignment.blocks import find_blocks
 from ..alignment.surgery import replace_modules
 from ..errors import CompressError
+from ..measure import macs
 from .depth import SCORES, UNITS, greedy_by_loss, plan_depth, removal_op, unit_similarity
 from .importance import CRITERIA, importance
 from .lowrank import prune_lowrank
@@ -119,11 +121,6 @@ def ratio_for_macs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Prun
         >>> ratio_for_macs(vit, images, labels, PruneConfig("width"), target=0.5, input_size=32)
         0.59
     """
-    import copy
-    from dataclasses import replace
-
-    from ..measure import macs
-
     if not 0.0 < target < 1.0:
         raise CompressError("MACs target out of range", expected="0 < target < 1 (the fraction removed)",
                             found=str(target))

@@ -21,18 +21,11 @@ from torch import nn
 
 from ..alignment.blocks import find_blocks
 from ..alignment.surgery import replace_modules
+from ..alignment.taps import channel_axis
 from ..errors import CompressError
 
 UNITS = ("block", "attn", "mlp")
 SCORES = ("cos", "loss")
-
-
-def channel_axis(t: torch.Tensor) -> int:
-    """Feature axis of a block's activation: tokens (B, N, C) and channels-last maps (B, H, W, C) keep it
-    last; NCHW maps (square H = W, the layout of every CNN here) have it at 1."""
-    if t.ndim == 4 and not (t.shape[1] == t.shape[2] and t.shape[2] != t.shape[3]):
-        return 1
-    return -1
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
