@@ -150,6 +150,20 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     _common(p)
 
+    p = sub.add_parser("quantize", help="post-training quantization (simulated) and a real int8 artifact")
+    p.add_argument("checkpoint")
+    p.add_argument("--bits", default="w8a8", help="wXaY, X and Y from 2 to 8 (w8a8, w6a6, w4a8, w4a4)")
+    p.add_argument("--method", default="qhyvit", help="qhyvit, ptq4vit, repq, percentile or minmax")
+    p.add_argument("--calib", type=int, default=32, help="calibration images from the training split")
+    p.add_argument("--exclude", nargs="*", default=[], help="fnmatch patterns of sites / modules kept in float")
+    p.add_argument("--recon-iters", type=int, default=200, help="qhyvit: learned-rounding steps per bridge block")
+    p.add_argument("--data", default="digits", help="calibration and evaluation data")
+    p.add_argument("--out", help="quantized (fake-quant) checkpoint; `compress eval` reloads it")
+    p.add_argument("--deploy", metavar="PT2", help="also write a real int8 program (PT2E, x86 Inductor) here")
+    p.add_argument("--sensitivity-plot", metavar="PNG", help="per-site sensitivity (SQNR when alone quantized)")
+    _model_args(p)
+    _common(p)
+
     p = sub.add_parser("inspect", help="print a checkpoint's description and its model's alignment")
     p.add_argument("checkpoint")
     _model_args(p)
@@ -719,6 +733,125 @@ def cmd_prune(args) -> dict:
     return result
 
 
+def cmd_quantize(args) -> dict:
+    import copy
+
+    import torch
+
+    from compress import load, save
+    from compress.alignment import align
+    from compress.data import load_data
+    from compress.measure import top1
+    from compress.registry import parse_arch_args
+    from compress.report import console, table
+    from quantize import QuantConfig, calibrate, parse_bits, sensitivity
+    from quantize.engine import sites_to_json
+
+    if not args.out and not args.deploy:
+        raise CompressError("quantize needs --out and/or --deploy", expected="an output path")
+    guard_paths([args.checkpoint], [args.out, args.deploy, args.json, args.sensitivity_plot])
+    w_bits, a_bits = parse_bits(args.bits)
+    cfg = QuantConfig(method=args.method, bits=args.bits, calib=args.calib, exclude=list(args.exclude),
+                      recon_iters=args.recon_iters, seed=args.seed)
+    from quantize import METHODS
+
+    METHODS.get(cfg.method)  # an unknown method fails before any work
+    if args.calib < 1:
+        raise CompressError("invalid --calib", expected="at least 1 image", found=str(args.calib))
+    ckpt = load(args.checkpoint, arch=args.arch, arch_args=parse_arch_args(args.arch_args))
+    if ckpt.task != "classification":
+        raise CompressError("compress quantize evaluates classifiers", expected="a classification checkpoint",
+                            found=f"task {ckpt.task}")
+    data = load_data(args.data, ckpt.input, ckpt.task)
+    if data.num_classes != ckpt.num_classes:
+        raise CompressError(f"'{args.checkpoint}' predicts {ckpt.num_classes} classes",
+                            expected=f"{data.num_classes} for {data.name}")
+    images = _images(data.train, args.calib)
+    expected = (len(ckpt.input.mean), ckpt.input.size, ckpt.input.size)
+    if tuple(images.shape[1:]) != expected:
+        raise CompressError("calibration images do not fit the model", expected=f"inputs of shape {expected}",
+                            found=f"{tuple(images.shape[1:])} from {data.name}")
+    torch.manual_seed(args.seed)
+    original = ckpt.build()
+    model = copy.deepcopy(original)
+    qm, info = calibrate(model, images, cfg, align(model, ckpt.input.size, expected[0]).blocks)
+    result = {"checkpoint": args.checkpoint, "arch": ckpt.arch, "method": cfg.method, "bits": cfg.bits,
+              "w_bits": w_bits, "a_bits": a_bits, "calib": args.calib, "data": data.name,
+              "fp32_top1": top1(original, data.test), "top1": top1(qm, data.test),
+              "calib_seconds": round(info["calib_seconds"], 2), "sites": len(info["sites"]),
+              "float_sites": info["skipped"], "bridge_blocks": info["bridges"],
+              "reconstruction": info["reconstruction"], "folded_norms": info["folded_norms"]}
+    sens = sensitivity(qm, images)
+    result["sensitivity_db"] = {k: round(v, 2) for k, v in sens.items()}
+    worst = sorted(sens.items(), key=lambda kv: kv[1])[:10]
+    console.print(table(f"most sensitive sites of {ckpt.arch} ({cfg.method} {cfg.bits}; logit SQNR with only "
+                        "that site quantized; low = sensitive)",
+                        [{"site": k, "quantizers": info["sites"][k], "SQNR dB": round(v, 2)} for k, v in worst]))
+    if args.sensitivity_plot:
+        _plot_sensitivity(sens, args.sensitivity_plot, f"{ckpt.arch} {cfg.method} {cfg.bits}")
+    if info["skipped"]:
+        console.print(f"kept in float: {len(info['skipped'])} sites, e.g. "
+                      + ", ".join(f"{k} ({v})" for k, v in list(info["skipped"].items())[:3]))
+    if args.out:
+        op = {"op": "quantize", "method": cfg.method, "bits": cfg.bits,
+              "sites": sites_to_json(list(qm.sites.values())), "quantizers": qm.specs()}
+        out = ckpt.derive(qm, command=" ".join(["compress", *args.argv]), parents=[args.checkpoint],
+                          structure=[*ckpt.structure, op],
+                          metrics={"fp32_top1": result["fp32_top1"], "top1": result["top1"]})
+        save(out, args.out)
+        _save_resolved(args, args.out)
+        result["out"] = args.out
+    if args.deploy:
+        result.update(_deploy(original, images, qm, info, align(original, ckpt.input.size, expected[0]).blocks,
+                              args, data))
+    rows = [{"": "fp32", "top1": result["fp32_top1"]}, {"": f"{cfg.method} {cfg.bits} (simulated)",
+                                                      "top1": result["top1"]}]
+    if args.deploy:
+        rows[0].update({"latency b1 ms": result["fp32_latency_ms"], "size bytes": result["fp32_size_bytes"]})
+        rows.append({"": "int8 deployed (PT2E x86)", "top1": result["int8_top1"],
+                     "latency b1 ms": result["int8_latency_ms"], "size bytes": result["int8_size_bytes"]})
+    console.print(table(f"quantization of {ckpt.arch} on {data.name} (calibration {result['calib_seconds']} s)",
+                        rows))
+    return result
+
+
+def _deploy(original, images, qm, info, blocks, args, data) -> dict:
+    """Write the int8 program and measure it against FP32 on the same backend."""
+    import torch
+
+    from compress.measure import file_size, threads, top1
+    from quantize.deploy import deploy, fp32_size_bytes, load_program, save_program
+
+    with threads(args.threads or 2):  # the issue's setting: batch 1, 2 threads, unless told otherwise
+        convs = [s.module for s in qm.sites.values() if s.op == "conv" and s.groups > 1]
+        bridge = {b.name for b in blocks if b.kind == "bridge"}
+        in_bridges = [s.module for s in qm.sites.values() if s.op in ("conv", "linear")
+                      and any(s.module == b or s.module.startswith(b + ".") for b in bridge)]
+        excluded = sorted({s.module for s in qm.sites.values() if s.op in ("conv", "linear")
+                           and s.name in info["skipped"]})
+        groups = {"grouped convs": sorted(set(convs)), "bridge blocks": sorted(set(in_bridges))}
+        dep = deploy(original, images, groups, base_float=excluded)
+        save_program(dep.program, images, args.deploy)
+        program = load_program(args.deploy)
+        return {"deploy": args.deploy, "deploy_choice": dep.choice, "deploy_variants": dep.variants,
+                "float_modules": dep.float_modules, "fp32_latency_ms": round(dep.fp32_latency_ms, 3),
+                "int8_latency_ms": round(dep.int8_latency_ms, 3),
+                "int8_speedup": round(dep.fp32_latency_ms / dep.int8_latency_ms, 2),
+                "fp32_size_bytes": fp32_size_bytes(original, images), "int8_size_bytes": file_size(args.deploy),
+                "int8_top1": top1(program, data.test), "deploy_threads": torch.get_num_threads()}
+
+
+def _plot_sensitivity(sens: dict, path: str, title: str) -> None:
+    plt = _pyplot()
+    names = list(sens)
+    fig, ax = plt.subplots(figsize=(max(6, len(names) * 0.12), 3.5))
+    ax.bar(range(len(names)), [sens[n] for n in names])
+    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=5)
+    ax.set_ylabel("logit SQNR (dB), only this site quantized")
+    ax.set_title(title)
+    _save_figure(fig, path)
+
+
 def _prune_sweep(original, x, y, cfg, ratios, data, size, threads) -> list[dict]:
     import copy
     from dataclasses import replace
@@ -772,7 +905,7 @@ def _plot_maps(maps: dict, path: str, most: int = 8) -> None:
     _save_figure(fig, path)
 
 
-COMMANDS = {"distill": cmd_distill, "prune": cmd_prune, "fuse": cmd_fuse, "demo": cmd_demo, "models": cmd_models, "train": cmd_train, "eval": cmd_eval, "inspect": cmd_inspect}
+COMMANDS = {"quantize": cmd_quantize, "distill": cmd_distill, "prune": cmd_prune, "fuse": cmd_fuse, "demo": cmd_demo, "models": cmd_models, "train": cmd_train, "eval": cmd_eval, "inspect": cmd_inspect}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -92,7 +92,7 @@ class Checkpoint:
         if self.structure:
             from .alignment.surgery import apply_structure
 
-            apply_structure(model, self.structure, self.input.size, len(self.input.mean))
+            model = apply_structure(model, self.structure, self.input.size, len(self.input.mean))
         return model
 
     def build(self) -> nn.Module:

@@ -222,6 +222,11 @@ def apply_structure(model: nn.Module, ops: list[dict], input_size: int, in_chans
                 raise CompressError("cannot replay a resize", expected="spaces of this architecture",
                                     found=f"unknown spaces {missing[:3]}")
             resize(model, sg, {by_name[n].id: torch.arange(int(k)) for n, k in op["spaces"].items()})
+        elif kind == "quantize":
+            # fake quantizers wrap the model; quantize/ sits above compress/, hence the late import
+            from quantize.engine import rebuild
+
+            model = rebuild(model, op)
         else:
-            raise CompressError(f"unknown structure op '{kind}'", expected="replace, resize or factorize")
+            raise CompressError(f"unknown structure op '{kind}'", expected="replace, resize, factorize or quantize")
     return model

@@ -1,0 +1,157 @@
+"""The calibration driver: sites found, each method run on what its sites saw, bridge blocks handled.
+
+Parallel calibration (PTQ4ViT): one pass records every site's input on the float model; each site is then
+calibrated on float inputs. Q-HyViT adds sequential calibration of bridge blocks: sites up to the next
+bridge block are recorded with the bridge blocks before them already quantized, so everything downstream of
+a bridge is calibrated on inputs that carry its quantization error; each bridge then stays quantized and is
+reconstructed (learned rounding, `reconstruct.py`).
+
+Example:
+    >>> qm, info = calibrate(model, images, QuantConfig(method="qhyvit", bits="w6a6"))
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compress.errors import CompressError
+
+from .engine import QuantizedModel, Site, discover
+from .methods import HESSIAN, METHODS, describe
+from .reconstruct import reconstruct_block
+from .reparam import reparameterize
+from .search import SearchConfig
+
+
+@dataclass
+class QuantConfig:
+    """What `compress quantize` does. `bits` is `wXaY` with X, Y in 2..8."""
+    method: str = "qhyvit"
+    bits: str = "w8a8"
+    calib: int = 32
+    exclude: list[str] = field(default_factory=list)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    recon_iters: int = 200      # learned-rounding steps per bridge block (qhyvit)
+    recon_lr: float = 1e-2       # above AdaRound's 1e-3: our schedules are ~100x shorter than its 20k steps
+    seed: int = 0
+
+
+def parse_bits(text: str) -> tuple[int, int]:
+    """`w6a6` -> (6, 6); anything else, or bits outside 2..8, is a clear error.
+
+    Example:
+        >>> parse_bits("w4a8")
+        (4, 8)
+    """
+    m = re.fullmatch(r"w(\d+)a(\d+)", text.strip().lower())
+    if not m:
+        raise CompressError(f"bad --bits '{text}'", expected="wXaY, e.g. w8a8, w6a6, w4a8")
+    w, a = int(m.group(1)), int(m.group(2))
+    bad = [f"{n}={b}" for n, b in (("weights", w), ("activations", a)) if not 2 <= b <= 8]
+    if bad:
+        raise CompressError(f"bits out of range in '{text}'", expected="2 to 8 bits", found=", ".join(bad))
+    return w, a
+
+
+def excluded(site: Site, patterns: list[str]) -> bool:
+    return any(fnmatch.fnmatch(site.name, p) or fnmatch.fnmatch(site.module, p) for p in patterns)
+
+
+def fisher_loss(reference: torch.Tensor):
+    """The task loss whose output gradients weight the search: cross-entropy against the float model's own
+    predictions (a Fisher / Hessian-diagonal proxy that needs no labels, per-pixel for segmentation)."""
+    target = reference.argmax(dim=1)
+    return lambda logits: F.cross_entropy(logits, target, reduction="sum")
+
+
+def calibrate(model: nn.Module, images: torch.Tensor, cfg: QuantConfig,
+              blocks: list | None = None) -> tuple[QuantizedModel, dict]:
+    """Quantize `model` (a copy is not made: RepQ folds and reconstruction write its weights) with `cfg`
+    on calibration `images`; returns the fake-quantized model and a report dict."""
+    w_bits, a_bits = parse_bits(cfg.bits)
+    method = METHODS.get(cfg.method)
+    start = time.perf_counter()
+    model.eval().requires_grad_(False)
+    found = discover(model, images[:1])
+    skipped = {s.name: s.reason for s in found if s.op == "float"}
+    skipped.update({s.name: "excluded by --exclude" for s in found if s.name not in skipped and excluded(s, cfg.exclude)})
+    sites = [s for s in found if s.name not in skipped]
+    qm = QuantizedModel(model, sites)
+    with torch.no_grad():
+        reference = model(images)
+    grad_loss = fisher_loss(reference) if cfg.method in HESSIAN else None
+    info: dict = {"sites": {}, "skipped": skipped, "bridges": [], "reconstruction": {}, "folded_norms": []}
+
+    if cfg.method == "repq":
+        recs = qm.record(images, [s.name for s in sites])
+        info["folded_norms"] = reparameterize(model, sites, recs, a_bits)
+
+    bridges = [b.name for b in (blocks or []) if b.kind == "bridge"] if cfg.method == "qhyvit" else []
+    todo, bridge_sites = [s.name for s in sites], []
+    while todo:
+        qm.active = set(bridge_sites)  # bridges calibrated so far stay quantized; the rest records float
+        recs = qm.record(_grad_input(images, grad_loss), todo, grad_loss)
+        nxt = next((b for b in bridges if b not in info["bridges"]), None)
+        chunk = todo if nxt is None else todo[: _last_index(todo, qm.sites, nxt) + 1]
+        for name in chunk:
+            site = qm.sites[name]
+            if name not in recs:  # did not run on this input (a branch not taken): nothing to calibrate
+                skipped[name] = "not executed on the calibration data"
+                continue
+            quant = method(site, recs[name], w_bits, a_bits, cfg.search)
+            for role, q in quant.items():
+                qm.quantizers[site.key(role)] = q
+            info["sites"][name] = describe(quant)
+        todo = todo[len(chunk):]
+        if nxt is not None:
+            info["bridges"].append(nxt)
+            bridge_sites += [n for n in chunk if _in_block(qm.sites[n], nxt)]
+            qm.active = set(bridge_sites)
+            before, after = reconstruct_block(qm, nxt, images, cfg.recon_iters, cfg.recon_lr, seed=cfg.seed)
+            info["reconstruction"][nxt] = {"mse_before": before, "mse_after": after}
+    qm.active = None
+    info["calib_seconds"] = time.perf_counter() - start
+    return qm, info
+
+
+def _grad_input(images: torch.Tensor, grad_loss) -> torch.Tensor:
+    # parameters are frozen; the input carries requires_grad so site outputs get gradients
+    return images.clone().requires_grad_(grad_loss is not None)
+
+
+def _in_block(site: Site, block: str) -> bool:
+    return site.module == block or site.module.startswith(block + ".")
+
+
+def _last_index(todo: list[str], sites: dict[str, Site], block: str) -> int:
+    idx = [i for i, n in enumerate(todo) if _in_block(sites[n], block)]
+    return idx[-1] if idx else -1
+
+
+def sensitivity(qm: QuantizedModel, images: torch.Tensor) -> dict[str, float]:
+    """Per site, the SQNR (dB) of the logits when only that site is quantized: low means sensitive."""
+    with torch.no_grad():
+        qm.floating = True
+        ref = qm(images)
+        qm.floating = False
+        out = {}
+        for name in qm.sites:
+            if not qm.site_quantizers(qm.sites[name]):
+                continue
+            qm.active = {name}
+            out[name] = sqnr(ref, qm(images))
+        qm.active = None
+    return out
+
+
+def sqnr(ref: torch.Tensor, approx: torch.Tensor) -> float:
+    """10 log10(|ref|^2 / |ref - approx|^2), in dB."""
+    noise = (ref - approx).pow(2).sum().clamp_min(1e-20)
+    return float(10 * torch.log10(ref.pow(2).sum() / noise))

@@ -1,0 +1,135 @@
+"""Per-site range setting: min-max, percentile, and the Hessian-guided grid search of PTQ4ViT / Q-HyViT.
+
+Pure functions of one site's `Record` (what it saw on the calibration batch). The search score is PTQ4ViT's
+Hessian-guided metric, the output error weighted by the gradient of the task loss at the site's output,
+mean((dL/dO * (O - O_hat))^2); without a gradient it is the plain output MSE.
+
+Example:
+    >>> q = Uniform(8, symmetric=True, axis=0, channels=w.shape[0])
+    >>> search(site, rec, {"w": q, "a": qa}, "w", SearchConfig())
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .engine import Record, Site, run_op
+from .quantizers import Log, Quantizer, TwinUniform, Uniform, channel_minmax, channel_quantile
+
+
+@dataclass
+class SearchConfig:
+    """PTQ4ViT's grid: multipliers alpha..beta of the min-max interval in `points` steps, `rounds` of
+    alternating weight / activation search."""
+    alpha: float = 0.01
+    beta: float = 1.2
+    points: int = 100
+    rounds: int = 3
+    percentile: float = 0.9999
+
+
+def role_axis(site: Site, role: str, granularity: str, ndim: int) -> int | None:
+    """The quantization axis of a role at a granularity: weights per output channel, conv inputs per
+    channel, linear / norm inputs per feature, attention operands per head (4-D matmul operands)."""
+    if granularity == "tensor" or role == "out":
+        return None
+    if role == "w":
+        return 0
+    if site.op == "matmul":
+        return 1 if ndim == 4 else None
+    if site.op == "conv" or (site.op == "norm" and ndim == 4):
+        return 1
+    return -1
+
+
+def uniform_for(site: Site, role: str, x: torch.Tensor, bits: int, symmetric: bool, granularity: str,
+                tight: bool = False) -> Uniform:
+    axis = role_axis(site, role, granularity, x.ndim)
+    return Uniform(bits, symmetric, axis, 1 if axis is None else x.shape[axis], tight)
+
+
+def set_minmax(q: Uniform, x: torch.Tensor, percentile: float | None = None) -> Uniform:
+    lo, hi = channel_minmax(x, q.axis) if percentile is None else channel_quantile(x, percentile, q.axis)
+    return q.set_range(lo, hi)
+
+
+def score(site: Site, rec: Record, quant: dict[str, Quantizer], per_channel: bool = False) -> torch.Tensor:
+    """Hessian-guided output error of the site under `quant` (per output channel when asked)."""
+    with torch.no_grad():
+        out = run_op(site, rec.inputs, rec.extra, quant)
+        err = out - rec.out
+        if rec.grad is not None:
+            err = err * rec.grad
+        err = err.pow(2)
+        if per_channel:
+            axis = 1 if site.op == "conv" else -1
+            return err.movedim(axis, 0).reshape(err.shape[axis], -1).mean(dim=1)
+        return err.mean()
+
+
+def search(site: Site, rec: Record, quant: dict[str, Quantizer], role: str, cfg: SearchConfig) -> float:
+    """Grid-search the range of `quant[role]` (others fixed) by the Hessian-guided score; returns the best
+    score. Per-output-channel weight ranges are searched channel by channel in one pass, since each output
+    channel's error depends on its own weight row only."""
+    q = quant[role]
+    x = rec.inputs[role]
+    if isinstance(q, TwinUniform):
+        return _search_twin(site, rec, quant, role, q, x, cfg)
+    if isinstance(q, Log):
+        set_minmax_log(q, x)
+        return float(score(site, rec, quant))
+    lo, hi = channel_minmax(x, q.axis)
+    if q.symmetric:
+        lo, hi = -torch.maximum(lo.abs(), hi.abs()), torch.maximum(lo.abs(), hi.abs())
+    mults = torch.linspace(cfg.alpha, cfg.beta, cfg.points + 1)
+    per_channel = role == "w" and q.axis == 0
+    best, best_m = None, None
+    for m in mults:
+        q.set_range(lo * m, hi * m)
+        if not q.symmetric and q.overflow:
+            continue
+        s = score(site, rec, quant, per_channel)
+        if best is None:
+            best, best_m = s, torch.full_like(s, float(m))
+        else:
+            better = s < best
+            best, best_m = torch.where(better, s, best), torch.where(better, float(m), best_m)
+    if best is None:  # every candidate overflowed (asymmetric over a one-sided range): plain min-max
+        q.set_range(lo, hi)
+        return float(score(site, rec, quant))
+    q.set_range(lo * best_m, hi * best_m)
+    return float(score(site, rec, quant))
+
+
+def _search_twin(site, rec, quant, role, q: TwinUniform, x, cfg) -> float:
+    if q.mode == "softmax":
+        candidates = [2.0 ** -i for i in range(20)]  # PTQ4ViT: split at a power of two
+    else:
+        top = float(x.max().clamp_min(1e-8))
+        candidates = [float(m) * top for m in torch.linspace(cfg.alpha, cfg.beta, cfg.points + 1)]
+    scores = []
+    for c in candidates:
+        q.set_split(c)
+        scores.append(float(score(site, rec, quant)))
+    best = min(range(len(candidates)), key=scores.__getitem__)
+    q.set_split(candidates[best])
+    return scores[best]
+
+
+def set_minmax_log(q: Log, x: torch.Tensor) -> Log:
+    return q.set_range(x.min(), x.max())
+
+
+def best_percentile_range(q: Uniform, x: torch.Tensor, percentiles=(0.999, 0.9999, 0.99999, 1.0)) -> Uniform:
+    """RepQ-ViT's range setting: the clipping percentile whose quantization MSE of `x` is lowest."""
+    best = None
+    for p in percentiles:
+        set_minmax(q, x, None if p >= 1.0 else p)
+        with torch.no_grad():
+            err = float((q(x) - x).pow(2).mean())
+        if best is None or err < best[0]:
+            best = (err, q.scale.clone(), q.zero_point.clone())
+    q.scale, q.zero_point = best[1], best[2]
+    return q

@@ -1,0 +1,213 @@
+"""Post-training quantization: quantizer error bounds, closeness at 8 bits, the engine's site coverage and
+transparency, RepQ folding, bridge-block reconstruction, the checkpoint round trip and the int8 artifact."""
+
+import json
+
+import pytest
+import torch
+
+from cli import main
+from compress import Checkpoint, CompressError, load, save
+from compress.alignment import align
+from quantize import QuantConfig, QuantizedModel, calibrate, discover, parse_bits, sqnr
+from quantize.calibrate import fisher_loss
+from quantize.engine import Site
+from quantize.quantizers import Log, TwinUniform, Uniform, uniform_params
+from quantize.reparam import reparameterize
+from tests.helpers import perturb_, small_model
+
+
+def _images(size: int, n: int = 16, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("bits", [2, 4, 6, 8])
+def test_uniform_round_trip_error_is_at_most_half_a_step(bits):
+    x = torch.randn(64, 33) * torch.linspace(0.1, 5, 33)
+    for symmetric in (True, False):
+        q = Uniform(bits, symmetric, axis=-1, channels=33).set_range(x.amin(0), x.amax(0))
+        err = (q(x) - x).abs()
+        inside = (x >= x.amin(0) + q.scale) & (x <= x.amax(0) - q.scale)
+        assert (err[inside] <= (q.scale / 2 * (1 + 1e-4)).expand_as(x)[inside]).all()
+        # asymmetric: the rounded zero point shifts the grid by up to half a step, so the ends may clip by one
+        assert (err <= q.scale * (0.5 if symmetric else 1.0) * (1 + 1e-4)).all()
+        assert torch.unique(q(x)[:, 0]).numel() <= 2 ** bits
+    t = Uniform(bits, True).set_range(x.min(), x.max())
+    assert (t(x) - x).abs().max() <= float(t.scale) / 2 * (1 + 1e-4)
+
+
+def test_zero_point_overflow_is_reported_for_one_sided_ranges():
+    _, zp, overflow = uniform_params(torch.tensor(0.5), torch.tensor(2.0), 8, symmetric=False, tight=True)
+    assert overflow and zp == 0
+    _, _, overflow = uniform_params(torch.tensor(-0.5), torch.tensor(2.0), 8, symmetric=False, tight=True)
+    assert not overflow
+    _, zp, overflow = uniform_params(torch.tensor(0.5), torch.tensor(2.0), 8, symmetric=False)  # widened to 0
+    assert not overflow and zp == 0
+
+
+def test_twin_and_log_quantizers_bound_their_errors():
+    p = torch.softmax(torch.randn(8, 4, 16, 16) * 3, dim=-1)
+    twin = TwinUniform(8, "softmax").set_split(2 ** -4)
+    err = (twin(p) - p).abs()
+    levels = 2 ** 7 - 1
+    assert (err[p < 2 ** -4] <= 2 ** -4 / levels / 2 + 1e-7).all()
+    assert (err[p >= 2 ** -4] <= 1 / levels / 2 + 1e-7).all()
+    # log2: in range, x_hat / x lies within [2^-1/2, 2^1/2]; log-sqrt2 within [2^-1/4, 2^1/4]
+    for sqrt2, bound in ((False, 2 ** 0.5), (True, 2 ** 0.25)):
+        q = Log(8, sqrt2=sqrt2).set_range(p.min(), p.max())
+        x = p[p > 1e-6]
+        ratio = q(x) / x
+        assert (ratio <= bound + 1e-5).all() and (ratio >= 1 / bound - 1e-5).all()
+
+
+def test_bits_are_parsed_and_checked():
+    assert parse_bits("w4a8") == (4, 8) and parse_bits("W6A6") == (6, 6)
+    for bad in ("w9a8", "w8a1", "w8", "int8"):
+        with pytest.raises(CompressError, match="bits"):
+            parse_bits(bad)
+
+
+@pytest.mark.parametrize("arch", ["vit", "swin", "mobilevit", "efficientformer", "efficientformerv2", "resnet"])
+def test_engine_finds_every_site_and_is_transparent_before_calibration(arch):
+    model, size = small_model(arch)
+    perturb_(model)
+    x = _images(size, 2)
+    sites = discover(model, x[:1])
+    ops = {s.op for s in sites}
+    assert "conv" in ops or "linear" in ops
+    if arch in ("vit", "swin", "mobilevit", "efficientformer"):  # fused attention included (vit, mobilevit)
+        assert {"matmul", "softmax"} <= ops
+    with torch.no_grad():
+        assert torch.allclose(QuantizedModel(model, sites)(x), model(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["vit", "deit", "swin", "mobilevit", "mobilevitv2", "efficientformer",
+                                  "efficientformerv2"])
+def test_eight_bit_output_is_close_to_float(arch):
+    model, size = small_model(arch)
+    perturb_(model)
+    x = _images(size, 16)
+    with torch.no_grad():
+        ref = model(x)
+    qm, info = calibrate(model, x, QuantConfig(method="minmax", bits="w8a8"))
+    with torch.no_grad():
+        out = qm(_images(size, 16, seed=0))
+    assert len(info["sites"]) > 10
+    # random weights give harsher activations than trained ones (trained models: docs/BENCHMARKS.md, within
+    # a point of FP32 at w8a8); the property checked here is that the error shrinks with the bits
+    assert sqnr(ref, out) > 5, sqnr(ref, out)
+    qm4, _ = calibrate(model, x, QuantConfig(method="minmax", bits="w4a4"))
+    with torch.no_grad():
+        assert sqnr(ref, qm4(x)) + 6 < sqnr(ref, out)
+
+
+def test_hessian_search_beats_minmax_at_low_bits():
+    model, size = small_model("vit")
+    perturb_(model)
+    x = _images(size, 16)
+    with torch.no_grad():
+        ref = model(x)
+    scores = {}
+    for method in ("minmax", "ptq4vit", "qhyvit"):
+        cfg = QuantConfig(method=method, bits="w4a4")
+        cfg.search.points, cfg.search.rounds = 25, 1  # a coarser grid keeps the test short
+        qm, _ = calibrate(model, x, cfg)
+        with torch.no_grad():
+            scores[method] = sqnr(ref, qm(x))
+    assert scores["ptq4vit"] > scores["minmax"] + 3 and scores["qhyvit"] > scores["minmax"] + 3, scores
+
+
+def test_repq_folding_keeps_the_float_function():
+    model, size = small_model("vit")
+    perturb_(model)
+    x = _images(size, 8)
+    with torch.no_grad():
+        ref = model(x)
+    sites = discover(model, x[:1])
+    recs = QuantizedModel(model, sites).record(x, [s.name for s in sites])
+    folded = reparameterize(model, sites, recs, a_bits=8)
+    assert len(folded) == 8  # norm1 and norm2 of the 4 blocks
+    with torch.no_grad():
+        assert torch.allclose(model(x), ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["mobilevit", "efficientformer"])
+def test_qhyvit_finds_bridge_blocks_and_reconstruction_lowers_their_error(arch):
+    model, size = small_model(arch)
+    perturb_(model)
+    x = _images(size, 16)
+    blocks = align(model, size).blocks
+    cfg = QuantConfig(method="qhyvit", bits="w4a8", recon_iters=60)
+    cfg.search.points, cfg.search.rounds = 8, 1
+    qm, info = calibrate(model, x, cfg, blocks)
+    assert info["bridges"] and set(info["bridges"]) <= {b.name for b in blocks if b.kind == "bridge"}
+    recon = info["reconstruction"].values()
+    assert all(r["mse_after"] <= r["mse_before"] for r in recon)  # never worse: nearest rounding is the floor
+    if arch == "mobilevit":  # (efficientformer's random-weight attention stage outputs ~1e-8: nothing to fix)
+        assert any(r["mse_after"] < 0.95 * r["mse_before"] for r in recon), info["reconstruction"]
+
+
+def test_fisher_loss_gives_nonzero_site_gradients():
+    model, size = small_model("vit")
+    perturb_(model)
+    x = _images(size, 4)
+    sites = discover(model, x[:1])
+    qm = QuantizedModel(model.requires_grad_(False), sites)
+    with torch.no_grad():
+        loss = fisher_loss(model(x))
+    recs = qm.record(x.clone().requires_grad_(True), [s.name for s in sites], loss)
+    assert all(r.grad is not None and r.grad.abs().sum() > 0 for r in recs.values())
+
+
+def test_unquantizable_ops_and_excluded_sites_stay_float_and_are_reported():
+    class WithEinsum(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(12, 10)
+            self.w = torch.nn.Parameter(torch.randn(12, 12))
+
+        def forward(self, x):
+            h = torch.einsum("bc,cd->bd", x.flatten(1)[:, :12], self.w)
+            return self.fc(h)
+
+    model = WithEinsum()
+    x = torch.randn(8, 3, 2, 2)
+    qm, info = calibrate(model, x, QuantConfig(method="minmax", exclude=["fc"]))
+    assert any("einsum has no quantizer" in v for v in info["skipped"].values())
+    assert info["skipped"].get("fc:linear0") == "excluded by --exclude"
+    with torch.no_grad():
+        assert torch.allclose(qm(x), model(x))  # nothing left to quantize: float
+
+
+def test_cli_quantize_reloads_with_eval_and_writes_an_int8_program(tmp_path):
+    src = tmp_path / "vit.pt"
+    save(Checkpoint.create("vit", num_classes=10, seed=0), src)
+    out, js, ev, pt2, png = (tmp_path / n for n in ("q.pt", "q.json", "e.json", "q.pt2", "s.png"))
+    assert main(["quantize", str(src), "--bits", "w8a8", "--method", "repq", "--calib", "8", "--out", str(out),
+                 "--deploy", str(pt2), "--sensitivity-plot", str(png), "--json", str(js)]) == 0
+    r = json.loads(js.read_text())
+    assert {"fp32_top1", "top1", "bits", "method", "calib_seconds", "fp32_latency_ms", "int8_latency_ms",
+            "fp32_size_bytes", "int8_size_bytes"} <= set(r)
+    assert r["int8_size_bytes"] < 0.7 * r["fp32_size_bytes"]  # a 0.46 M model: the graph is a good part of it
+    assert png.stat().st_size > 0 and r["sensitivity_db"]
+    assert main(["eval", str(out), "--latency-runs", "2", "--json", str(ev)]) == 0
+    assert abs(json.loads(ev.read_text())["top1"] - r["top1"]) < 1e-9
+    assert load(out).structure[-1]["op"] == "quantize"
+
+
+def test_cli_quantize_bad_input(tmp_path, capsys):
+    src = tmp_path / "vit.pt"
+    save(Checkpoint.create("vit", num_classes=10, seed=0), src)
+    assert main(["quantize", str(src), "--bits", "w9a8", "--out", str(tmp_path / "q.pt")]) == 2
+    assert "bits out of range" in capsys.readouterr().err
+    assert main(["quantize", str(src), "--method", "nope", "--out", str(tmp_path / "q.pt")]) == 2
+    assert main(["quantize", str(src), "--out", str(src)]) == 2
+    assert not (tmp_path / "q.pt").exists()
+    model, _ = small_model("vit")
+    with pytest.raises(CompressError, match="do not fit the model.*48, 48"):
+        calibrate(model, torch.randn(4, 3, 48, 48), QuantConfig(method="minmax"))
+
+
+def test_site_names_follow_the_module_tree():
+    site = Site("blocks.0.attn:matmul0", "matmul", "blocks.0.attn", ["a", "b"])
+    assert site.key("a") == "blocks/0/attn:matmul0/a"
