@@ -644,12 +644,10 @@ def cmd_prune(args) -> dict:
 
     import torch
 
-    from compress import load, save
-    from compress.data import load_data
+    from compress import save
     from compress.losses import distillation_objective
     from compress.measure import compare_latency, file_size, macs, param_count, top1
     from compress.prune import PruneConfig, prune
-    from compress.registry import parse_arch_args
     from compress.report import console, table
     from compress.train import TrainConfig, train
 
@@ -665,14 +663,7 @@ def cmd_prune(args) -> dict:
     if args.finetune_epochs < 0 or args.calib < 1:
         raise CompressError("invalid recovery or calibration size", expected="--finetune-epochs >= 0, --calib >= 1",
                             found=f"{args.finetune_epochs}, {args.calib}")
-    ckpt = load(args.checkpoint, arch=args.arch, arch_args=parse_arch_args(args.arch_args))
-    if ckpt.task != "classification":
-        raise CompressError("compress prune evaluates classifiers", expected="a classification checkpoint",
-                            found=f"task {ckpt.task}")
-    data = load_data(args.data, ckpt.input, ckpt.task)
-    if data.num_classes != ckpt.num_classes:
-        raise CompressError(f"'{args.checkpoint}' predicts {ckpt.num_classes} classes",
-                            expected=f"{data.num_classes} for {data.name}")
+    ckpt, data = _classifier_and_data(args, "prune")
     torch.manual_seed(args.seed)
     original = ckpt.build()
     x, y = _images(data.train, args.calib), _labels(data.train, args.calib)
@@ -738,13 +729,11 @@ def cmd_quantize(args) -> dict:
 
     import torch
 
-    from compress import load, save
+    from compress import save
     from compress.alignment import align
-    from compress.data import load_data
     from compress.measure import top1
-    from compress.registry import parse_arch_args
     from compress.report import console, table
-    from quantize import QuantConfig, calibrate, parse_bits, sensitivity
+    from quantize import METHODS, QuantConfig, calibrate, parse_bits, sensitivity
     from quantize.engine import sites_to_json
 
     if not args.out and not args.deploy:
@@ -753,19 +742,10 @@ def cmd_quantize(args) -> dict:
     w_bits, a_bits = parse_bits(args.bits)
     cfg = QuantConfig(method=args.method, bits=args.bits, calib=args.calib, exclude=list(args.exclude),
                       recon_iters=args.recon_iters, seed=args.seed)
-    from quantize import METHODS
-
     METHODS.get(cfg.method)  # an unknown method fails before any work
     if args.calib < 1:
         raise CompressError("invalid --calib", expected="at least 1 image", found=str(args.calib))
-    ckpt = load(args.checkpoint, arch=args.arch, arch_args=parse_arch_args(args.arch_args))
-    if ckpt.task != "classification":
-        raise CompressError("compress quantize evaluates classifiers", expected="a classification checkpoint",
-                            found=f"task {ckpt.task}")
-    data = load_data(args.data, ckpt.input, ckpt.task)
-    if data.num_classes != ckpt.num_classes:
-        raise CompressError(f"'{args.checkpoint}' predicts {ckpt.num_classes} classes",
-                            expected=f"{data.num_classes} for {data.name}")
+    ckpt, data = _classifier_and_data(args, "quantize")
     images = _images(data.train, args.calib)
     expected = (len(ckpt.input.mean), ckpt.input.size, ckpt.input.size)
     if tuple(images.shape[1:]) != expected:
@@ -774,7 +754,8 @@ def cmd_quantize(args) -> dict:
     torch.manual_seed(args.seed)
     original = ckpt.build()
     model = copy.deepcopy(original)
-    qm, info = calibrate(model, images, cfg, align(model, ckpt.input.size, expected[0]).blocks)
+    blocks = align(original, ckpt.input.size, expected[0]).blocks  # `model` is a copy: same blocks
+    qm, info = calibrate(model, images, cfg, blocks)
     result = {"checkpoint": args.checkpoint, "arch": ckpt.arch, "method": cfg.method, "bits": cfg.bits,
               "w_bits": w_bits, "a_bits": a_bits, "calib": args.calib, "data": data.name,
               "fp32_top1": top1(original, data.test), "top1": top1(qm, data.test),
@@ -802,8 +783,7 @@ def cmd_quantize(args) -> dict:
         _save_resolved(args, args.out)
         result["out"] = args.out
     if args.deploy:
-        result.update(_deploy(original, images, qm, info, align(original, ckpt.input.size, expected[0]).blocks,
-                              args, data))
+        result.update(_deploy(original, images, qm, info, blocks, args, data))
     rows = [{"": "fp32", "top1": result["fp32_top1"]}, {"": f"{cfg.method} {cfg.bits} (simulated)",
                                                       "top1": result["top1"]}]
     if args.deploy:
@@ -826,7 +806,7 @@ def _deploy(original, images, qm, info, blocks, args, data) -> dict:
         convs = [s.module for s in qm.sites.values() if s.op == "conv" and s.groups > 1]
         bridge = {b.name for b in blocks if b.kind == "bridge"}
         in_bridges = [s.module for s in qm.sites.values() if s.op in ("conv", "linear")
-                      and any(s.module == b or s.module.startswith(b + ".") for b in bridge)]
+                      and any(s.inside(b) for b in bridge)]
         excluded = sorted({s.module for s in qm.sites.values() if s.op in ("conv", "linear")
                            and s.name in info["skipped"]})
         groups = {"grouped convs": sorted(set(convs)), "bridge blocks": sorted(set(in_bridges))}
@@ -850,6 +830,24 @@ def _plot_sensitivity(sens: dict, path: str, title: str) -> None:
     ax.set_ylabel("logit SQNR (dB), only this site quantized")
     ax.set_title(title)
     _save_figure(fig, path)
+
+
+def _classifier_and_data(args, command: str):
+    """The checkpoint (a classifier) and the data set it is scored on; a segmentation checkpoint or a class
+    count that differs from the data's is a clear error."""
+    from compress import load
+    from compress.data import load_data
+    from compress.registry import parse_arch_args
+
+    ckpt = load(args.checkpoint, arch=args.arch, arch_args=parse_arch_args(args.arch_args))
+    if ckpt.task != "classification":
+        raise CompressError(f"compress {command} evaluates classifiers", expected="a classification checkpoint",
+                            found=f"task {ckpt.task}")
+    data = load_data(args.data, ckpt.input, ckpt.task)
+    if data.num_classes != ckpt.num_classes:
+        raise CompressError(f"'{args.checkpoint}' predicts {ckpt.num_classes} classes",
+                            expected=f"{data.num_classes} for {data.name}")
+    return ckpt, data
 
 
 def _prune_sweep(original, x, y, cfg, ratios, data, size, threads) -> list[dict]:

@@ -88,13 +88,14 @@ def latency_ms(model: nn.Module, input_size: int, batch: int = 1, warmup: int = 
 
 
 def compare_latency(models: list[nn.Module], input_size: int, batch: int = 1, rounds: int = 3, runs: int = 20,
-                    num_threads: int | None = None) -> list[float]:
+                    num_threads: int | None = None, in_chans: int = 3) -> list[float]:
     """Median latency (ms) of each model, measured in interleaved rounds so that load on the machine
     affects every model alike; a ratio of two entries is a side-by-side measurement."""
     per = [[] for _ in models]
     for _ in range(rounds):
         for i, m in enumerate(models):
-            per[i].append(latency_ms(m, input_size, batch, warmup=3, runs=runs, num_threads=num_threads))
+            per[i].append(latency_ms(m, input_size, batch, warmup=3, runs=runs, num_threads=num_threads,
+                                     in_chans=in_chans))
     return [statistics.median(p) for p in per]
 
 

@@ -112,7 +112,7 @@ def calibrate(model: nn.Module, images: torch.Tensor, cfg: QuantConfig,
         todo = todo[len(chunk):]
         if nxt is not None:
             info["bridges"].append(nxt)
-            bridge_sites += [n for n in chunk if _in_block(qm.sites[n], nxt)]
+            bridge_sites += [n for n in chunk if qm.sites[n].inside(nxt)]
             qm.active = set(bridge_sites)
             before, after = reconstruct_block(qm, nxt, images, cfg.recon_iters, cfg.recon_lr, seed=cfg.seed)
             info["reconstruction"][nxt] = {"mse_before": before, "mse_after": after}
@@ -126,12 +126,8 @@ def _grad_input(images: torch.Tensor, grad_loss) -> torch.Tensor:
     return images.clone().requires_grad_(grad_loss is not None)
 
 
-def _in_block(site: Site, block: str) -> bool:
-    return site.module == block or site.module.startswith(block + ".")
-
-
 def _last_index(todo: list[str], sites: dict[str, Site], block: str) -> int:
-    idx = [i for i, n in enumerate(todo) if _in_block(sites[n], block)]
+    idx = [i for i, n in enumerate(todo) if sites[n].inside(block)]
     return idx[-1] if idx else -1
 
 

@@ -15,9 +15,7 @@ Example:
 from __future__ import annotations
 
 import os
-import statistics
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +24,7 @@ from torch import nn
 
 from compress.checkpoint import atomic_write
 from compress.errors import CompressError
+from compress.measure import compare_latency
 
 
 def _torchao():
@@ -48,13 +47,15 @@ class Deployed:
     variants: dict = field(default_factory=dict)  # variant -> {"latency_ms", "agreement"}
 
 
-def export(model: nn.Module, example: torch.Tensor):
-    """torch.export with a dynamic batch when the model allows it (batch 1 otherwise)."""
+def exported(model: nn.Module, example: torch.Tensor) -> torch.export.ExportedProgram:
+    """torch.export with a dynamic batch when the model allows it (batch 1 otherwise: `Program` then runs
+    larger batches image by image). The examples are cloned: an archive keeps them, and a slice would drag
+    its whole storage (the data set) into the file."""
     batch = torch.export.Dim("batch", min=1, max=4096)
     try:
-        return torch.export.export(model, (example,), dynamic_shapes=({0: batch},)).module()
-    except Exception:  # some models specialise the batch; the artifact then runs at batch 1
-        return torch.export.export(model, (example[:1],)).module()
+        return torch.export.export(model, (example[:2].clone(),), dynamic_shapes=({0: batch},))
+    except Exception:  # some models specialise the batch
+        return torch.export.export(model, (example[:1].clone(),))
 
 
 def quantize_pt2e(model: nn.Module, images: torch.Tensor, float_modules: list[str]) -> nn.Module:
@@ -64,7 +65,7 @@ def quantize_pt2e(model: nn.Module, images: torch.Tensor, float_modules: list[st
     quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
     for name in float_modules:
         quantizer.set_module_name_qconfig(name, None)
-    graph = export(model.eval(), images[:2])
+    graph = exported(model.eval(), images).module()
     prepared = prepare_pt2e(graph, quantizer)
     with torch.no_grad():
         for x in images.split(1):
@@ -78,82 +79,6 @@ def compile_frozen(model: nn.Module):
 
     inductor_config.freezing = True
     return torch.compile(model)
-
-
-def interleaved_ms(fns: list, x: torch.Tensor, rounds: int = 5, runs: int = 20) -> list[float]:
-    """Median ms per call of each function, timed in alternation so machine load hits all alike."""
-    times = [[] for _ in fns]
-    with torch.no_grad():
-        for fn in fns:
-            for _ in range(3):
-                fn(x)
-        for _ in range(rounds):
-            for i, fn in enumerate(fns):
-                t = time.perf_counter()
-                for _ in range(runs):
-                    fn(x)
-                times[i].append((time.perf_counter() - t) / runs * 1000)
-    return [statistics.median(t) for t in times]
-
-
-def agreement(a: nn.Module, b: nn.Module, images: torch.Tensor) -> float:
-    """Fraction of images on which two models predict the same class."""
-    with torch.no_grad():
-        return float((a(images).argmax(1) == b(images).argmax(1)).float().mean())
-
-
-def deploy(model: nn.Module, images: torch.Tensor, skip_groups: dict[str, list[str]] | None = None,
-           base_float: list[str] = (), min_agreement: float = 0.97) -> Deployed:
-    """int8 variants (everything int8 but `base_float`, then each group of `skip_groups` kept float in
-    addition), compiled and timed at batch 1 against the compiled FP32 model; the fastest agreeing one wins."""
-    model = model.eval()
-    x = images[:1]
-    fp32 = compile_frozen(model)
-    variants, programs = {}, {}
-    kept: list[str] = list(base_float)
-    candidates = [("all int8" if not kept else "int8 except --exclude", list(kept))]
-    for group, modules in (skip_groups or {}).items():
-        if modules:
-            kept = kept + modules
-            candidates.append((f"{group} in float", list(kept)))
-    for label, float_modules in candidates:
-        program = quantize_pt2e(model, images, float_modules)
-        fast = compile_frozen(program)
-        fp_ms, q_ms = interleaved_ms([fp32, fast], x)
-        variants[label] = {"latency_ms": q_ms, "fp32_latency_ms": fp_ms, "float_modules": len(float_modules),
-                           "agreement": agreement(model, Program(program), images)}
-        programs[label] = (program, float_modules)
-    ok = [k for k, v in variants.items() if v["agreement"] >= min_agreement] or list(variants)
-    best = min(ok, key=lambda k: variants[k]["latency_ms"] / variants[k]["fp32_latency_ms"])
-    program, float_modules = programs[best]
-    return Deployed(program, float_modules, best, variants[best]["fp32_latency_ms"], variants[best]["latency_ms"],
-                    variants)
-
-
-def strip_unused(program: nn.Module) -> nn.Module:
-    """Drop the float parameters convert_pt2e leaves attached but no longer reads (they would double the file)."""
-    used = {n.target for n in program.graph.nodes if n.op == "get_attr"}
-    for name, _ in list(program.named_parameters()) + list(program.named_buffers()):
-        if name not in used:
-            owner, _, attr = name.rpartition(".")
-            mod = program.get_submodule(owner) if owner else program
-            delattr(mod, attr)
-    return program
-
-
-def save_program(program: nn.Module, example: torch.Tensor, path: str | os.PathLike) -> Path:
-    """Write the int8 program as a `torch.export` archive (.pt2), atomically."""
-    program = strip_unused(program)
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    try:
-        ep = torch.export.export(program, (example[:2].clone(),), dynamic_shapes=({0: batch},))
-    except Exception:  # a batch-specialised program stays batch 1 (Program runs larger batches image by image)
-        ep = torch.export.export(program, (example[:1].clone(),))
-
-    def write(tmp: Path):
-        torch.export.save(ep, str(tmp))
-
-    return atomic_write(Path(path), write)
 
 
 class Program(nn.Module):
@@ -181,6 +106,61 @@ class Program(nn.Module):
         return self.graph(x)
 
 
+def agreement(a: nn.Module, b: nn.Module, images: torch.Tensor) -> float:
+    """Fraction of images on which two models predict the same class."""
+    with torch.no_grad():
+        return float((a(images).argmax(1) == b(images).argmax(1)).float().mean())
+
+
+def deploy(model: nn.Module, images: torch.Tensor, skip_groups: dict[str, list[str]] | None = None,
+           base_float: list[str] = (), min_agreement: float = 0.97) -> Deployed:
+    """int8 variants (everything int8 but `base_float`, then each group of `skip_groups` kept float in
+    addition), compiled and timed at batch 1 against the compiled FP32 model; the fastest agreeing one wins."""
+    model = model.eval()
+    x = images[:1]
+    fp32 = compile_frozen(model)
+    variants, programs = {}, {}
+    kept: list[str] = list(base_float)
+    candidates = [("all int8" if not kept else "int8 except --exclude", list(kept))]
+    for group, modules in (skip_groups or {}).items():
+        if modules:
+            kept = kept + modules
+            candidates.append((f"{group} in float", list(kept)))
+    for label, float_modules in candidates:
+        program = quantize_pt2e(model, images, float_modules)
+        fast = compile_frozen(Program(program))  # the wrapper: timing switches modes, exported graphs refuse to
+        fp_ms, q_ms = compare_latency([fp32, fast], x.shape[-1], rounds=5, in_chans=x.shape[1])
+        variants[label] = {"latency_ms": q_ms, "fp32_latency_ms": fp_ms, "float_modules": len(float_modules),
+                           "agreement": agreement(model, Program(program), images)}
+        programs[label] = (program, float_modules)
+    ok = [k for k, v in variants.items() if v["agreement"] >= min_agreement] or list(variants)
+    best = min(ok, key=lambda k: variants[k]["latency_ms"] / variants[k]["fp32_latency_ms"])
+    program, float_modules = programs[best]
+    return Deployed(program, float_modules, best, variants[best]["fp32_latency_ms"], variants[best]["latency_ms"],
+                    variants)
+
+
+def strip_unused(program: nn.Module) -> nn.Module:
+    """Drop the float parameters convert_pt2e leaves attached but no longer reads (they would double the file)."""
+    used = {n.target for n in program.graph.nodes if n.op == "get_attr"}
+    for name, _ in list(program.named_parameters()) + list(program.named_buffers()):
+        if name not in used:
+            owner, _, attr = name.rpartition(".")
+            mod = program.get_submodule(owner) if owner else program
+            delattr(mod, attr)
+    return program
+
+
+def save_program(program: nn.Module, example: torch.Tensor, path: str | os.PathLike) -> Path:
+    """Write the int8 program as a `torch.export` archive (.pt2), atomically."""
+    ep = exported(strip_unused(program), example)
+
+    def write(tmp: Path):
+        torch.export.save(ep, str(tmp))
+
+    return atomic_write(Path(path), write)
+
+
 def load_program(path: str | os.PathLike) -> Program:
     """The int8 program from a .pt2 archive (torch.export's format: a graph and tensors, no pickled code)."""
     return Program(torch.export.load(str(path)).module())
@@ -190,6 +170,5 @@ def fp32_size_bytes(model: nn.Module, example: torch.Tensor) -> int:
     """Size of the float model written as a torch.export archive: the like-for-like file to compare with."""
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "fp32.pt2"
-        # clone: the archive keeps the example input, and a slice would drag its whole storage along
-        torch.export.save(torch.export.export(model.eval(), (example[:1].clone(),)), str(path))
+        torch.export.save(exported(model.eval(), example), str(path))
         return path.stat().st_size

@@ -66,6 +66,10 @@ class Site:
     def key(self, role: str) -> str:
         return f"{self.name.replace('.', '/')}/{role}"
 
+    def inside(self, block: str) -> bool:
+        """Whether this site's module is `block` or lies within it."""
+        return self.module == block or self.module.startswith(block + ".")
+
     def weight_of(self, model: nn.Module) -> nn.Parameter | None:
         """The weight this site reads (linear / conv sites of a module with `.weight`)."""
         mod = model.get_submodule(self.module) if self.module else model
@@ -255,53 +259,39 @@ class QuantizedModel(nn.Module):
         self.sites = {s.name: s for s in sites}
         self.quantizers = nn.ModuleDict(quantizers or {})
         self.active: set[str] | None = None
-        self.recording: dict[str, Record] | None = None
+        self.recording: dict[str, Record] | None = None  # set by record(): what `recording_sites` saw
+        self.recording_sites: set[str] = set()
         self.floating = False
 
     def site_quantizers(self, site: Site) -> dict[str, Quantizer]:
         return {r: self.quantizers[site.key(r)] for r in site.roles if site.key(r) in self.quantizers}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with _Hooked(_Intercept(self, self._names())):
-            return self.model(x)
+        return self.run(self.model, x)
 
-    def _names(self) -> dict[int, str]:
-        cached = getattr(self, "_name_cache", None)
-        if cached is None or len(cached) != sum(1 for _ in self.model.modules()):
-            cached = _module_names(self.model)
-            object.__setattr__(self, "_name_cache", cached)
-        return cached
+    def run(self, module: nn.Module, *args) -> torch.Tensor:
+        """Call `module` (the model or one of its submodules) with this model's site names and quantizers."""
+        with _Hooked(_Intercept(self, _module_names(self.model))):
+            return module(*args)
 
     def apply_site(self, name, op, func, inputs, extra, args, kwargs):
         site = self.sites.get(name)
         on = site is not None and not self.floating and (self.active is None or name in self.active)
         quant = self.site_quantizers(site) if on else {}
-        if self.recording is not None and site is not None and name in self.recording_sites:
-            return self._record(site, op, func, inputs, extra, args, kwargs, quant)
-        if not quant:
+        recording = self.recording is not None and name in self.recording_sites
+        if not quant and not recording:
             return func(*args, **kwargs)
-        if op == "softmax" or op == "gelu":
-            out = func(*args, **kwargs)
-            return quant["out"](out) if "out" in quant else out
-        return run_op(site, inputs, extra, quant)
-
-    def _record(self, site, op, func, inputs, extra, args, kwargs, quant):
-        """Run the site (quantized as configured) and keep its float-path inputs and output for calibration."""
-        if op in ("softmax", "gelu"):
-            out = func(*args, **kwargs)
-            kept = {"out": out.detach()}
+        if op in ("softmax", "gelu"):  # quantized at the output: the float output is the op's own
+            inputs = {"out": func(*args, **kwargs)}
+            out = inputs["out"]
         else:
-            # the recorded inputs are what this site receives from upstream (quantized there if active)
-            kept = {r: t.detach() for r, t in inputs.items()}
-            out = run_op(site, inputs, extra, {})
-        if out.requires_grad:
-            out.retain_grad()
-        self.recording[site.name] = Record(kept, extra, out)
-        if quant:
-            if op in ("softmax", "gelu"):
-                return quant["out"](out) if "out" in quant else out
-            return run_op(site, inputs, extra, quant)
-        return out
+            out = run_op(site, inputs, extra, {}) if recording else None
+        if recording:
+            # the inputs are what this site receives from upstream (quantized there if active)
+            if out.requires_grad:
+                out.retain_grad()
+            self.recording[name] = Record({r: t.detach() for r, t in inputs.items()}, extra, out)
+        return run_op(site, inputs, extra, quant) if quant else out
 
     def record(self, x: torch.Tensor, sites: list[str], grad_loss=None) -> dict[str, Record]:
         """Inputs and outputs of `sites` on `x`; with `grad_loss(logits)`, also d loss / d output per site."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .engine import QuantizedModel, _Hooked, _Intercept
+from .engine import QuantizedModel
 from .quantizers import Uniform, _shape
 
 ZETA, GAMMA = 1.1, -0.1
@@ -65,15 +65,9 @@ def capture(qm: QuantizedModel, module: nn.Module, x: torch.Tensor, floating: bo
     return seen["args"], seen["out"]
 
 
-def run_block(qm: QuantizedModel, module: nn.Module, args: tuple) -> torch.Tensor:
-    """Run one submodule with the quantized model's site names and quantizers."""
-    with _Hooked(_Intercept(qm, qm._names())):
-        return module(*args)
-
-
 def block_error(qm: QuantizedModel, module: nn.Module, args: tuple, target: torch.Tensor) -> float:
     with torch.no_grad():
-        return float((run_block(qm, module, args) - target).pow(2).mean())
+        return float((qm.run(module, *args) - target).pow(2).mean())
 
 
 def reconstruct_block(qm: QuantizedModel, name: str, x: torch.Tensor, iters: int = 200, lr: float = 1e-3,
@@ -84,12 +78,12 @@ def reconstruct_block(qm: QuantizedModel, name: str, x: torch.Tensor, iters: int
     args, _ = capture(qm, block, x, floating=False)
     _, target = capture(qm, block, x, floating=True)
     before = block_error(qm, block, args, target)
-    keys = [s.key("w") for s in qm.sites.values()
-            if (s.module == name or s.module.startswith(name + ".")) and s.key("w") in qm.quantizers
-            and isinstance(qm.quantizers[s.key("w")], Uniform) and qm.quantizers[s.key("w")].calibrated]
+    weights = {s.key("w"): s.weight_of(qm.model) for s in qm.sites.values()
+               if s.inside(name) and s.key("w") in qm.quantizers and isinstance(qm.quantizers[s.key("w")], Uniform)
+               and qm.quantizers[s.key("w")].calibrated}
+    keys = list(weights)
     if not keys or iters <= 0:
         return before, before
-    weights = {s.key("w"): s.weight_of(qm.model) for s in qm.sites.values() if s.key("w") in keys}
     original = {k: qm.quantizers[k] for k in keys}
     rounders = {k: AdaRound(original[k], weights[k]) for k in keys}
     for k in keys:
@@ -101,8 +95,7 @@ def reconstruct_block(qm: QuantizedModel, name: str, x: torch.Tensor, iters: int
     try:
         for it in range(iters):
             idx = torch.randperm(n, generator=g)[:batch]
-            out = run_block(qm, block, tuple(a[idx] if torch.is_tensor(a) and a.shape[:1] == (n,) else a
-                                             for a in args))
+            out = qm.run(block, *(a[idx] if torch.is_tensor(a) and a.shape[:1] == (n,) else a for a in args))
             rec = (out - target[idx]).pow(2).flatten(1).sum(1).mean()
             loss = rec
             if it >= warm:

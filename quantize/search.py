@@ -77,8 +77,8 @@ def search(site: Site, rec: Record, quant: dict[str, Quantizer], role: str, cfg:
     x = rec.inputs[role]
     if isinstance(q, TwinUniform):
         return _search_twin(site, rec, quant, role, q, x, cfg)
-    if isinstance(q, Log):
-        set_minmax_log(q, x)
+    if isinstance(q, Log):  # its range is the data's maximum; nothing to search
+        q.set_range(x.min(), x.max())
         return float(score(site, rec, quant))
     lo, hi = channel_minmax(x, q.axis)
     if q.symmetric:
@@ -116,10 +116,6 @@ def _search_twin(site, rec, quant, role, q: TwinUniform, x, cfg) -> float:
     best = min(range(len(candidates)), key=scores.__getitem__)
     q.set_split(candidates[best])
     return scores[best]
-
-
-def set_minmax_log(q: Log, x: torch.Tensor) -> Log:
-    return q.set_range(x.min(), x.max())
 
 
 def best_percentile_range(q: Uniform, x: torch.Tensor, percentiles=(0.999, 0.9999, 0.99999, 1.0)) -> Uniform:

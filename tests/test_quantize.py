@@ -21,6 +21,15 @@ def _images(size: int, n: int = 16, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
+def _perturbed(arch: str, n: int = 16):
+    """A small model with its symmetric init broken, `n` images, and its float logits on them."""
+    model, size = small_model(arch)
+    perturb_(model)
+    x = _images(size, n)
+    with torch.no_grad():
+        return model, size, x, model(x)
+
+
 @pytest.mark.parametrize("bits", [2, 4, 6, 8])
 def test_uniform_round_trip_error_is_at_most_half_a_step(bits):
     x = torch.randn(64, 33) * torch.linspace(0.1, 5, 33)
@@ -84,11 +93,7 @@ def test_engine_finds_every_site_and_is_transparent_before_calibration(arch):
 @pytest.mark.parametrize("arch", ["vit", "deit", "swin", "mobilevit", "mobilevitv2", "efficientformer",
                                   "efficientformerv2"])
 def test_eight_bit_output_is_close_to_float(arch):
-    model, size = small_model(arch)
-    perturb_(model)
-    x = _images(size, 16)
-    with torch.no_grad():
-        ref = model(x)
+    model, size, x, ref = _perturbed(arch, 16)
     qm, info = calibrate(model, x, QuantConfig(method="minmax", bits="w8a8"))
     with torch.no_grad():
         out = qm(_images(size, 16, seed=0))
@@ -102,11 +107,7 @@ def test_eight_bit_output_is_close_to_float(arch):
 
 
 def test_hessian_search_beats_minmax_at_low_bits():
-    model, size = small_model("vit")
-    perturb_(model)
-    x = _images(size, 16)
-    with torch.no_grad():
-        ref = model(x)
+    model, size, x, ref = _perturbed("vit", 16)
     scores = {}
     for method in ("minmax", "ptq4vit", "qhyvit"):
         cfg = QuantConfig(method=method, bits="w4a4")
@@ -118,11 +119,7 @@ def test_hessian_search_beats_minmax_at_low_bits():
 
 
 def test_repq_folding_keeps_the_float_function():
-    model, size = small_model("vit")
-    perturb_(model)
-    x = _images(size, 8)
-    with torch.no_grad():
-        ref = model(x)
+    model, size, x, ref = _perturbed("vit", 8)
     sites = discover(model, x[:1])
     recs = QuantizedModel(model, sites).record(x, [s.name for s in sites])
     folded = reparameterize(model, sites, recs, a_bits=8)
