@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", default="all", choices=["all", "cls", "window"],
                    help="token positions in the statistics (ViT-style sequences; conv maps use all)")
     p.add_argument("--window", type=int, default=6, help="central patch window side for --tokens window")
+    p.add_argument("--width", type=float, default=1.0,
+                   help="fuse into this fraction of the anchor's channels (0.5: half-wide; heads kept)")
     p.add_argument("--finetune-epochs", type=int, default=0, help="finetune the fused model (and vanilla) after")
     p.add_argument("--finetune-lr", type=float, default=5e-4)
     p.add_argument("--plot", metavar="PNG", help="write the transport maps as a picture")
@@ -383,6 +385,7 @@ def _save_resolved(args, out) -> None:
 
 
 def cmd_fuse(args) -> dict:
+    import copy
     import resource
 
     import torch
@@ -392,13 +395,15 @@ def cmd_fuse(args) -> dict:
     from compress.measure import miou, top1
     from compress.report import console, table
     from compress.train import TrainConfig, train
-    from fuse import Ensemble, FuseConfig, fuse_models, recompute_batchnorm, vanilla_average
+    from fuse import Ensemble, FuseConfig, fuse_models, narrow, recompute_batchnorm, vanilla_average
 
     if not args.models or len(args.models) < 2:
         raise CompressError("fuse needs --models with two or more checkpoints", found=str(len(args.models or [])))
     if not args.out:
         raise CompressError("fuse needs --out", expected="an output path ending in .pt or .safetensors")
     guard_paths(args.models, [args.out, args.json, args.plot])
+    if not 0 < args.width <= 1:
+        raise CompressError(f"bad --width {args.width}", expected="a fraction of the anchor's width in (0, 1]")
     cfg = FuseConfig(ground=args.ground, solver=args.solver, softness=args.softness, calib=args.calib, anchor=args.anchor,
                      tokens=args.tokens, window=args.window)
     ckpts = [load(p) for p in args.models]
@@ -425,48 +430,59 @@ def cmd_fuse(args) -> dict:
               "metric": "miou" if data.task == "segmentation" else "top1",
               "parents": [score(m) for m in models], "ensemble": score(Ensemble(models))}
     same_shapes = all(m.state_dict()[k].shape == v.shape for m in models for k, v in models[0].state_dict().items())
-    vanilla = None
-    if same_shapes:
-        vanilla = anchor_ckpt.build()
-        vanilla.load_state_dict(vanilla_average(models))
-        recompute_batchnorm(vanilla, images)
-        result["vanilla"] = score(vanilla)
-    else:
-        result["vanilla"] = None
+    # the baseline that keeps the fused model's size: vanilla averaging, or with --width the anchor narrowed
+    baseline, structure = None, list(anchor_ckpt.structure)
+    target = None
+    if args.width < 1:
+        target, op = narrow(models[cfg.anchor % len(models)], images, args.width)
+        structure.append(op)
+        baseline = copy.deepcopy(target)
+        recompute_batchnorm(baseline, images)
+    elif same_shapes:
+        baseline = anchor_ckpt.build()
+        baseline.load_state_dict(vanilla_average(models))
+        recompute_batchnorm(baseline, images)
+    name = "narrowed" if target is not None else "vanilla"
+    result.update(vanilla=None, narrowed=None, width=args.width)
+    if baseline is not None:
+        result[name] = score(baseline)
     t = time.perf_counter()
-    state, report = fuse_models(models, images, cfg)
-    fused = anchor_ckpt.build()
+    state, report = fuse_models(models, images, cfg, target)
+    fused = copy.deepcopy(target) if target is not None else anchor_ckpt.build()
     fused.load_state_dict(state)
     bn = recompute_batchnorm(fused, images)
     timings["fuse"] = time.perf_counter() - t
     result["ot"] = score(fused)
-    result.update(ot_finetuned=None, vanilla_finetuned=None, batchnorm_recomputed=bn, spaces=report.spaces,
-                  unmatched_spaces=report.unmatched, fallbacks=report.fallbacks, partners=report.partners)
+    result.update(ot_finetuned=None, vanilla_finetuned=None, narrowed_finetuned=None, batchnorm_recomputed=bn,
+                  spaces=report.spaces, unmatched_spaces=report.unmatched, fallbacks=report.fallbacks,
+                  partners=report.partners)
     if args.finetune_epochs:
         ft = TrainConfig(epochs=args.finetune_epochs, lr=args.finetune_lr, seed=args.seed)
         t = time.perf_counter()
         train(fused.train(), data.train, ft, description="finetune OT-fused")
         timings["finetune"] = time.perf_counter() - t
         result["ot_finetuned"] = score(fused)
-        if vanilla is not None:
-            train(vanilla.train(), data.train, ft, description="finetune vanilla")
-            result["vanilla_finetuned"] = score(vanilla)
+        if baseline is not None:
+            train(baseline.train(), data.train, ft, description=f"finetune {name}")
+            result[f"{name}_finetuned"] = score(baseline)
     timings.update(trace=report.seconds_trace, statistics=report.seconds_stats, ot_solve=report.seconds_solve,
                    apply=report.seconds_apply)
     result["seconds"] = round(time.perf_counter() - t0, 2)
     result["seconds_by_stage"] = {k: round(v, 3) for k, v in timings.items()}
     result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     ckpt = anchor_ckpt.derive(fused, command=" ".join(["compress", *args.argv]), parents=list(args.models),
+                              structure=structure,
                               metrics={k: result[k] for k in ("ot", "ot_finetuned", "vanilla", "ensemble")})
     save(ckpt, args.out)
     if args.plot:
         _plot_maps(report.maps, args.plot)
     rows = [{"model": f"parent {i}", "top1": v} for i, v in enumerate(result["parents"])]
+    label = f"anchor narrowed to {args.width:g}" if target is not None else "vanilla average"
     rows += [{"model": "output ensemble", "top1": result["ensemble"]},
-             {"model": "vanilla average", "top1": result["vanilla"]},
+             {"model": label, "top1": result[name]},
              {"model": f"OT one-shot ({cfg.solver})", "top1": result["ot"]}]
     if args.finetune_epochs:
-        rows += [{"model": f"vanilla + {args.finetune_epochs} ep", "top1": result["vanilla_finetuned"]},
+        rows += [{"model": f"{label} + {args.finetune_epochs} ep", "top1": result[f"{name}_finetuned"]},
                  {"model": f"OT + {args.finetune_epochs} ep", "top1": result["ot_finetuned"]}]
     console.print(table(f"fusion of {len(models)} x {first.arch} on {data.name} (test {result['metric']})", rows))
     console.print("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in result["seconds_by_stage"].items()) +
@@ -792,6 +808,11 @@ def cmd_quantize(args) -> dict:
                      "latency b1 ms": result["int8_latency_ms"], "size bytes": result["int8_size_bytes"]})
     console.print(table(f"quantization of {ckpt.arch} on {data.name} (calibration {result['calib_seconds']} s)",
                         rows))
+    if args.deploy:
+        console.print(f"int8 variant: {result['deploy_choice']} ({len(result['float_modules'])} layers in float)")
+        if result["int8_speedup"] < 1:
+            console.print(f"[yellow]warning[/]: the int8 program is {1 / result['int8_speedup']:.2f}x slower than "
+                          "FP32 on this backend with every variant tried; deploy the FP32 model here")
     return result
 
 
@@ -810,7 +831,9 @@ def _deploy(original, images, qm, info, blocks, args, data) -> dict:
         excluded = sorted({s.module for s in qm.sites.values() if s.op in ("conv", "linear")
                            and s.name in info["skipped"]})
         groups = {"grouped convs": sorted(set(convs)), "bridge blocks": sorted(set(in_bridges))}
-        dep = deploy(original, images, groups, base_float=excluded)
+        dense = [s for s in qm.sites.values() if s.op in ("conv", "linear")]
+        units = {b.name: sorted({s.module for s in dense if s.inside(b.name)}) for b in blocks}
+        dep = deploy(original, images, groups, base_float=excluded, units=units)
         save_program(dep.program, images, args.deploy)
         program = load_program(args.deploy)
         return {"deploy": args.deploy, "deploy_choice": dep.choice, "deploy_variants": dep.variants,

@@ -1,7 +1,14 @@
 """Cost of one distillation step against (one student training step + one teacher forward), measured side
 by side: the same batch, interleaved rounds, median step time; 2 threads.
 
-Run: .venv/bin/python bench/distill_overhead.py   (writes bench/results/distill_overhead.json)
+Two scales: `digits` (the 32 px CPU models of the digits benchmarks, batch 64) and `paper` (the paper's
+ImageNet shapes at 224 px, random weights, batch 16: ResNet-50 -> DeiT-Ti and Swin-T -> ResNet-18). OFA's
+exit branches are part of the method's compute, and their share depends on scale: at 32 px a ViT student's
+8x8 token grid is already under OFA's 7x7 target, so its branches run 7 extra blocks on every token; at
+224 px the 14x14 grid is merged to 7x7 first.
+
+Run: .venv/bin/python bench/distill_overhead.py [--scale digits|paper]
+     (writes bench/results/distill_overhead[-paper].json)
 """
 
 import json
@@ -16,7 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from compress import InputSpec, create_model  # noqa: E402
 from distill import DistillConfig, Distiller  # noqa: E402
 
-PAIRS = [("resnet", "vit"), ("vit", "resnet")]  # teacher, student
+SCALES = {  # teacher, student pairs; image size; batch
+    "digits": ([("resnet", "vit"), ("vit", "resnet")], 32, 64),
+    "paper": ([("resnet50", "deit_tiny_patch16_224"), ("swin_tiny_patch4_window7_224", "resnet18")], 224, 16),
+}
 
 
 def step_time(fn, rounds: int) -> float:
@@ -28,15 +38,18 @@ def step_time(fn, rounds: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def main() -> dict:
+def main(scale: str = "digits") -> dict:
     torch.set_num_threads(2)
+    pairs, size, batch = SCALES[scale]
+    classes = 10 if scale == "digits" else 1000
     out = {}
-    for teacher_name, student_name in PAIRS:
+    for teacher_name, student_name in pairs:
         torch.manual_seed(0)
-        x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
-        teacher = create_model(teacher_name, num_classes=10).eval()
-        runs = {m: Distiller(create_model(student_name, num_classes=10), teacher, DistillConfig(m.split("+")[0]),
-                             InputSpec(32), InputSpec(32), 10, cache_teacher=m.endswith("+cache")).train()
+        x, y = torch.randn(batch, 3, size, size), torch.randint(0, classes, (batch,))
+        teacher = create_model(teacher_name, num_classes=classes).eval()
+        runs = {m: Distiller(create_model(student_name, num_classes=classes), teacher,
+                             DistillConfig(m.split("+")[0]), InputSpec(size), InputSpec(size), classes,
+                             cache_teacher=m.endswith("+cache")).train()
                 for m in ("scratch", "kd", "fitnet", "ofa", "kd+cache")}  # the cache is warm after the warm-up
         opts = {m: torch.optim.AdamW([p for p in d.parameters() if p.requires_grad]) for m, d in runs.items()}
 
@@ -68,4 +81,6 @@ def main() -> dict:
 
 
 if __name__ == "__main__":
-    Path("bench/results/distill_overhead.json").write_text(json.dumps(main(), indent=1))
+    scale = sys.argv[sys.argv.index("--scale") + 1] if "--scale" in sys.argv else "digits"
+    name = "distill_overhead" + ("" if scale == "digits" else f"-{scale}")
+    Path(f"bench/results/{name}.json").write_text(json.dumps(main(scale), indent=1))

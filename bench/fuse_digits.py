@@ -5,6 +5,8 @@ Needs the parents from bench/train_digits.py (seeds 0-5) and, for the heterogene
     for s in 0 1; do compress train --recipe recipes/train-vit.yaml --arch-args embed_dim=48 --seed $s \\
         --out bench/results/vit48-s$s.pt; done
 Run: .venv/bin/python bench/fuse_digits.py   (writes bench/results/fuse_digits.json, prints markdown tables)
+     .venv/bin/python bench/fuse_digits.py --width   (only the --width 0.5 rows: two width-96 ViTs fused into
+     width 48, against the anchor narrowed alone and the width-48 ViT from scratch; merged into the JSON)
 """
 
 import json
@@ -67,11 +69,32 @@ def main_bench() -> dict:
     return out
 
 
+def width_bench() -> dict:
+    """Two width-96 ViTs fused into half the channels (`--width 0.5`, the shape of the width-48 ViT), against
+    the anchor narrowed alone (activation importance, no fusion), both finetuned alike, and the width-48
+    ViT from scratch given the epochs that went into the fused model (40 + 40 + 4)."""
+    rows = [fuse([str(R / f"vit-s{a}.pt"), str(R / f"vit-s{b}.pt")], RECIPES["vit"], "emd",
+                 ["--ground", "acts", "--width", "0.5"], f"vit-{a}{b}-width0.5") for a, b in PAIRS]
+    res = {k: mean(rows, k) for k in ("narrowed", "ot", "narrowed_finetuned", "ot_finetuned", "seconds")}
+    res["narrow_from_scratch_84_epochs"] = json.loads((R / "vit48-scratch84.json").read_text())["top1"]
+    res["pairs"] = rows
+    path = R / "fuse_digits.json"
+    out = json.loads(path.read_text()) if path.exists() else {}
+    out["vit width 0.5 (96+96 -> 48)"] = res
+    path.write_text(json.dumps(out, indent=2, default=str))
+    return res
+
+
 def fmt(v) -> str:
     return "-" if v is None else f"{v:.2f}"
 
 
 if __name__ == "__main__":
+    if "--width" in sys.argv:
+        w = width_bench()
+        print(" | ".join(f"{k} {fmt(w[k])}" for k in ("narrowed", "ot", "narrowed_finetuned", "ot_finetuned",
+                                                       "narrow_from_scratch_84_epochs")))
+        raise SystemExit(0)
     res = main_bench()
     print("| model | solver | best parent | ensemble | vanilla | OT one-shot | vanilla + FT | OT + FT | partners | s |")
     print("|---|---|---|---|---|---|---|---|---|---|")

@@ -112,7 +112,8 @@ class Distiller(nn.Module):
     def forward(self, x, y=None):
         if y is None:
             return self.student(x)
-        logits, feats, embeds = self.student_taps(self.student, x)
+        # the teacher runs first: its activations are freed before the student's autograd graph is built
+        # (lower peak memory, and the student's saved tensors do not crowd the teacher out of the caches)
         t_logits, t_feats, t_embeds = None, [], []
         if self.teacher_taps is not None:
             with torch.no_grad():
@@ -120,6 +121,7 @@ class Distiller(nn.Module):
                     t_logits = self._cached_logits(x)
                 else:
                     t_logits, t_feats, t_embeds = self.teacher_taps(self.teacher, self.teacher_input(x))
+        logits, feats, embeds = self.student_taps(self.student, x)
         return self.method.loss(self.helpers, logits, feats, t_logits, t_feats, y, self.cfg, s_embeds=embeds,
                                 t_embeds=t_embeds, x=x)
 

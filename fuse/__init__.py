@@ -1,8 +1,16 @@
 """OT fusion: merge two or more trained models of one architecture into one (see fusion.py)."""
 
-from .fusion import (FuseConfig, FuseReport, align_to, Ensemble, fuse_models, recompute_batchnorm,
-                     vanilla_average)
+from .fusion import (
+    Ensemble,
+    FuseConfig,
+    FuseReport,
+    align_to,
+    fuse_models,
+    narrow,
+    recompute_batchnorm,
+    vanilla_average,
+)
 from .transport import correlation_cost, solve
 
-__all__ = ["FuseConfig", "FuseReport", "align_to", "fuse_models", "vanilla_average", "recompute_batchnorm",
-           "Ensemble", "solve", "correlation_cost"]
+__all__ = ["FuseConfig", "FuseReport", "align_to", "fuse_models", "narrow", "vanilla_average", "recompute_batchnorm",
+    "Ensemble", "solve", "correlation_cost"]

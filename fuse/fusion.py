@@ -8,6 +8,7 @@ calibration data (`ground="acts"`). BatchNorm statistics are recomputed on the f
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 
@@ -18,6 +19,7 @@ from compress.alignment import axes as ax
 from compress.alignment.graph import state_tensors
 from compress.alignment.spaces import SpaceGraph, find_spaces
 from compress.errors import CompressError
+from compress.prune.width import prune_width
 
 from .stats import TOKENS, cross_statistics
 from .transport import SOLVERS, Solution, correlation_cost, partners, solve
@@ -173,10 +175,12 @@ def average(states: list[dict[str, torch.Tensor]], like: dict[str, torch.Tensor]
             for k, v in like.items()}
 
 
-def fuse_models(models: list[nn.Module], images: torch.Tensor, cfg: FuseConfig) -> tuple[dict, FuseReport]:
-    """Fuse `models` (one architecture) into the anchor's basis with equal weights.
+def fuse_models(models: list[nn.Module], images: torch.Tensor, cfg: FuseConfig,
+                target: nn.Module | None = None) -> tuple[dict, FuseReport]:
+    """Fuse `models` (one architecture) into the anchor's basis with equal weights, or into `target`'s
+    basis when given (a narrower model, see `narrow`): every model, the anchor included, is then transported.
 
-    Returns the fused state dict (load it into a copy of the anchor, then `recompute_batchnorm`).
+    Returns the fused state dict (load it into a copy of the anchor / target, then `recompute_batchnorm`).
 
     Example:
         >>> state, report = fuse_models([a, b], calib_images, FuseConfig(solver="emd"))
@@ -184,12 +188,26 @@ def fuse_models(models: list[nn.Module], images: torch.Tensor, cfg: FuseConfig) 
     if len(models) < 2:
         raise CompressError("fusion needs at least two models", found=str(len(models)))
     anchor_i = cfg.anchor % len(models)
-    anchor = models[anchor_i]
+    basis = models[anchor_i] if target is None else target
     batches = calibration_batches(images, cfg)
     report = FuseReport()
-    aligned = [anchor.state_dict() if i == anchor_i else align_to(m, anchor, batches, cfg, report)
-               for i, m in enumerate(models)]
-    return average(aligned, anchor.state_dict()), report
+    aligned = [basis.state_dict() if m is basis else align_to(m, basis, batches, cfg, report) for m in models]
+    return average(aligned, basis.state_dict()), report
+
+
+def narrow(model: nn.Module, images: torch.Tensor, width: float) -> tuple[nn.Module, dict]:
+    """A copy of `model` with `width` of the units of every channel space (residual streams and hidden
+    layers; head counts are kept), the most active ones: the basis that `fuse_models(..., target=)` fuses
+    into, so fusion also compresses. Returns the model and its replayable `resize` structure op.
+
+    Example:
+        >>> target, op = narrow(anchor, calib_images, 0.5)   # a 96-wide ViT -> a 48-wide basis
+    """
+    if not 0 < width <= 1:
+        raise CompressError(f"bad --width {width}", expected="a fraction of the anchor's width in (0, 1]")
+    model, op, _ = prune_width(copy.deepcopy(model).eval(), images[:1], images, None, 1 - width,
+                               criterion="activation", include_residual=True, keep_heads=True)
+    return model, op
 
 
 def vanilla_average(models: list[nn.Module]) -> dict[str, torch.Tensor]:

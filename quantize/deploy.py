@@ -113,31 +113,50 @@ def agreement(a: nn.Module, b: nn.Module, images: torch.Tensor) -> float:
 
 
 def deploy(model: nn.Module, images: torch.Tensor, skip_groups: dict[str, list[str]] | None = None,
-           base_float: list[str] = (), min_agreement: float = 0.97) -> Deployed:
+           base_float: list[str] = (), units: dict[str, list[str]] | None = None,
+           min_agreement: float = 0.97) -> Deployed:
     """int8 variants (everything int8 but `base_float`, then each group of `skip_groups` kept float in
-    addition), compiled and timed at batch 1 against the compiled FP32 model; the fastest agreeing one wins."""
+    addition), compiled and timed at batch 1 against the compiled FP32 model; the fastest agreeing one wins.
+    Then, per unit of `units` (the alignment layer's blocks: name -> its Linear / conv modules), the winner
+    with that unit also in float is timed; the units whose int8 was measurably slower (> 3%) stay float
+    together, when that combination is faster still."""
     model = model.eval()
     x = images[:1]
     fp32 = compile_frozen(model)
     variants, programs = {}, {}
-    kept: list[str] = list(base_float)
-    candidates = [("all int8" if not kept else "int8 except --exclude", list(kept))]
-    for group, modules in (skip_groups or {}).items():
-        if modules:
-            kept = kept + modules
-            candidates.append((f"{group} in float", list(kept)))
-    for label, float_modules in candidates:
+
+    def measure(label: str, float_modules: list[str]) -> float:
         program = quantize_pt2e(model, images, float_modules)
         fast = compile_frozen(Program(program))  # the wrapper: timing switches modes, exported graphs refuse to
         fp_ms, q_ms = compare_latency([fp32, fast], x.shape[-1], rounds=5, in_chans=x.shape[1])
         variants[label] = {"latency_ms": q_ms, "fp32_latency_ms": fp_ms, "float_modules": len(float_modules),
                            "agreement": agreement(model, Program(program), images)}
         programs[label] = (program, float_modules)
-    ok = [k for k, v in variants.items() if v["agreement"] >= min_agreement] or list(variants)
-    best = min(ok, key=lambda k: variants[k]["latency_ms"] / variants[k]["fp32_latency_ms"])
-    program, float_modules = programs[best]
-    return Deployed(program, float_modules, best, variants[best]["fp32_latency_ms"], variants[best]["latency_ms"],
-                    variants)
+        return q_ms / fp_ms
+
+    def best() -> str:
+        ok = [k for k, v in variants.items() if v["agreement"] >= min_agreement] or list(variants)
+        return min(ok, key=lambda k: variants[k]["latency_ms"] / variants[k]["fp32_latency_ms"])
+
+    kept: list[str] = list(base_float)
+    measure("all int8" if not kept else "int8 except --exclude", list(kept))
+    for group, modules in (skip_groups or {}).items():
+        if modules:
+            kept = kept + modules
+            measure(f"{group} in float", list(kept))
+    start = best()
+    base, base_ratio = programs[start][1], variants[start]["latency_ms"] / variants[start]["fp32_latency_ms"]
+    slower: dict[str, list[str]] = {}
+    for name, modules in (units or {}).items():
+        extra = [m for m in modules if m not in base]
+        if extra and measure(f"{start} + {name} in float", base + extra) < 0.97 * base_ratio:
+            slower[name] = extra
+    if len(slower) > 1:  # with one, its own variant is already the combination
+        measure(f"{start} + {', '.join(slower)} in float", base + [m for ms in slower.values() for m in ms])
+    choice = best()
+    program, float_modules = programs[choice]
+    return Deployed(program, float_modules, choice, variants[choice]["fp32_latency_ms"],
+                    variants[choice]["latency_ms"], variants)
 
 
 def strip_unused(program: nn.Module) -> nn.Module:

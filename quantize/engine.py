@@ -84,6 +84,19 @@ class Record:
     out: torch.Tensor
     grad: torch.Tensor | None = None
 
+    def halves(self) -> tuple[Record, Record] | None:
+        """The record split into two halves of the calibration batch (activations are batch-major, also
+        where the batch is merged with windows or patches), or None when it cannot be split."""
+        n = self.out.shape[0] if self.out.ndim else 0
+        if n < 2 or n % 2 or any(t.shape[0] != n for r, t in self.inputs.items() if r != "w"):
+            return None
+        h = n // 2
+
+        def part(sl):
+            return Record({r: t if r == "w" else t[sl] for r, t in self.inputs.items()}, self.extra, self.out[sl],
+                          None if self.grad is None else self.grad[sl])
+        return part(slice(0, h)), part(slice(h, n))
+
 
 def run_op(site: Site, inputs: dict[str, torch.Tensor], extra: tuple, quant: dict[str, nn.Module]) -> torch.Tensor:
     """Re-run one site's op on recorded inputs with the given quantizers (missing roles stay float)."""

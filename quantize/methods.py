@@ -14,8 +14,11 @@
 
 A method is `fn(site, record, w_bits, a_bits, cfg) -> {role: Quantizer}`; register new ones in METHODS.
 
-Deviation, stated: PTQ4ViT quantizes Linear weights per tensor (qkv in three blocks); every method here
+Deviations, stated: PTQ4ViT quantizes Linear weights per tensor (qkv in three blocks); every method here
 quantizes weights per output channel, which the int8 backends run natively and which is never worse.
+Q-HyViT's granularity / scheme candidates are compared on the half of the calibration batch they were not
+fitted on (then the winner is refitted on all of it): compared in-sample, per-channel ranges always win
+and then clip on new images (digits MobileViTv2 W8A8: logit SQNR 20.2 dB in-sample choice, 34.7 held-out).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from compress.registry import Registry
 
 from .engine import Record, Site
 from .quantizers import Log, Quantizer, TwinUniform, Uniform
-from .search import SearchConfig, best_percentile_range, search, set_minmax, uniform_for
+from .search import SearchConfig, best_percentile_range, score, search, set_minmax, uniform_for
 
 METHODS = Registry("quantization method")
 HESSIAN = {"ptq4vit", "qhyvit"}  # methods whose search reads output gradients
@@ -94,8 +97,8 @@ def repq(site: Site, rec: Record, w_bits: int, a_bits: int, cfg: SearchConfig) -
 @METHODS.register("qhyvit")
 def qhyvit(site: Site, rec: Record, w_bits: int, a_bits: int, cfg: SearchConfig) -> dict:
     """Weights symmetric per output channel (searched); each activation role takes the best of
-    {tensor, channel/head} x {symmetric, asymmetric} by the Hessian-weighted error after its own search.
-    Twin-uniform quantizers are off, as in the Q-HyViT code."""
+    {tensor, channel/head} x {symmetric, asymmetric} by the Hessian-weighted error after its own search
+    (on held-out calibration images, `_held_out`). Twin-uniform quantizers are off, as in the Q-HyViT code."""
     quant: dict[str, Quantizer] = {}
     for role in site.roles:
         x = rec.inputs[role]
@@ -105,6 +108,7 @@ def qhyvit(site: Site, rec: Record, w_bits: int, a_bits: int, cfg: SearchConfig)
             quant[role] = set_minmax(uniform_for(site, role, x, a_bits, True, "tensor"), x)
     if "w" in quant:
         search(site, rec, quant, "w", cfg)
+    halves = rec.halves()
     for role in [r for r in site.roles if r != "w"]:
         x = rec.inputs[role]
         choices = []
@@ -115,12 +119,25 @@ def qhyvit(site: Site, rec: Record, w_bits: int, a_bits: int, cfg: SearchConfig)
                 q = set_minmax(uniform_for(site, role, x, a_bits, symmetric, gran, tight=True), x)
                 if not symmetric and q.overflow:
                     continue  # Q-HyViT: a zero point outside the integer range is refused
-                trial = {**quant, role: q}
-                choices.append((search(site, rec, trial, role, cfg), q))
-        quant[role] = min(choices, key=lambda c: c[0])[1]
+                choices.append((_held_out(site, rec, halves, quant, role, q, cfg), q))
+        quant[role] = q = min(choices, key=lambda c: c[0])[1]
+        set_minmax(q, x)
+        search(site, rec, {**quant, role: q}, role, cfg)
     if "w" in quant and len(quant) > 1:
         search(site, rec, quant, "w", cfg)  # one more weight pass against the chosen activation quantizers
     return quant
+
+
+def _held_out(site: Site, rec: Record, halves, quant: dict, role: str, q: Uniform, cfg: SearchConfig) -> float:
+    """A candidate's Hessian-weighted error on the half of the calibration batch it was not fitted on.
+    Scored on the fitting data, a per-channel range always wins, and then clips on new images wherever a
+    channel saw few values (a depthwise conv on a 2x2 map: 128 values per channel from 32 images)."""
+    if halves is None:
+        return search(site, rec, {**quant, role: q}, role, cfg)
+    fit, held = halves
+    set_minmax(q, fit.inputs[role])
+    search(site, fit, {**quant, role: q}, role, cfg)
+    return float(score(site, held, {**quant, role: q}))
 
 
 def describe(quant: dict[str, Quantizer]) -> str:

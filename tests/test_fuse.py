@@ -112,6 +112,31 @@ def test_fuse_command_end_to_end(tmp_path):
     assert main(["eval", str(out), "--latency-runs", "2"]) == 0
 
 
+def test_fuse_into_a_narrower_width_compresses_and_reloads(tmp_path):
+    import json
+
+    from compress import load
+    from compress.measure import param_count
+
+    paths = []
+    for seed in (0, 1):
+        p = tmp_path / f"m{seed}.pt"
+        save(Checkpoint.create("vit", seed=seed), p)
+        paths.append(str(p))
+    out, js = tmp_path / "f.pt", tmp_path / "f.json"
+    assert main(["fuse", "--models", *paths, "--width", "0.5", "--calib", "64", "--out", str(out),
+                 "--json", str(js)]) == 0
+    r = json.loads(js.read_text())
+    assert r["vanilla"] is None and r["narrowed"] is not None and r["width"] == 0.5
+    fused, parent = load(out).build(), load(paths[0]).build()
+    assert fused.cls_token.shape[-1] == parent.cls_token.shape[-1] // 2  # the residual stream halves
+    assert fused.blocks[0].attn.num_heads == parent.blocks[0].attn.num_heads  # heads are kept
+    assert param_count(fused) < 0.4 * param_count(parent)
+    state = load(out).state_dict
+    assert all(torch.equal(v, fused.state_dict()[k]) for k, v in state.items())
+    assert main(["fuse", "--models", *paths, "--width", "1.5", "--out", str(tmp_path / "g.pt")]) == 2
+
+
 def test_token_selection_keeps_prefix_and_central_window():
     from compress.alignment import axes as ax
     from fuse.stats import select_tokens

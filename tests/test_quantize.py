@@ -118,6 +118,31 @@ def test_hessian_search_beats_minmax_at_low_bits():
     assert scores["ptq4vit"] > scores["minmax"] + 3 and scores["qhyvit"] > scores["minmax"] + 3, scores
 
 
+def test_qhyvit_choice_generalises_where_per_channel_ranges_overfit():
+    """A depthwise conv on 2x2 maps sees 128 values per channel from 32 images: per-channel ranges win on
+    those images and clip on new ones. Q-HyViT's choice, scored on held-out calibration images, must not."""
+    import torch.nn.functional as F
+
+    from quantize.engine import Record
+    from quantize.methods import qhyvit
+    from quantize.search import SearchConfig, score, set_minmax, uniform_for
+
+    torch.manual_seed(0)
+    c, w, extra = 16, torch.randn(16, 1, 3, 3), (None, 1, 1, 1, 16)
+    site = Site("dw:conv0", "conv", "dw", ["a", "w"], groups=c)
+
+    def record(n):
+        x = torch.distributions.Exponential(torch.ones(c)).sample((n, 2, 2)).permute(0, 3, 1, 2) - 0.3
+        return Record({"a": x.contiguous(), "w": w}, extra, F.conv2d(x, w, *extra))
+
+    calib, new = record(32), record(1024)
+    chosen = qhyvit(site, calib, 8, 6, SearchConfig())
+    x = calib.inputs["a"]
+    per_channel = {"w": chosen["w"], "a": set_minmax(uniform_for(site, "a", x, 6, False, "channel", tight=True), x)}
+    assert score(site, calib, per_channel) < score(site, calib, chosen)  # in-sample, per channel looks best
+    assert score(site, new, chosen) < 0.5 * score(site, new, per_channel)
+
+
 def test_repq_folding_keeps_the_float_function():
     model, size, x, ref = _perturbed("vit", 8)
     sites = discover(model, x[:1])

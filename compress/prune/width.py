@@ -38,15 +38,17 @@ def prunable(model: nn.Module, sg: SpaceGraph, example: torch.Tensor, include_re
 
 def plan_width(model: nn.Module, example: torch.Tensor, x: torch.Tensor, y: torch.Tensor, ratio: float,
                criterion: str = "activation", round_to: int = 1, include_residual: bool = False,
-               exclude: tuple[str, ...] = ()) -> tuple[SpaceGraph, dict[int, torch.Tensor], list[dict]]:
-    """Which units to keep: (space graph, {space id: sorted kept indices}, one row per space)."""
+               exclude: tuple[str, ...] = (), keep_heads: bool = False
+               ) -> tuple[SpaceGraph, dict[int, torch.Tensor], list[dict]]:
+    """Which units to keep: (space graph, {space id: sorted kept indices}, one row per space). With
+    `keep_heads`, head counts are left whole and only channel spaces narrow."""
     sg = find_spaces(model, example)
     spaces = prunable(model, sg, example, include_residual, exclude)
     scores = importance(model, sg, spaces, criterion, x, y) if spaces and ratio > 0 else {}
     keep, rows = {}, []
     for s in spaces:
         heads = any(m.structured for m in s.members)  # a factor (heads) is not rounded like channels
-        k = kept_units(s.size, ratio, 1 if heads else round_to)
+        k = s.size if heads and keep_heads else kept_units(s.size, ratio, 1 if heads else round_to)
         if k < s.size:
             keep[s.id] = scores[s.id].topk(k).indices.sort().values
         rows.append({"space": s.name, "kind": "residual" if s.residual else "heads" if heads else "hidden",

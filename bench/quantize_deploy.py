@@ -1,0 +1,53 @@
+"""The real int8 artifact against FP32 on the same backend (PT2E + x86 Inductor, batch 1, 2 threads): latency,
+file size and test top-1 of the deployed program, for trained digits models.
+
+Models: a DeiT of ViT-S width (384, depth 4, 6 heads, 7.1 M parameters) trained by
+`compress train --arch deit --arch-args embed_dim=384,depth=4,num_heads=6 --data digits --epochs 20 --lr 5e-4
+--threads 2` (trained first when missing), the 0.46 M digits ViT and the trained mobilevit of
+bench/quantize_digits.py. Results: bench/results/quantize_deploy.json.
+
+Run: .venv/bin/python bench/quantize_deploy.py [--models deit384 vit mobilevit]
+"""
+
+import argparse
+import json
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+COMPRESS = str(ROOT / ".venv" / "bin" / "compress")
+CHECKPOINTS = {"deit384": RESULTS / "q" / "deit384-lr5e-4.pt", "vit": RESULTS / "vit-s0.pt",
+               "mobilevit": RESULTS / "q" / "mobilevit.pt"}
+TRAIN = {"deit384": ["--arch", "deit", "--arch-args", "embed_dim=384,depth=4,num_heads=6", "--epochs", "20",
+                     "--lr", "5e-4"],
+         "vit": ["--recipe", "recipes/train-vit.yaml"], "mobilevit": ["--arch", "mobilevit", "--epochs", "30"]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--models", nargs="*", default=list(CHECKPOINTS))
+    args = p.parse_args()
+    out = RESULTS / "quantize_deploy.json"
+    results = json.loads(out.read_text()) if out.exists() else {}
+    for name in args.models:
+        ckpt = CHECKPOINTS[name]
+        if not ckpt.exists():
+            subprocess.run([COMPRESS, "train", *TRAIN[name], "--data", "digits", "--threads", "2", "--out", str(ckpt)],
+                           check=True, cwd=ROOT)
+        js = RESULTS / "q" / f"{name}-deploy.json"
+        js.unlink(missing_ok=True)
+        subprocess.run([COMPRESS, "quantize", str(ckpt), "--method", "qhyvit", "--bits", "w8a8", "--threads", "2",
+                        "--deploy", str(RESULTS / "q" / f"{name}.int8.pt2"), "--json", str(js)], check=True, cwd=ROOT)
+        r = json.loads(js.read_text())
+        row = {k: r[k] for k in ("fp32_top1", "int8_top1", "fp32_latency_ms", "int8_latency_ms", "fp32_size_bytes",
+                                 "int8_size_bytes")}
+        row.update(speedup=r["int8_speedup"], size_ratio=round(r["int8_size_bytes"] / r["fp32_size_bytes"], 3),
+                   choice=r["deploy_choice"], variants=r["deploy_variants"])
+        results[name] = row
+        out.write_text(json.dumps(results, indent=1))
+        print(name, json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
