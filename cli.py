@@ -431,8 +431,7 @@ def cmd_fuse(args) -> dict:
               "parents": [score(m) for m in models], "ensemble": score(Ensemble(models))}
     same_shapes = all(m.state_dict()[k].shape == v.shape for m in models for k, v in models[0].state_dict().items())
     # the baseline that keeps the fused model's size: vanilla averaging, or with --width the anchor narrowed
-    baseline, structure = None, list(anchor_ckpt.structure)
-    target = None
+    baseline, target, structure = None, None, list(anchor_ckpt.structure)
     if args.width < 1:
         target, op = narrow(models[cfg.anchor % len(models)], images, args.width)
         structure.append(op)

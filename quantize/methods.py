@@ -120,9 +120,8 @@ def qhyvit(site: Site, rec: Record, w_bits: int, a_bits: int, cfg: SearchConfig)
                 if not symmetric and q.overflow:
                     continue  # Q-HyViT: a zero point outside the integer range is refused
                 choices.append((_held_out(site, rec, halves, quant, role, q, cfg), q))
-        quant[role] = q = min(choices, key=lambda c: c[0])[1]
-        set_minmax(q, x)
-        search(site, rec, {**quant, role: q}, role, cfg)
+        quant[role] = min(choices, key=lambda c: c[0])[1]
+        search(site, rec, quant, role, cfg)  # the winner refitted on the whole batch
     if "w" in quant and len(quant) > 1:
         search(site, rec, quant, "w", cfg)  # one more weight pass against the chosen activation quantizers
     return quant
