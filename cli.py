@@ -395,15 +395,14 @@ def cmd_fuse(args) -> dict:
     from compress.measure import miou, top1
     from compress.report import console, table
     from compress.train import TrainConfig, train
-    from fuse import Ensemble, FuseConfig, fuse_models, narrow, recompute_batchnorm, vanilla_average
+    from fuse import Ensemble, FuseConfig, check_width, fuse_models, narrow, recompute_batchnorm, vanilla_average
 
     if not args.models or len(args.models) < 2:
         raise CompressError("fuse needs --models with two or more checkpoints", found=str(len(args.models or [])))
     if not args.out:
         raise CompressError("fuse needs --out", expected="an output path ending in .pt or .safetensors")
     guard_paths(args.models, [args.out, args.json, args.plot])
-    if not 0 < args.width <= 1:
-        raise CompressError(f"bad --width {args.width}", expected="a fraction of the anchor's width in (0, 1]")
+    check_width(args.width)  # before any work
     cfg = FuseConfig(ground=args.ground, solver=args.solver, softness=args.softness, calib=args.calib, anchor=args.anchor,
                      tokens=args.tokens, window=args.window)
     ckpts = [load(p) for p in args.models]

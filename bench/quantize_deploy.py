@@ -12,28 +12,28 @@ Run: .venv/bin/python bench/quantize_deploy.py [--models deit384 vit mobilevit]
 import argparse
 import json
 import subprocess
+import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quantize_digits import RESULTS, ROOT, checkpoint  # noqa: E402  (trains vit / mobilevit when missing)
+
 COMPRESS = str(ROOT / ".venv" / "bin" / "compress")
-CHECKPOINTS = {"deit384": RESULTS / "q" / "deit384-lr5e-4.pt", "vit": RESULTS / "vit-s0.pt",
-               "mobilevit": RESULTS / "q" / "mobilevit.pt"}
-TRAIN = {"deit384": ["--arch", "deit", "--arch-args", "embed_dim=384,depth=4,num_heads=6", "--epochs", "20",
-                     "--lr", "5e-4"],
-         "vit": ["--recipe", "recipes/train-vit.yaml"], "mobilevit": ["--arch", "mobilevit", "--epochs", "30"]}
+DEIT384 = RESULTS / "q" / "deit384-lr5e-4.pt"
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--models", nargs="*", default=list(CHECKPOINTS))
+    p.add_argument("--models", nargs="*", default=["deit384", "vit", "mobilevit"])
     args = p.parse_args()
     out = RESULTS / "quantize_deploy.json"
     results = json.loads(out.read_text()) if out.exists() else {}
     for name in args.models:
-        ckpt = CHECKPOINTS[name]
-        if not ckpt.exists():
-            subprocess.run([COMPRESS, "train", *TRAIN[name], "--data", "digits", "--threads", "2", "--out", str(ckpt)],
+        if name != "deit384":
+            ckpt = checkpoint(name)
+        elif not (ckpt := DEIT384).exists():
+            subprocess.run([COMPRESS, "train", "--arch", "deit", "--arch-args", "embed_dim=384,depth=4,num_heads=6",
+                            "--data", "digits", "--epochs", "20", "--lr", "5e-4", "--threads", "2", "--out", str(ckpt)],
                            check=True, cwd=ROOT)
         js = RESULTS / "q" / f"{name}-deploy.json"
         js.unlink(missing_ok=True)

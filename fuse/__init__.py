@@ -5,6 +5,7 @@ from .fusion import (
     FuseConfig,
     FuseReport,
     align_to,
+    check_width,
     fuse_models,
     narrow,
     recompute_batchnorm,
@@ -12,5 +13,5 @@ from .fusion import (
 )
 from .transport import correlation_cost, solve
 
-__all__ = ["FuseConfig", "FuseReport", "align_to", "fuse_models", "narrow", "vanilla_average", "recompute_batchnorm",
-    "Ensemble", "solve", "correlation_cost"]
+__all__ = ["FuseConfig", "FuseReport", "align_to", "fuse_models", "narrow", "check_width", "vanilla_average",
+           "recompute_batchnorm", "Ensemble", "solve", "correlation_cost"]

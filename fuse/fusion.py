@@ -195,6 +195,11 @@ def fuse_models(models: list[nn.Module], images: torch.Tensor, cfg: FuseConfig,
     return average(aligned, basis.state_dict()), report
 
 
+def check_width(width: float) -> None:
+    if not 0 < width <= 1:
+        raise CompressError(f"bad --width {width}", expected="a fraction of the anchor's width in (0, 1]")
+
+
 def narrow(model: nn.Module, images: torch.Tensor, width: float) -> tuple[nn.Module, dict]:
     """A copy of `model` with `width` of the units of every channel space (residual streams and hidden
     layers; head counts are kept), the most active ones: the basis that `fuse_models(..., target=)` fuses
@@ -203,8 +208,7 @@ def narrow(model: nn.Module, images: torch.Tensor, width: float) -> tuple[nn.Mod
     Example:
         >>> target, op = narrow(anchor, calib_images, 0.5)   # a 96-wide ViT -> a 48-wide basis
     """
-    if not 0 < width <= 1:
-        raise CompressError(f"bad --width {width}", expected="a fraction of the anchor's width in (0, 1]")
+    check_width(width)
     model, op, _ = prune_width(copy.deepcopy(model).eval(), images[:1], images, None, 1 - width,
                                criterion="activation", include_residual=True, keep_heads=True)
     return model, op

@@ -125,6 +125,9 @@ def deploy(model: nn.Module, images: torch.Tensor, skip_groups: dict[str, list[s
     fp32 = compile_frozen(model)
     variants, programs = {}, {}
 
+    def ratio(label: str) -> float:
+        return variants[label]["latency_ms"] / variants[label]["fp32_latency_ms"]
+
     def measure(label: str, float_modules: list[str]) -> float:
         program = quantize_pt2e(model, images, float_modules)
         fast = compile_frozen(Program(program))  # the wrapper: timing switches modes, exported graphs refuse to
@@ -132,11 +135,11 @@ def deploy(model: nn.Module, images: torch.Tensor, skip_groups: dict[str, list[s
         variants[label] = {"latency_ms": q_ms, "fp32_latency_ms": fp_ms, "float_modules": len(float_modules),
                            "agreement": agreement(model, Program(program), images)}
         programs[label] = (program, float_modules)
-        return q_ms / fp_ms
+        return ratio(label)
 
     def best() -> str:
         ok = [k for k, v in variants.items() if v["agreement"] >= min_agreement] or list(variants)
-        return min(ok, key=lambda k: variants[k]["latency_ms"] / variants[k]["fp32_latency_ms"])
+        return min(ok, key=ratio)
 
     kept: list[str] = list(base_float)
     measure("all int8" if not kept else "int8 except --exclude", list(kept))
@@ -145,11 +148,11 @@ def deploy(model: nn.Module, images: torch.Tensor, skip_groups: dict[str, list[s
             kept = kept + modules
             measure(f"{group} in float", list(kept))
     start = best()
-    base, base_ratio = programs[start][1], variants[start]["latency_ms"] / variants[start]["fp32_latency_ms"]
+    base = programs[start][1]
     slower: dict[str, list[str]] = {}
     for name, modules in (units or {}).items():
         extra = [m for m in modules if m not in base]
-        if extra and measure(f"{start} + {name} in float", base + extra) < 0.97 * base_ratio:
+        if extra and measure(f"{start} + {name} in float", base + extra) < 0.97 * ratio(start):
             slower[name] = extra
     if len(slower) > 1:  # with one, its own variant is already the combination
         measure(f"{start} + {', '.join(slower)} in float", base + [m for ms in slower.values() for m in ms])
