@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--solver", default="emd", choices=["emd", "sinkhorn", "hungarian"])
     p.add_argument("--softness", type=float, default=0.1, help="sinkhorn regulariser relative to the cost scale")
     p.add_argument("--calib", type=int, default=256, help="calibration images for activation statistics")
+    p.add_argument("--residual", default="shared", choices=["shared", "mean", "weighted"],
+                   help="residual streams: one shared map each, or the paper's per-sublayer maps (acts only)")
+    p.add_argument("--attention", default="heads", choices=["heads", "full", "shared_qk"],
+                   help="attention maps: head-aware, or the paper's cross-head maps per Q/K/V (acts only)")
     p.add_argument("--anchor", type=int, default=-1, help="index of the model whose basis the result takes")
     p.add_argument("--tokens", default="all", choices=["all", "cls", "window"],
                    help="token positions in the statistics (ViT-style sequences; conv maps use all)")
@@ -404,7 +408,8 @@ def cmd_fuse(args) -> dict:
     guard_paths(args.models, [args.out, args.json, args.plot])
     check_width(args.width)  # before any work
     cfg = FuseConfig(ground=args.ground, solver=args.solver, softness=args.softness, calib=args.calib, anchor=args.anchor,
-                     tokens=args.tokens, window=args.window)
+                     tokens=args.tokens, window=args.window, residual=args.residual,
+                     attention=args.attention)
     ckpts = [load(p) for p in args.models]
     first = ckpts[0]
     for path, c in zip(args.models[1:], ckpts[1:]):  # every mismatch is named before any work
@@ -425,7 +430,8 @@ def cmd_fuse(args) -> dict:
         return miou(model, data.test, data.num_classes) if data.task == "segmentation" else top1(model, data.test)
 
     result = {"models": args.models, "arch": first.arch, "solver": cfg.solver, "softness": cfg.softness,
-              "tokens": cfg.tokens, "ground": cfg.ground,
+              "tokens": cfg.tokens, "ground": cfg.ground, "residual": cfg.residual,
+              "attention": cfg.attention,
               "metric": "miou" if data.task == "segmentation" else "top1",
               "parents": [score(m) for m in models], "ensemble": score(Ensemble(models))}
     same_shapes = all(m.state_dict()[k].shape == v.shape for m in models for k, v in models[0].state_dict().items())

@@ -21,9 +21,10 @@ PAIRS = {  # (teacher checkpoint, student alias, epochs): budgets short enough t
 }
 
 
-def main_bench(seeds: list[int]) -> dict:
+def main_bench(seeds: list[int], pairs: list[str]) -> dict:
     out = {}
-    for label, (teacher, student, epochs) in PAIRS.items():
+    for label in pairs:
+        teacher, student, epochs = PAIRS[label]
         runs = []
         for s in seeds:
             tag = f"distill-{student}-from-{teacher.split('-')[0]}-s{s}"
@@ -43,8 +44,11 @@ def main_bench(seeds: list[int]) -> dict:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    res = main_bench(ap.parse_args().seeds)
-    (R / "distill_digits.json").write_text(json.dumps(res, indent=1))
+    ap.add_argument("--pairs", nargs="+", choices=list(PAIRS), default=list(PAIRS))
+    args = ap.parse_args()
+    path = R / "distill_digits.json"  # rows of pairs not rerun are kept
+    res = {**(json.loads(path.read_text()) if path.exists() else {}), **main_bench(args.seeds, args.pairs)}
+    path.write_text(json.dumps(res, indent=1))
     print("| pair | epochs | teacher | scratch | KD | OFA | OFA - KD | KD - scratch | s scratch / KD / OFA |")
     print("|---|---|---|---|---|---|---|---|---|")
     for k, v in res.items():

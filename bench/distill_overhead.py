@@ -3,9 +3,9 @@ by side: the same batch, interleaved rounds, median step time; 2 threads.
 
 Two scales: `digits` (the 32 px CPU models of the digits benchmarks, batch 64) and `paper` (the paper's
 ImageNet shapes at 224 px, random weights, batch 16: ResNet-50 -> DeiT-Ti and Swin-T -> ResNet-18). OFA's
-exit branches are part of the method's compute, and their share depends on scale: at 32 px a ViT student's
-8x8 token grid is already under OFA's 7x7 target, so its branches run 7 extra blocks on every token; at
-224 px the 14x14 grid is merged to 7x7 first.
+exit branches are part of the method's compute, and their share depends on scale: token branches merge to
+the stride-32 grid of the input (7x7 at 224 px, 2x2 at 32 px) before their transformer blocks, and are
+sized by the student's width, so on the tiny 32 px models they are a larger part of a step.
 
 Run: .venv/bin/python bench/distill_overhead.py [--scale digits|paper]
      (writes bench/results/distill_overhead[-paper].json)

@@ -7,6 +7,8 @@ Needs the parents from bench/train_digits.py (seeds 0-5) and, for the heterogene
 Run: .venv/bin/python bench/fuse_digits.py   (writes bench/results/fuse_digits.json, prints markdown tables)
      .venv/bin/python bench/fuse_digits.py --width   (only the --width 0.5 rows: two width-96 ViTs fused into
      width 48, against the anchor narrowed alone and the width-48 ViT from scratch; merged into the JSON)
+     .venv/bin/python bench/fuse_digits.py --only residual,attention   (only the rows whose flags mention
+     one of the words, merged into the JSON)
 """
 
 import json
@@ -23,9 +25,14 @@ OPTIONS = {  # every row names its ground cost, so the recipes' defaults do not 
     "vit": [("emd", ["--ground", "acts"]), ("hungarian", ["--ground", "acts"]),
             ("sinkhorn", ["--ground", "acts", "--softness", "0.002"]),
             ("sinkhorn", ["--ground", "acts", "--softness", "0.02"]),
-            ("emd", ["--ground", "acts", "--tokens", "window"]), ("emd", ["--ground", "wts"])],
+            ("emd", ["--ground", "acts", "--tokens", "window"]), ("emd", ["--ground", "wts"]),
+            ("emd", ["--ground", "acts", "--residual", "mean"]), ("emd", ["--ground", "acts", "--residual", "weighted"]),
+            ("emd", ["--ground", "acts", "--attention", "full"]),
+            ("emd", ["--ground", "acts", "--attention", "shared_qk"]),
+            ("sinkhorn", ["--ground", "acts", "--softness", "0.02", "--residual", "mean", "--attention", "full"])],
     "resnet": [("emd", ["--ground", "acts"]), ("hungarian", ["--ground", "acts"]),
-               ("sinkhorn", ["--ground", "acts", "--softness", "0.002"]), ("emd", ["--ground", "wts"])],
+               ("sinkhorn", ["--ground", "acts", "--softness", "0.002"]), ("emd", ["--ground", "wts"]),
+               ("emd", ["--ground", "acts", "--residual", "mean"]), ("emd", ["--ground", "acts", "--residual", "weighted"])],
 }
 RECIPES = {"vit": "recipes/fuse-vit.yaml", "resnet": "recipes/fuse-cnn.yaml"}
 
@@ -44,10 +51,14 @@ def mean(rows: list[dict], key: str):
     return statistics.mean(vals) if vals else None
 
 
-def main_bench() -> dict:
+def main_bench(only: str | None = None) -> dict:
+    """Every option row (or those whose flags mention `only`), merged into bench/results/fuse_digits.json."""
+    path = R / "fuse_digits.json"
     out = {}
     for arch, options in OPTIONS.items():
         for solver, extra in options:
+            if only and not any(word in " ".join(extra) for word in only.split(",")):
+                continue
             label = f"{solver} {' '.join(extra[1::2] if len(extra) > 2 else extra[1:])}".strip()
             rows = [fuse([str(R / f"{arch}-s{a}.pt"), str(R / f"{arch}-s{b}.pt")], RECIPES[arch], solver, extra,
                          f"{arch}-{a}{b}-{label.replace(' ', '')}") for a, b in PAIRS]
@@ -56,6 +67,9 @@ def main_bench() -> dict:
             out[f"{arch} | {label}"] = {k: mean(rows, k) for k in (
                 "best_parent", "ensemble", "vanilla", "ot", "vanilla_finetuned", "ot_finetuned", "partners", "seconds")}
             out[f"{arch} | {label}"]["pairs"] = rows
+    if only:
+        path.write_text(json.dumps({**json.loads(path.read_text()), **out}, indent=2, default=str))
+        return out
     # heterogeneous: a width-96 and a width-48 ViT fused into width 48 (the anchor), vs the narrow alone
     het = fuse([str(R / "vit-s0.pt"), str(R / "vit48-s1.pt")], RECIPES["vit"], "emd", ["--ground", "acts"],
                "vit-het")
@@ -65,7 +79,7 @@ def main_bench() -> dict:
               "--threads", "2", "--out", str(R / "vit48-scratch84.pt"), "--json", str(scratch)])
     het["narrow_from_scratch_84_epochs"] = json.loads(scratch.read_text())["top1"]
     out["vit heterogeneous 96+48 -> 48"] = het
-    (R / "fuse_digits.json").write_text(json.dumps(out, indent=2, default=str))
+    path.write_text(json.dumps(out, indent=2, default=str))
     return out
 
 
@@ -95,7 +109,7 @@ if __name__ == "__main__":
         print(" | ".join(f"{k} {fmt(w[k])}" for k in ("narrowed", "ot", "narrowed_finetuned", "ot_finetuned",
                                                        "narrow_from_scratch_84_epochs")))
         raise SystemExit(0)
-    res = main_bench()
+    res = main_bench(sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else None)
     print("| model | solver | best parent | ensemble | vanilla | OT one-shot | vanilla + FT | OT + FT | partners | s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for key, r in res.items():
@@ -105,6 +119,7 @@ if __name__ == "__main__":
         print(f"| {arch} | {label} | {fmt(r['best_parent'])} | {fmt(r['ensemble'])} | {fmt(r['vanilla'])} | "
               f"{fmt(r['ot'])} | {fmt(r['vanilla_finetuned'])} | {fmt(r['ot_finetuned'])} | {r['partners']:.2f} | "
               f"{r['seconds']:.1f} |")
-    h = res["vit heterogeneous 96+48 -> 48"]
-    print(f"\nheterogeneous: parents {', '.join(fmt(p) for p in h['parents'])}; OT one-shot {fmt(h['ot'])}; "
-          f"OT + FT {fmt(h['ot_finetuned'])}; narrow from scratch, 84 epochs {fmt(h['narrow_from_scratch_84_epochs'])}")
+    h = res.get("vit heterogeneous 96+48 -> 48")
+    if h:
+        print(f"\nheterogeneous: parents {', '.join(fmt(p) for p in h['parents'])}; OT one-shot {fmt(h['ot'])}; "
+              f"OT + FT {fmt(h['ot_finetuned'])}; narrow from scratch, 84 epochs {fmt(h['narrow_from_scratch_84_epochs'])}")

@@ -100,7 +100,7 @@ class Distiller(nn.Module):
                                         expected=f"{num_classes} classes", found=f"{t_logits.shape[1]}")
                 t_dim = getattr(teacher, "num_features", t_logits.shape[1])
         self.shapes = Shapes(_shapes(s_feats), s_taps.families, _shapes(t_feats), s_dim, t_dim, num_classes,
-                             _shapes(s_embeds), _shapes(t_embeds))
+                             _shapes(s_embeds), _shapes(t_embeds), x.shape[-1])
         self.helpers = self.method.build(self.shapes, cfg)
 
     def train(self, mode: bool = True):

@@ -21,7 +21,8 @@ from compress.alignment.spaces import SpaceGraph, find_spaces
 from compress.errors import CompressError
 from compress.prune.width import prune_width
 
-from .stats import TOKENS, cross_statistics
+from .stats import ATTENTION, TOKENS, cross_statistics
+from .streams import POLICIES, stream_couplings
 from .transport import SOLVERS, Solution, correlation_cost, partners, solve
 
 
@@ -39,6 +40,8 @@ class FuseConfig:
     calib: int = 256  # calibration images for the activation statistics
     batch_size: int = 32
     anchor: int = -1  # index of the model whose basis (and config) the fused model takes
+    residual: str = "shared"  # shared: one map per residual stream | mean | weighted: per-sublayer maps (paper)
+    attention: str = "heads"  # heads: head-aware (exact when hard) | full: cross-head Q, K, V maps | shared_qk
     tokens: str = "all"  # all | cls | window: token positions used in the statistics (ViT-style sequences)
     window: int = 6  # side of the central patch window for tokens="window" (the paper's window_6)
     sweeps: int = 3  # ground="wts": passes over all spaces
@@ -49,6 +52,16 @@ class FuseConfig:
             raise CompressError(f"unknown solver '{self.solver}'", expected=" | ".join(SOLVERS))
         if self.ground not in ("acts", "wts"):
             raise CompressError(f"unknown ground cost '{self.ground}'", expected="acts | wts")
+        if self.residual not in POLICIES:
+            raise CompressError(f"unknown residual policy '{self.residual}'", expected=" | ".join(POLICIES))
+        if self.residual != "shared" and self.ground != "acts":
+            raise CompressError(f"residual policy '{self.residual}' solves each sublayer from its activations",
+                                expected="ground acts (or residual shared)", found=f"ground {self.ground}")
+        if self.attention not in ATTENTION:
+            raise CompressError(f"unknown attention mode '{self.attention}'", expected=" | ".join(ATTENTION))
+        if self.attention != "heads" and self.ground != "acts":
+            raise CompressError(f"attention '{self.attention}' solves its maps from activations",
+                                expected="ground acts (or attention heads)", found=f"ground {self.ground}")
         if self.tokens not in TOKENS:
             raise CompressError(f"unknown token selection '{self.tokens}'", expected=" | ".join(TOKENS))
         if self.softness <= 0 or self.calib < self.batch_size or self.batch_size < 1:
@@ -99,33 +112,55 @@ def align_to(model: nn.Module, anchor: nn.Module, batches: list[torch.Tensor], c
         return _apply(sg_m, model, anchor, maps, report)
     t = time.perf_counter()
     stats = cross_statistics(sg_m, sg_a, state_tensors(model), state_tensors(anchor), batches, cfg.tokens,
-                             cfg.window)
+                             cfg.window, sublayers=cfg.residual != "shared", attention=cfg.attention)
     report.seconds_stats += time.perf_counter() - t
     t = time.perf_counter()
+
+    def coupling(st, name: str) -> torch.Tensor:
+        return _record(solve(correlation_cost(st.correlation()), cfg.solver, cfg.softness), name, report).coupling
+
     maps = {}
     for space in sg_m.spaces:
-        if space.id not in stats:
+        if space.id not in stats.spaces:
             report.unmatched.append(space.name)
             continue
-        _, st = stats[space.id]
-        maps[space.id] = _record(solve(correlation_cost(st.correlation()), cfg.solver, cfg.softness), space.name,
-                                 report)
+        maps[space.id] = Solution(coupling(stats.spaces[space.id][1], space.name), cfg.solver).maps()
     report.spaces += len(maps)
+    maps.update(_attention_maps(sg_m, stats, coupling, cfg.solver))
+    per_axis = {}
+    if cfg.residual != "shared":  # the paper's per-sublayer maps on top of the shared ones
+        per_axis = {k: {sid: Solution(c, cfg.solver).maps() for sid, c in v.items()}
+                    for k, v in stream_couplings(sg_m, stats, coupling, cfg.residual).items()}
     report.seconds_solve += time.perf_counter() - t
-    return _apply(sg_m, model, anchor, maps, report)
+    return _apply(sg_m, model, anchor, maps, report, per_axis)
 
 
-def _record(sol: Solution, name: str, report: FuseReport) -> dict[str, torch.Tensor]:
+def _attention_maps(sg: SpaceGraph, stats, coupling, solver: str) -> dict:
+    """Attention's "full" / "shared_qk" maps: one map over all heads x head_dim of each projection (or of
+    queries and keys together), under the keys `axes.transport` looks up. A projection alone on its
+    (heads, head_dim) pair (the values) also lends its map to that pair, so the output projection's input
+    columns move with the values, as in the paper."""
+    names = {s.id: s.name for s in sg.spaces}
+    maps, by_pair = {}, {}
+    for key, (keys, st) in stats.joint.items():
+        label = "x".join(names.get(i, str(i)) for i in keys[1]) + (f" #{key[1]}" if key[0] == "prod" else "")
+        maps[key] = Solution(coupling(st, f"attention {label}"), solver).maps()
+        by_pair.setdefault(keys[1], []).append(maps[key])
+    return {**{pair: ms[0] for pair, ms in by_pair.items() if len(ms) == 1}, **maps}
+
+
+def _record(sol: Solution, name: str, report: FuseReport) -> Solution:
     """Note a solved map in the report (fallbacks; the coupling, for plots and the partners count)."""
     if sol.note:
         report.fallbacks.append(f"{name}: {sol.note}")
     report.maps[name] = sol.coupling
-    return sol.maps()
+    return sol
 
 
-def _apply(sg_m: SpaceGraph, model: nn.Module, anchor: nn.Module, maps: dict, report: FuseReport) -> dict:
+def _apply(sg_m: SpaceGraph, model: nn.Module, anchor: nn.Module, maps: dict, report: FuseReport,
+           per_axis: dict | None = None) -> dict:
     t = time.perf_counter()
-    aligned = sg_m.transport_state(model.state_dict(), maps)
+    aligned = sg_m.transport_state(model.state_dict(), maps, per_axis)
     report.seconds_apply += time.perf_counter() - t
     own = anchor.state_dict()
     bad = [k for k in own if k in aligned and aligned[k].shape != own[k].shape]
@@ -163,7 +198,7 @@ def weight_matching(sg_m: SpaceGraph, sg_a: SpaceGraph, state_m: dict, state_a: 
                         sq_a += (ra * ra).sum(0).double()
             dist = (sq_m[:, None] + sq_a[None, :] - 2 * gram).clamp_min(0).sqrt()
             sol = solve((dist / dist.max().clamp_min(1e-12)).float(), cfg.solver, cfg.softness)
-            maps[sm.id] = _record(sol, sm.name, report)
+            maps[sm.id] = _record(sol, sm.name, report).maps()
     report.seconds_solve += time.perf_counter() - t
     report.spaces += len(maps)
     return maps

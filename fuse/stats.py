@@ -4,6 +4,11 @@ Both models are traced at the calibration batch size and run node by node in loc
 graphs; at each producer node (convolutions, linear layers, residual adds, attention outputs) every space
 the node carries contributes (samples, neurons) activations. Only running sums are kept: memory is
 O(n_a * n_b) per space whatever the number of samples.
+
+With `sublayers=True` each residual stream is also measured at every branch writing into it (the patch
+embedding, each attention projection and fc2, a ResNet block's last conv), one set of sums per writer, for
+the paper's per-sublayer residual maps (fuse/streams.py), together with the mean magnitude of both operands
+of every residual add (the `weighted` policy).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from compress.alignment.spaces import SpaceGraph
 from compress.errors import CompressError
 
 TOKENS = ("all", "cls", "window")
+ATTENTION = ("heads", "full", "shared_qk")
 SITES = {"convolution", "addmm", "mm", "add", "add_"}  # adds only where two activations meet (residuals)
 
 
@@ -67,14 +73,27 @@ class CrossStats:
         return (cov / (va.sqrt()[:, None] * vb.sqrt()[None, :])).float()
 
 
+@dataclass
+class Statistics:
+    """What `cross_statistics` measured. Keys are model A's space ids and node indices in its graph."""
+
+    spaces: dict[int, tuple[int, CrossStats]]  # A space -> (B space, sums pooled over every site of the space)
+    writers: dict[tuple[int, int], tuple[int, CrossStats]] = field(default_factory=dict)  # (node, A space) -> same
+    operands: dict[int, list[float]] = field(default_factory=dict)  # residual add node -> B's mean |operand|
+    joint: dict[tuple, tuple[tuple, CrossStats]] = field(default_factory=dict)  # key -> (joint_keys, sums)
+
+
 def _op(node: fx.Node) -> str:
     return getattr(node.target, "__name__", str(node.target)).split(".")[0]
 
 
 def cross_statistics(sg_a: SpaceGraph, sg_b: SpaceGraph, state_a: dict, state_b: dict,
-                     batches: list[torch.Tensor], tokens: str = "all",
-                     window: int = 6) -> dict[int, tuple[int, CrossStats]]:
-    """Statistics between model A's spaces and model B's: {A space id: (B space id, CrossStats)}.
+                     batches: list[torch.Tensor], tokens: str = "all", window: int = 6,
+                     sublayers: bool = False, attention: str = "heads") -> Statistics:
+    """Statistics between model A's spaces and model B's (`Statistics.spaces`: {A space id: (B space id,
+    CrossStats)}), with `sublayers` per residual writer (`Statistics.writers`, `.operands`), and with
+    `attention` "full" / "shared_qk" over all heads x head_dim of each query / key / value projection
+    (`Statistics.joint`, keyed per projection or per (heads, head_dim) pair: see `axes.joint_keys`).
 
     Example:
         >>> stats = cross_statistics(sg_a, sg_b, a.state_dict(), b.state_dict(), calib_batches)
@@ -98,6 +117,7 @@ def cross_statistics(sg_a: SpaceGraph, sg_b: SpaceGraph, state_a: dict, state_b:
         free_at[i].append(j)
     site_set = set(sites)
     stats: dict[int, tuple[int, CrossStats]] = {}
+    out = Statistics(stats)
     interps = [fx.Interpreter(ga.module), fx.Interpreter(gb.module)]
     names_a, names_b = [ga.tensors[n] for n in ga.tensors], [gb.tensors[n] for n in gb.tensors]
     with torch.no_grad():
@@ -119,15 +139,25 @@ def cross_statistics(sg_a: SpaceGraph, sg_b: SpaceGraph, state_a: dict, state_b:
                 if i in site_set:
                     # A residual stream is read where it is (the sums), not from the branches writing into it:
                     # measured on digits ViTs, this aligns better than pooling writers and sums.
-                    keep = wanted if _op(nodes_a[i]) in ("add", "add_") else wanted - residual
+                    is_add = _op(nodes_a[i]) in ("add", "add_")
+                    keep = wanted if is_add else wanted - residual
                     _accumulate(stats, keep, vals, sg_a.node_axes[nodes_a[i]], sg_b.node_axes[nodes_b[i]],
                                 tokens, window)
+                    if attention != "heads" and not is_add:
+                        _accumulate_joint(out.joint, vals, sg_a.node_axes[nodes_a[i]], sg_b.node_axes[nodes_b[i]],
+                                          tokens, window, {"full": 0, "shared_qk": 1}[attention])
+                    if sublayers and not is_add:
+                        _accumulate(out.writers, residual, vals, sg_a.node_axes[nodes_a[i]],
+                                    sg_b.node_axes[nodes_b[i]], tokens, window, key=lambda sid, i=i: (i, sid))
+                    elif sublayers:
+                        mags = [interps[1].env[m].abs().mean().item() for m in nodes_b[i].all_input_nodes]
+                        out.operands[i] = [a + b for a, b in zip(out.operands.get(i, [0.0] * len(mags)), mags)]
                 for j in free_at[i]:
                     for interp, nodes in zip(interps, (nodes_a, nodes_b)):
                         interp.env.pop(nodes[j], None)
             for interp in interps:
                 interp.env.clear()
-    return stats
+    return out
 
 
 def select_tokens(t: torch.Tensor, atoms: list, mode: str, window: int) -> tuple[torch.Tensor, list]:
@@ -156,29 +186,43 @@ def select_tokens(t: torch.Tensor, atoms: list, mode: str, window: int) -> tuple
     return t, atoms
 
 
-def _accumulate(stats, wanted, vals, axes_a, axes_b, tokens="all", window=6) -> None:
+def _free_axes(vals, axes_a, axes_b, tokens: str, window: int, keep_joint: bool = False):
+    """For each free (neuron) axis of a site's output in both models: (atom_a, atom_b, xa, xb, axis) with
+    every other free axis averaged out. Only pinned axes (batch, tokens, pixels) pair up as samples; other
+    neuron axes are ordered differently in each model (and may differ in width)."""
     ta, tb = vals
     if not isinstance(ta, torch.Tensor) or not ta.dtype.is_floating_point:
         return
-    ta, axes_a = ax.expand_products(ta, axes_a)
-    tb, axes_b = ax.expand_products(tb, axes_b)
+    ta, axes_a = ax.expand_products(ta, axes_a, keep_joint)
+    tb, axes_b = ax.expand_products(tb, axes_b, keep_joint)
     if len(axes_a) != len(axes_b):
         return
     ta, axes_a = select_tokens(ta, axes_a, tokens, window)
     tb, axes_b = select_tokens(tb, axes_b, tokens, window)
     free = [k for k, atom in enumerate(axes_a) if ax.leaves(atom)]
     for axis in free:
-        atom_a, atom_b = axes_a[axis], axes_b[axis]
-        if not any(leaf.id in wanted for leaf in ax.leaves(atom_a)):
-            continue
-        # Only pinned axes (batch, tokens, pixels) pair up as samples; other neuron axes are ordered
-        # differently in each model (and may differ in width), so they are averaged out.
         others = [k for k in free if k != axis]
         xa, xb = (ta.mean(dim=others), tb.mean(dim=others)) if others else (ta, tb)
-        pos = axis - sum(k < axis for k in others)
+        yield axes_a[axis], axes_b[axis], xa, xb, axis - sum(k < axis for k in others)
+
+
+def _accumulate_joint(stats, vals, axes_a, axes_b, tokens: str, window: int, key: int) -> None:
+    """Sums over each projection's heads x head_dim as one neuron set (attention's "full" maps)."""
+    for atom_a, atom_b, xa, xb, pos in _free_axes(vals, axes_a, axes_b, tokens, window, keep_joint=True):
+        for keys, ra, rb in ax.joint_views(xa, atom_a, xb, atom_b, pos):
+            if keys[key] not in stats:
+                stats[keys[key]] = (keys, CrossStats(ra.shape[1], rb.shape[1]))
+            stats[keys[key]][1].update(ra, rb)
+
+
+def _accumulate(stats, wanted, vals, axes_a, axes_b, tokens="all", window=6, key=lambda sid: sid) -> None:
+    for atom_a, atom_b, xa, xb, pos in _free_axes(vals, axes_a, axes_b, tokens, window):
+        if not any(leaf.id in wanted for leaf in ax.leaves(atom_a)):
+            continue
         for la, lb, ra, rb in ax.paired_views(xa, atom_a, xb, atom_b, pos):
             if la.id not in wanted:
                 continue
-            if la.id not in stats:
-                stats[la.id] = (lb.id, CrossStats(la.size, lb.size))
-            stats[la.id][1].update(ra, rb)
+            k = key(la.id)
+            if k not in stats:
+                stats[k] = (lb.id, CrossStats(la.size, lb.size))
+            stats[k][1].update(ra, rb)

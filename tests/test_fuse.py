@@ -9,7 +9,7 @@ from compress.alignment.spaces import find_spaces
 from compress.data import load_data
 from compress.measure import top1
 from compress.train import TrainConfig, train
-from fuse import FuseConfig, align_to, fuse_models, recompute_batchnorm, solve, vanilla_average
+from fuse import FuseConfig, FuseReport, align_to, fuse_models, recompute_batchnorm, solve, vanilla_average
 
 from .helpers import FAMILIES, assert_same_function, permuted_copy, perturb_, small_model
 
@@ -183,3 +183,80 @@ def test_three_models_fuse_into_the_anchor_with_equal_weights():
     assert_same_function("resnet", state, model, size)
     n_spaces = len(find_spaces(model, torch.randn(1, 3, size, size)).spaces)
     assert report.spaces == 2 * n_spaces  # two models aligned to the anchor
+
+
+PAPER_OPTIONS = [("vit", {"residual": "mean"}), ("resnet", {"residual": "mean"}), ("swin", {"residual": "weighted"}),
+                 ("mixer", {"residual": "weighted"}), ("vit", {"attention": "full", "residual": "mean"}),
+                 ("swin", {"attention": "full"}), ("mobilevit", {"attention": "shared_qk"})]
+
+
+@pytest.mark.parametrize("arch, options", PAPER_OPTIONS)
+def test_self_fusion_with_the_papers_residual_and_attention_maps(arch, options):
+    torch.manual_seed(0)
+    model, size = small_model(arch)
+    perturb_(model)
+    twin = permuted_copy(arch, model, size)
+    state, report = fuse_models([twin, model], torch.randn(64, 3, size, size),
+                                FuseConfig(solver="hungarian", calib=64, batch_size=32, **options))
+    if "residual" in options:
+        assert any("@" in name for name in report.maps)  # writers into the streams got maps of their own
+    if "attention" in options:
+        assert any(name.startswith("attention ") for name in report.maps)
+    assert_same_function(arch, state, model, size)
+
+
+def test_per_sublayer_residual_maps_follow_the_paper_policy():
+    """Between two different ViTs: every residual add carries (T_stream + T_branch) / 2 forward; readers
+    take the map of the activation they read; the cls and position tokens that of the patch embedding."""
+    from compress.alignment.graph import state_tensors
+    from fuse.stats import cross_statistics
+    from fuse.streams import stream_couplings
+    from fuse.transport import correlation_cost
+
+    torch.manual_seed(0)
+    (a, size), (b, _) = small_model("vit"), small_model("vit")
+    perturb_(a)
+    x = torch.randn(64, 3, size, size)
+    sg_a, sg_b = find_spaces(a, x[:32]), find_spaces(b, x[:32])
+    stats = cross_statistics(sg_a, sg_b, state_tensors(a), state_tensors(b), list(x.split(32)), sublayers=True)
+
+    def couplings(policy):
+        c = stream_couplings(sg_a, stats, lambda st, _: solve(correlation_cost(st.correlation()), "emd").coupling,
+                             policy)
+        sid = next(s.id for s in sg_a.spaces if s.residual)
+        return lambda k, axis=0: c[(k, axis)][sid]
+
+    t = couplings("mean")
+    assert torch.equal(t("blocks.0.norm1.weight"), t("patch_embed.proj.weight"))
+    assert torch.equal(t("cls_token", 2), t("patch_embed.proj.weight"))
+    assert torch.equal(t("pos_embed", 2), t("patch_embed.proj.weight"))
+    assert not torch.allclose(t("blocks.0.norm1.weight"), t("blocks.0.attn.proj.weight"))  # distinct maps
+    assert torch.allclose(t("blocks.0.norm2.weight"), (t("blocks.0.norm1.weight") + t("blocks.0.attn.proj.weight")) / 2)
+    assert torch.allclose(t("blocks.1.norm1.weight"), (t("blocks.0.norm2.weight") + t("blocks.0.mlp.fc2.weight")) / 2)
+    assert torch.equal(t("blocks.0.attn.qkv.weight", 1), t("blocks.0.norm1.weight"))  # qkv reads norm1's output
+    assert torch.equal(t("head.weight", 1), t("norm.weight"))
+    # weighted: a convex combination of the same two maps, by the operands' magnitudes (not one half each)
+    mix, t1, t2 = couplings("weighted")("blocks.0.norm2.weight"), t("blocks.0.norm1.weight"), t("blocks.0.attn.proj.weight")
+    a = ((mix - t2) * (t1 - t2)).sum() / ((t1 - t2) ** 2).sum()
+    assert torch.allclose(mix, a * t1 + (1 - a) * t2, atol=1e-6) and 0 < a < 1 and abs(a - 0.5) > 0.01
+
+
+def test_full_attention_maps_move_queries_across_heads():
+    """Between two different ViTs, the "full" query map is one map over all heads x head_dim (mass crosses
+    heads) and it is what moves the query rows; shared_qk gives queries and keys one map."""
+    torch.manual_seed(0)
+    (a, size), (b, _) = small_model("vit"), small_model("vit")
+    x = torch.randn(64, 3, size, size)
+    batches = list(x.split(32))
+    report = FuseReport()
+    aligned = align_to(a, b, batches, FuseConfig(calib=64, batch_size=32, attention="full"), report)
+    q, k, v = (report.maps[n] for n in report.maps if n.startswith("attention blocks.0."))
+    d, hd = q.shape[0], a.blocks[0].attn.head_dim
+    head = torch.arange(d) // hd
+    assert (q > 0)[head[:, None] != head[None, :]].any()  # some query neuron moves to another head
+    m_out = q / q.sum(0, keepdim=True)
+    assert torch.allclose(aligned["blocks.0.attn.qkv.bias"][:d], a.state_dict()["blocks.0.attn.qkv.bias"][:d] @ m_out,
+                          atol=1e-6)
+    report = FuseReport()
+    align_to(a, b, batches, FuseConfig(calib=64, batch_size=32, attention="shared_qk"), report)
+    assert len([n for n in report.maps if n.startswith("attention blocks.0.")]) == 2  # (queries, keys), values

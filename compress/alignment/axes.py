@@ -251,10 +251,12 @@ def index_map(a: Atom, perms: dict[int, torch.Tensor]) -> torch.Tensor:
     return idx.reshape(-1)
 
 
-def transport(t: torch.Tensor, axis: int, atom: Atom, maps: dict[int, torch.Tensor]) -> torch.Tensor:
+def transport(t: torch.Tensor, axis: int, atom: Atom, maps: dict) -> torch.Tensor:
     """Move axis `axis` of `t` into another basis: for each space id in `maps`, new = old @ M along that
     factor, where M is (n_old, n_new). Product factors are transported independently (a Kronecker map),
-    sum segments blockwise. With permutation matrices this equals `index_map`.
+    sum segments blockwise, unless `maps` holds a map of the whole product under one of its `joint_keys`
+    (attention's cross-head "full" maps over all heads x head_dim). With permutation matrices this equals
+    `index_map`.
     """
     r = find(atom)
     if r.kind == "leaf":
@@ -264,6 +266,9 @@ def transport(t: torch.Tensor, axis: int, atom: Atom, maps: dict[int, torch.Tens
     if r.kind == "sum":
         parts = t.split([c.size for c in r.children], dim=axis)
         return torch.cat([transport(p, axis, c, maps) for p, c in zip(parts, r.children)], dim=axis)
+    joint = next((maps[k] for k in joint_keys(r) if k in maps), None)
+    if joint is not None:
+        return (t.movedim(axis, -1) @ joint.to(t.dtype)).movedim(-1, axis)
     shape = list(t.shape)
     t = t.reshape(shape[:axis] + [c.size for c in r.children] + shape[axis + 1:])
     for k, c in enumerate(r.children):
@@ -300,12 +305,37 @@ def paired_views(ta: torch.Tensor, a: Atom, tb: torch.Tensor, b: Atom, axis: int
         yield from paired_views(xa, ca, xb, cb, axis)
 
 
-def expand_products(t: torch.Tensor, atoms: list[Atom]) -> tuple[torch.Tensor, list[Atom]]:
+def joint_keys(a: Atom) -> tuple:
+    """Keys under which a product of free leaves (heads x head_dim) may have one map of its own: the
+    product's class (one segment, e.g. the queries alone) and its tuple of leaf ids (every segment with
+    those factors, e.g. queries and keys together). Empty for anything else."""
+    r = find(a)
+    kids = [find(c) for c in r.children]
+    if r.kind != "prod" or len(kids) < 2 or any(c.kind != "leaf" or c.pinned or c.size < 2 for c in kids):
+        return ()
+    return (("prod", r.id), tuple(c.id for c in kids))
+
+
+def joint_views(ta: torch.Tensor, a: Atom, tb: torch.Tensor, b: Atom, axis: int):
+    """Like `paired_views`, for the products of free leaves on `axis` (found through sums), each flattened:
+    yield (joint_keys of a's product, rows_a, rows_b) with all heads x head_dim as neurons."""
+    ra, rb = find(a), find(b)
+    if ra.kind == "sum" and rb.kind == "sum" and len(ra.children) == len(rb.children):
+        pa = ta.split([c.size for c in ra.children], dim=axis)
+        pb = tb.split([c.size for c in rb.children], dim=axis)
+        for xa, ca, xb, cb in zip(pa, ra.children, pb, rb.children):
+            yield from joint_views(xa, ca, xb, cb, axis)
+    elif joint_keys(ra) and joint_keys(rb):
+        yield joint_keys(ra), ta.movedim(axis, -1).reshape(-1, ra.size), tb.movedim(axis, -1).reshape(-1, rb.size)
+
+
+def expand_products(t: torch.Tensor, atoms: list[Atom], keep_joint: bool = False) -> tuple[torch.Tensor, list[Atom]]:
     """Reshape `t` so that every product factor of every axis is an axis of its own (batch x tokens merged
-    by a view become two axes again); returns the tensor and the atom of each new axis."""
+    by a view become two axes again); returns the tensor and the atom of each new axis. `keep_joint` leaves
+    products of free leaves (heads x head_dim) whole, for `joint_views`."""
     shape, out = [], []
     for size, a in zip(t.shape, atoms):
-        fs = _prod_factors(a)
+        fs = [find(a)] if keep_joint and joint_keys(a) else _prod_factors(a)
         if size != prod(f.size for f in fs):
             fs = [find(a)]
         shape += [f.size for f in fs]

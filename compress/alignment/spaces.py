@@ -81,11 +81,13 @@ class SpaceGraph:
             out[name] = t
         return out
 
-    def transport_state(self, state: dict[str, torch.Tensor],
-                        maps: dict[int, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    def transport_state(self, state: dict[str, torch.Tensor], maps: dict[int, dict[str, torch.Tensor]],
+                        per_axis: dict | None = None) -> dict[str, torch.Tensor]:
         """Move a state dict into another basis: `maps[space_id]` holds an (n_old, n_new) matrix per role,
         `"out"` for axes that carry the neurons (rows, biases, norms, tokens) and `"in"` for contracted axes
-        (a next layer's input columns). Tensors on no mapped space are returned unchanged.
+        (a next layer's input columns). Tensors on no mapped space are returned unchanged. `per_axis`
+        {(tensor, axis): {space_id: {role: matrix}}} overrides `maps` on single axes (per-sublayer maps of a
+        residual stream, fuse/streams.py).
 
         Example:
             >>> maps = {s.id: {"out": P, "in": P} for s, P in zip(sg.spaces, permutation_matrices)}
@@ -99,7 +101,9 @@ class SpaceGraph:
             t = out[name]
             for axis, atom in enumerate(atoms):
                 if any(s.id in maps for s in ax.leaves(atom)):
-                    t = ax.transport(t, axis, atom, by_role[self.roles[(name, axis)]])
+                    role = self.roles[(name, axis)]
+                    own = {k: m[role] for k, m in (per_axis or {}).get((name, axis), {}).items()}
+                    t = ax.transport(t, axis, atom, {**by_role[role], **own})
             out[name] = t
         return out
 
