@@ -23,7 +23,7 @@ from compress.prune.width import prune_width
 
 from .stats import ATTENTION, TOKENS, cross_statistics
 from .streams import POLICIES, stream_couplings
-from .transport import SOLVERS, Solution, correlation_cost, partners, solve
+from .transport import SOLVERS, Solution, correlation_cost, partners, solve, weight_maps
 
 
 @dataclass
@@ -54,14 +54,12 @@ class FuseConfig:
             raise CompressError(f"unknown ground cost '{self.ground}'", expected="acts | wts")
         if self.residual not in POLICIES:
             raise CompressError(f"unknown residual policy '{self.residual}'", expected=" | ".join(POLICIES))
-        if self.residual != "shared" and self.ground != "acts":
-            raise CompressError(f"residual policy '{self.residual}' solves each sublayer from its activations",
-                                expected="ground acts (or residual shared)", found=f"ground {self.ground}")
         if self.attention not in ATTENTION:
             raise CompressError(f"unknown attention mode '{self.attention}'", expected=" | ".join(ATTENTION))
-        if self.attention != "heads" and self.ground != "acts":
-            raise CompressError(f"attention '{self.attention}' solves its maps from activations",
-                                expected="ground acts (or attention heads)", found=f"ground {self.ground}")
+        for what, value, default in (("residual", self.residual, "shared"), ("attention", self.attention, "heads")):
+            if value != default and self.ground != "acts":
+                raise CompressError(f"{what} '{value}' solves its maps from activations",
+                                    expected=f"ground acts (or {what} {default})", found=f"ground {self.ground}")
         if self.tokens not in TOKENS:
             raise CompressError(f"unknown token selection '{self.tokens}'", expected=" | ".join(TOKENS))
         if self.softness <= 0 or self.calib < self.batch_size or self.batch_size < 1:
@@ -124,18 +122,18 @@ def align_to(model: nn.Module, anchor: nn.Module, batches: list[torch.Tensor], c
         if space.id not in stats.spaces:
             report.unmatched.append(space.name)
             continue
-        maps[space.id] = Solution(coupling(stats.spaces[space.id][1], space.name), cfg.solver).maps()
+        maps[space.id] = weight_maps(coupling(stats.spaces[space.id][1], space.name))
     report.spaces += len(maps)
-    maps.update(_attention_maps(sg_m, stats, coupling, cfg.solver))
+    maps.update(_attention_maps(sg_m, stats, coupling))
     per_axis = {}
     if cfg.residual != "shared":  # the paper's per-sublayer maps on top of the shared ones
-        per_axis = {k: {sid: Solution(c, cfg.solver).maps() for sid, c in v.items()}
+        per_axis = {k: {sid: weight_maps(c) for sid, c in v.items()}
                     for k, v in stream_couplings(sg_m, stats, coupling, cfg.residual).items()}
     report.seconds_solve += time.perf_counter() - t
     return _apply(sg_m, model, anchor, maps, report, per_axis)
 
 
-def _attention_maps(sg: SpaceGraph, stats, coupling, solver: str) -> dict:
+def _attention_maps(sg: SpaceGraph, stats, coupling) -> dict:
     """Attention's "full" / "shared_qk" maps: one map over all heads x head_dim of each projection (or of
     queries and keys together), under the keys `axes.transport` looks up. A projection alone on its
     (heads, head_dim) pair (the values) also lends its map to that pair, so the output projection's input
@@ -144,7 +142,7 @@ def _attention_maps(sg: SpaceGraph, stats, coupling, solver: str) -> dict:
     maps, by_pair = {}, {}
     for key, (keys, st) in stats.joint.items():
         label = "x".join(names.get(i, str(i)) for i in keys[1]) + (f" #{key[1]}" if key[0] == "prod" else "")
-        maps[key] = Solution(coupling(st, f"attention {label}"), solver).maps()
+        maps[key] = weight_maps(coupling(st, f"attention {label}"))
         by_pair.setdefault(keys[1], []).append(maps[key])
     return {**{pair: ms[0] for pair, ms in by_pair.items() if len(ms) == 1}, **maps}
 

@@ -29,12 +29,16 @@ class Solution:
     note: str = ""  # why a fallback happened
 
     def maps(self) -> dict[str, torch.Tensor]:
-        t = self.coupling
-        return {"out": t / t.sum(0, keepdim=True).clamp_min(1e-12), "in": t / t.sum(1, keepdim=True).clamp_min(1e-12)}
+        return weight_maps(self.coupling)
 
     @property
     def partners(self) -> float:
         return partners(self.coupling)
+
+
+def weight_maps(t: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The two matrices that move weights with coupling `t` (module docstring): "out" and "in"."""
+    return {"out": t / t.sum(0, keepdim=True).clamp_min(1e-12), "in": t / t.sum(1, keepdim=True).clamp_min(1e-12)}
 
 
 def partners(coupling: torch.Tensor) -> float:
