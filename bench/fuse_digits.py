@@ -53,7 +53,6 @@ def mean(rows: list[dict], key: str):
 
 def main_bench(only: str | None = None) -> dict:
     """Every option row (or those whose flags mention `only`), merged into bench/results/fuse_digits.json."""
-    path = R / "fuse_digits.json"
     out = {}
     for arch, options in OPTIONS.items():
         for solver, extra in options:
@@ -68,8 +67,7 @@ def main_bench(only: str | None = None) -> dict:
                 "best_parent", "ensemble", "vanilla", "ot", "vanilla_finetuned", "ot_finetuned", "partners", "seconds")}
             out[f"{arch} | {label}"]["pairs"] = rows
     if only:
-        path.write_text(json.dumps({**json.loads(path.read_text()), **out}, indent=2, default=str))
-        return out
+        return merge(out)
     # heterogeneous: a width-96 and a width-48 ViT fused into width 48 (the anchor), vs the narrow alone
     het = fuse([str(R / "vit-s0.pt"), str(R / "vit48-s1.pt")], RECIPES["vit"], "emd", ["--ground", "acts"],
                "vit-het")
@@ -79,8 +77,16 @@ def main_bench(only: str | None = None) -> dict:
               "--threads", "2", "--out", str(R / "vit48-scratch84.pt"), "--json", str(scratch)])
     het["narrow_from_scratch_84_epochs"] = json.loads(scratch.read_text())["top1"]
     out["vit heterogeneous 96+48 -> 48"] = het
-    path.write_text(json.dumps(out, indent=2, default=str))
+    (R / "fuse_digits.json").write_text(json.dumps(out, indent=2, default=str))
     return out
+
+
+def merge(rows: dict) -> dict:
+    """Write `rows` into bench/results/fuse_digits.json beside the rows already there; returns `rows`."""
+    path = R / "fuse_digits.json"
+    path.write_text(json.dumps({**(json.loads(path.read_text()) if path.exists() else {}), **rows}, indent=2,
+                               default=str))
+    return rows
 
 
 def width_bench() -> dict:
@@ -92,10 +98,7 @@ def width_bench() -> dict:
     res = {k: mean(rows, k) for k in ("narrowed", "ot", "narrowed_finetuned", "ot_finetuned", "seconds")}
     res["narrow_from_scratch_84_epochs"] = json.loads((R / "vit48-scratch84.json").read_text())["top1"]
     res["pairs"] = rows
-    path = R / "fuse_digits.json"
-    out = json.loads(path.read_text()) if path.exists() else {}
-    out["vit width 0.5 (96+96 -> 48)"] = res
-    path.write_text(json.dumps(out, indent=2, default=str))
+    merge({"vit width 0.5 (96+96 -> 48)": res})
     return res
 
 

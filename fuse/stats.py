@@ -139,19 +139,21 @@ def cross_statistics(sg_a: SpaceGraph, sg_b: SpaceGraph, state_a: dict, state_b:
                 if i in site_set:
                     # A residual stream is read where it is (the sums), not from the branches writing into it:
                     # measured on digits ViTs, this aligns better than pooling writers and sums.
+                    axes = sg_a.node_axes[nodes_a[i]], sg_b.node_axes[nodes_b[i]]
                     is_add = _op(nodes_a[i]) in ("add", "add_")
-                    keep = wanted if is_add else wanted - residual
-                    _accumulate(stats, keep, vals, sg_a.node_axes[nodes_a[i]], sg_b.node_axes[nodes_b[i]],
-                                tokens, window)
-                    if attention != "heads" and not is_add:
-                        _accumulate_joint(out.joint, vals, sg_a.node_axes[nodes_a[i]], sg_b.node_axes[nodes_b[i]],
-                                          tokens, window, {"full": 0, "shared_qk": 1}[attention])
-                    if sublayers and not is_add:
-                        _accumulate(out.writers, residual, vals, sg_a.node_axes[nodes_a[i]],
-                                    sg_b.node_axes[nodes_b[i]], tokens, window, key=lambda sid, i=i: (i, sid))
-                    elif sublayers:
+                    for la, lb, ra, rb in _leaf_views(vals, *axes, tokens, window):
+                        if la.id not in wanted:
+                            continue
+                        if is_add or la.id not in residual:
+                            _add(stats, la.id, la, lb, ra, rb)
+                        elif sublayers:  # a branch writing into a residual stream: its own per-sublayer sums
+                            _add(out.writers, (i, la.id), la, lb, ra, rb)
+                    if sublayers and is_add:
                         mags = [interps[1].env[m].abs().mean().item() for m in nodes_b[i].all_input_nodes]
                         out.operands[i] = [a + b for a, b in zip(out.operands.get(i, [0.0] * len(mags)), mags)]
+                    if attention != "heads" and not is_add:
+                        _accumulate_joint(out.joint, vals, *axes, tokens, window,
+                                          {"full": 0, "shared_qk": 1}[attention])
                 for j in free_at[i]:
                     for interp, nodes in zip(interps, (nodes_a, nodes_b)):
                         interp.env.pop(nodes[j], None)
@@ -215,14 +217,13 @@ def _accumulate_joint(stats, vals, axes_a, axes_b, tokens: str, window: int, key
             stats[keys[key]][1].update(ra, rb)
 
 
-def _accumulate(stats, wanted, vals, axes_a, axes_b, tokens="all", window=6, key=lambda sid: sid) -> None:
+def _leaf_views(vals, axes_a, axes_b, tokens: str, window: int):
+    """(leaf_a, leaf_b, rows_a, rows_b) for every space a site's output carries (see `axes.paired_views`)."""
     for atom_a, atom_b, xa, xb, pos in _free_axes(vals, axes_a, axes_b, tokens, window):
-        if not any(leaf.id in wanted for leaf in ax.leaves(atom_a)):
-            continue
-        for la, lb, ra, rb in ax.paired_views(xa, atom_a, xb, atom_b, pos):
-            if la.id not in wanted:
-                continue
-            k = key(la.id)
-            if k not in stats:
-                stats[k] = (lb.id, CrossStats(la.size, lb.size))
-            stats[k][1].update(ra, rb)
+        yield from ax.paired_views(xa, atom_a, xb, atom_b, pos)
+
+
+def _add(stats: dict, key, la, lb, ra: torch.Tensor, rb: torch.Tensor) -> None:
+    if key not in stats:
+        stats[key] = (lb.id, CrossStats(la.size, lb.size))
+    stats[key][1].update(ra, rb)
