@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", default="all", choices=["all", "cls", "window"],
                    help="token positions in the statistics (ViT-style sequences; conv maps use all)")
     p.add_argument("--window", type=int, default=6, help="central patch window side for --tokens window")
+    p.add_argument("--repair", action="store_true",
+                   help="REPAIR: restore each Linear unit's mean / std to its parents' (variance collapse)")
     p.add_argument("--width", type=float, default=1.0,
                    help="fuse into this fraction of the anchor's channels (0.5: half-wide; heads kept)")
     p.add_argument("--finetune-epochs", type=int, default=0, help="finetune the fused model (and vanilla) after")
@@ -409,7 +411,7 @@ def cmd_fuse(args) -> dict:
     check_width(args.width)  # before any work
     cfg = FuseConfig(ground=args.ground, solver=args.solver, softness=args.softness, calib=args.calib, anchor=args.anchor,
                      tokens=args.tokens, window=args.window, residual=args.residual,
-                     attention=args.attention)
+                     attention=args.attention, repair=args.repair)
     ckpts = [load(p) for p in args.models]
     first = ckpts[0]
     for path, c in zip(args.models[1:], ckpts[1:]):  # every mismatch is named before any work
@@ -431,7 +433,7 @@ def cmd_fuse(args) -> dict:
 
     result = {"models": args.models, "arch": first.arch, "solver": cfg.solver, "softness": cfg.softness,
               "tokens": cfg.tokens, "ground": cfg.ground, "residual": cfg.residual,
-              "attention": cfg.attention,
+              "attention": cfg.attention, "repair": cfg.repair,
               "metric": "miou" if data.task == "segmentation" else "top1",
               "parents": [score(m) for m in models], "ensemble": score(Ensemble(models))}
     same_shapes = all(m.state_dict()[k].shape == v.shape for m in models for k, v in models[0].state_dict().items())
@@ -459,6 +461,7 @@ def cmd_fuse(args) -> dict:
     result["ot"] = score(fused)
     result.update(ot_finetuned=None, vanilla_finetuned=None, narrowed_finetuned=None, batchnorm_recomputed=bn,
                   spaces=report.spaces, unmatched_spaces=report.unmatched, fallbacks=report.fallbacks,
+                  repaired_layers=report.repaired,
                   partners=report.partners)
     if args.finetune_epochs:
         ft = TrainConfig(epochs=args.finetune_epochs, lr=args.finetune_lr, seed=args.seed)
@@ -470,7 +473,7 @@ def cmd_fuse(args) -> dict:
             train(baseline.train(), data.train, ft, description=f"finetune {name}")
             result[f"{name}_finetuned"] = score(baseline)
     timings.update(trace=report.seconds_trace, statistics=report.seconds_stats, ot_solve=report.seconds_solve,
-                   apply=report.seconds_apply)
+                   apply=report.seconds_apply, repair=report.seconds_repair)
     result["seconds"] = round(time.perf_counter() - t0, 2)
     result["seconds_by_stage"] = {k: round(v, 3) for k, v in timings.items()}
     result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

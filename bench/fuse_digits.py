@@ -5,7 +5,7 @@ Needs the parents from bench/train_digits.py (seeds 0-5) and, for the heterogene
     for s in 0 1; do compress train --recipe recipes/train-vit.yaml --arch-args embed_dim=48 --seed $s \\
         --out bench/results/vit48-s$s.pt; done
 Run: .venv/bin/python bench/fuse_digits.py   (writes bench/results/fuse_digits.json, prints markdown tables)
-     .venv/bin/python bench/fuse_digits.py --width   (only the --width 0.5 rows: two width-96 ViTs fused into
+     .venv/bin/python bench/fuse_digits.py --width [--repair]   (only the --width 0.5 rows: two width-96 ViTs fused into
      width 48, against the anchor narrowed alone and the width-48 ViT from scratch; merged into the JSON)
      .venv/bin/python bench/fuse_digits.py --only residual,attention   (only the rows whose flags mention
      one of the words, merged into the JSON)
@@ -29,7 +29,8 @@ OPTIONS = {  # every row names its ground cost, so the recipes' defaults do not 
             ("emd", ["--ground", "acts", "--residual", "mean"]), ("emd", ["--ground", "acts", "--residual", "weighted"]),
             ("emd", ["--ground", "acts", "--attention", "full"]),
             ("emd", ["--ground", "acts", "--attention", "shared_qk"]),
-            ("sinkhorn", ["--ground", "acts", "--softness", "0.02", "--residual", "mean", "--attention", "full"])],
+            ("sinkhorn", ["--ground", "acts", "--softness", "0.02", "--residual", "mean", "--attention", "full"]),
+            ("emd", ["--ground", "wts", "--repair"]), ("emd", ["--ground", "acts", "--repair"])],
     "resnet": [("emd", ["--ground", "acts"]), ("hungarian", ["--ground", "acts"]),
                ("sinkhorn", ["--ground", "acts", "--softness", "0.002"]), ("emd", ["--ground", "wts"]),
                ("emd", ["--ground", "acts", "--residual", "mean"]), ("emd", ["--ground", "acts", "--residual", "weighted"])],
@@ -46,6 +47,16 @@ def fuse(models: list[str], recipe: str, solver: str, extra: list[str], tag: str
     return json.loads(js.read_text())
 
 
+def words(flags: list[str]) -> list[str]:
+    """A row's label: each flag's value, or the bare flag's name ("--ground wts --repair" -> wts repair)."""
+    out, i = [], 0
+    while i < len(flags):
+        bare = i + 1 == len(flags) or flags[i + 1].startswith("--")
+        out.append(flags[i][2:] if bare else flags[i + 1])
+        i += 1 if bare else 2
+    return out
+
+
 def mean(rows: list[dict], key: str):
     vals = [r[key] for r in rows if r.get(key) is not None]
     return statistics.mean(vals) if vals else None
@@ -58,7 +69,7 @@ def main_bench(only: str | None = None) -> dict:
         for solver, extra in options:
             if only and not any(word in " ".join(extra) for word in only.split(",")):
                 continue
-            label = f"{solver} {' '.join(extra[1::2] if len(extra) > 2 else extra[1:])}".strip()
+            label = f"{solver} {' '.join(words(extra))}"
             rows = [fuse([str(R / f"{arch}-s{a}.pt"), str(R / f"{arch}-s{b}.pt")], RECIPES[arch], solver, extra,
                          f"{arch}-{a}{b}-{label.replace(' ', '')}") for a, b in PAIRS]
             for r in rows:
@@ -89,16 +100,18 @@ def merge(rows: dict) -> dict:
     return rows
 
 
-def width_bench() -> dict:
+def width_bench(repair: bool = False) -> dict:
     """Two width-96 ViTs fused into half the channels (`--width 0.5`, the shape of the width-48 ViT), against
     the anchor narrowed alone (activation importance, no fusion), both finetuned alike, and the width-48
-    ViT from scratch given the epochs that went into the fused model (40 + 40 + 4)."""
-    rows = [fuse([str(R / f"vit-s{a}.pt"), str(R / f"vit-s{b}.pt")], RECIPES["vit"], "emd",
-                 ["--ground", "acts", "--width", "0.5"], f"vit-{a}{b}-width0.5") for a, b in PAIRS]
+    ViT from scratch given the epochs that went into the fused model (40 + 40 + 4). With `repair`, the
+    fused model is REPAIRed (`--repair`); the narrowed anchor is the same either way."""
+    flags = ["--ground", "acts", "--width", "0.5"] + (["--repair"] if repair else [])
+    rows = [fuse([str(R / f"vit-s{a}.pt"), str(R / f"vit-s{b}.pt")], RECIPES["vit"], "emd", flags,
+                 f"vit-{a}{b}-width0.5" + ("-repair" if repair else "")) for a, b in PAIRS]
     res = {k: mean(rows, k) for k in ("narrowed", "ot", "narrowed_finetuned", "ot_finetuned", "seconds")}
     res["narrow_from_scratch_84_epochs"] = json.loads((R / "vit48-scratch84.json").read_text())["top1"]
     res["pairs"] = rows
-    merge({"vit width 0.5 (96+96 -> 48)": res})
+    merge({"vit width 0.5 (96+96 -> 48)" + (" repair" if repair else ""): res})
     return res
 
 
@@ -108,7 +121,7 @@ def fmt(v) -> str:
 
 if __name__ == "__main__":
     if "--width" in sys.argv:
-        w = width_bench()
+        w = width_bench(repair="--repair" in sys.argv)
         print(" | ".join(f"{k} {fmt(w[k])}" for k in ("narrowed", "ot", "narrowed_finetuned", "ot_finetuned",
                                                        "narrow_from_scratch_84_epochs")))
         raise SystemExit(0)

@@ -21,6 +21,7 @@ from compress.alignment.spaces import SpaceGraph, find_spaces
 from compress.errors import CompressError
 from compress.prune.width import prune_width
 
+from .repair import repair
 from .stats import ATTENTION, TOKENS, cross_statistics
 from .streams import POLICIES, stream_couplings
 from .transport import SOLVERS, Solution, correlation_cost, partners, solve, weight_maps
@@ -45,6 +46,7 @@ class FuseConfig:
     tokens: str = "all"  # all | cls | window: token positions used in the statistics (ViT-style sequences)
     window: int = 6  # side of the central patch window for tokens="window" (the paper's window_6)
     sweeps: int = 3  # ground="wts": passes over all spaces
+    repair: bool = False  # REPAIR: give each Linear output unit its parents' mean / std (fuse/repair.py)
     version: int = 1
 
     def __post_init__(self):
@@ -73,6 +75,8 @@ class FuseReport:
     seconds_stats: float = 0.0
     seconds_solve: float = 0.0
     seconds_apply: float = 0.0
+    seconds_repair: float = 0.0
+    repaired: int = 0  # Linear layers whose output statistics REPAIR restored
     spaces: int = 0
     unmatched: list[str] = field(default_factory=list)  # spaces no activation site carried (left as they are)
     fallbacks: list[str] = field(default_factory=list)
@@ -225,7 +229,21 @@ def fuse_models(models: list[nn.Module], images: torch.Tensor, cfg: FuseConfig,
     batches = calibration_batches(images, cfg)
     report = FuseReport()
     aligned = [basis.state_dict() if m is basis else align_to(m, basis, batches, cfg, report) for m in models]
-    return average(aligned, basis.state_dict()), report
+    state = average(aligned, basis.state_dict())
+    if cfg.repair:
+        t = time.perf_counter()
+        fused = _with_state(basis, state)
+        recompute_batchnorm(fused, torch.cat(batches))  # hybrids: the Linear layers see settled BatchNorms
+        report.repaired = repair(fused, [_with_state(basis, s) for s in aligned], torch.cat(batches))
+        state = fused.state_dict()
+        report.seconds_repair = time.perf_counter() - t
+    return state, report
+
+
+def _with_state(model: nn.Module, state: dict) -> nn.Module:
+    model = copy.deepcopy(model)
+    model.load_state_dict(state)
+    return model
 
 
 def check_width(width: float) -> None:

@@ -1,5 +1,7 @@
 """OT fusion: exact self-fusion for every family, transport algebra, solver fallbacks, a real CNN fusion."""
 
+import copy
+
 import pytest
 import torch
 
@@ -110,6 +112,10 @@ def test_fuse_command_end_to_end(tmp_path):
     assert {"parents", "vanilla", "ensemble", "ot", "ot_finetuned", "seconds"} <= set(r)
     assert len(r["parents"]) == 2 and r["ot_finetuned"] is not None and png.stat().st_size > 1000
     assert main(["eval", str(out), "--latency-runs", "2"]) == 0
+    repaired = tmp_path / "r.json"
+    assert main(["fuse", "--models", *paths, "--calib", "128", "--repair", "--out", str(tmp_path / "r.pt"),
+                 "--json", str(repaired)]) == 0
+    assert json.loads(repaired.read_text())["repaired_layers"] > 0
 
 
 def test_fuse_into_a_narrower_width_compresses_and_reloads(tmp_path):
@@ -260,3 +266,46 @@ def test_full_attention_maps_move_queries_across_heads():
     report = FuseReport()
     align_to(a, b, batches, FuseConfig(calib=64, batch_size=32, attention="shared_qk"), report)
     assert len([n for n in report.maps if n.startswith("attention blocks.0.")]) == 2  # (queries, keys), values
+
+
+@pytest.mark.parametrize("arch", ["vit", "mixer", "mobilevit"])
+def test_self_fusion_with_repair_returns_the_same_function(arch):
+    torch.manual_seed(0)
+    model, size = small_model(arch)
+    perturb_(model)
+    x = torch.randn(64, 3, size, size)
+    recompute_batchnorm(model, x)  # REPAIR settles a hybrid's BatchNorms on the calibration images first
+    twin = permuted_copy(arch, model, size)
+    state, report = fuse_models([twin, model], x, FuseConfig(solver="hungarian", calib=64, batch_size=32, repair=True))
+    assert report.repaired > 0
+    assert_same_function(arch, state, model, size)
+
+
+def test_repair_gives_every_linear_unit_its_parents_statistics():
+    """Between two different ViTs, averaging collapses some units' spread; after REPAIR every hidden Linear
+    unit's mean and std over the calibration images are the average of the aligned parents'."""
+    from fuse.repair import unit_stats
+
+    torch.manual_seed(0)
+    (a, size), (b, _) = small_model("vit"), small_model("vit")
+    perturb_(a)
+    x = torch.randn(64, 3, size, size)
+    cfg = FuseConfig(calib=64, batch_size=32)
+    a_in_b = copy.deepcopy(b)
+    a_in_b.load_state_dict(align_to(a, b, list(x.split(32)), cfg, FuseReport()))
+    names = [n for n, m in b.named_modules() if isinstance(m, torch.nn.Linear) and n != "head"]
+    parents = unit_stats([a_in_b, b], names, x)
+    fused = {}
+    for repair in (False, True):
+        state, report = fuse_models([a, b], x, FuseConfig(calib=64, batch_size=32, repair=repair))
+        model = copy.deepcopy(b)
+        model.load_state_dict(state)
+        fused[repair] = unit_stats([model], names, x)[0]
+    assert report.repaired == len(names) == 16
+    for n in names:
+        target_mean = (parents[0][n][0] + parents[1][n][0]) / 2
+        target_std = (parents[0][n][1] + parents[1][n][1]) / 2
+        assert torch.allclose(fused[True][n][0], target_mean, atol=1e-4)
+        assert torch.allclose(fused[True][n][1], target_std, rtol=1e-3, atol=1e-5)
+    collapsed = [n for n in names if (fused[False][n][1] < 0.9 * (parents[0][n][1] + parents[1][n][1]) / 2).any()]
+    assert collapsed  # what REPAIR exists for

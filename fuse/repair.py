@@ -1,0 +1,89 @@
+"""REPAIR (Jordan et al., ICLR 2023) for fused networks without BatchNorm.
+
+Averaging two aligned neurons shrinks the variance of their output wherever the parents disagree
+("variance collapse"); in a transformer that flattens the attention logits and starves every later layer.
+REPAIR gives each output unit of every Linear layer back the statistics its parents had: the mean and
+standard deviation over the calibration images become the average of the parents' (already transported
+into the fused basis), by an affine change of the layer's own weights and bias, so the fused model keeps
+its architecture. BatchNorm networks get the same effect from recomputed BatchNorm statistics.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def unit_stats(models: list[nn.Module], names: list[str], images: torch.Tensor) -> list[dict]:
+    """Per model, {layer name: (mean, std)} of each output unit (the last axis) over `images`."""
+    return [_stats(model, names, images) for model in models]
+
+
+def _stats(model: nn.Module, names: list[str], images: torch.Tensor) -> dict:
+    stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def keep(name):
+        def hook(module, args, output):  # returns None: the output is left as it is
+            stats.setdefault(name, _moments(output))
+        return hook
+
+    _run_hooked(model, names, keep, images)
+    return stats
+
+
+def repair(fused: nn.Module, parents: list[nn.Module], images: torch.Tensor) -> int:
+    """Rescale every hidden Linear layer of `fused` in place so that each output unit's mean and standard
+    deviation over `images` equal the average of the same unit in `parents` (models in the fused basis).
+    Layers are corrected in forward order within one pass, each seeing the corrected layers before it.
+    The classifier is left alone. Returns the number of layers corrected.
+
+    Example:
+        >>> repair(fused, [parent_a_aligned, parent_b], calib_images)
+        16
+    """
+    names = [n for n, m in fused.named_modules() if isinstance(m, nn.Linear) and m is not _classifier(fused)]
+    targets = unit_stats(parents, names, images)
+    done: set[str] = set()
+
+    def correct(name):
+        def hook(module, args, output):
+            if name in done:  # a module called twice keeps its first correction
+                return None
+            done.add(name)
+            mean, std = _moments(output)
+            t_mean = torch.stack([t[name][0] for t in targets]).mean(0)
+            t_std = torch.stack([t[name][1] for t in targets]).mean(0)
+            scale = t_std / std.clamp_min(1e-6)
+            with torch.no_grad():
+                module.weight.mul_(scale[:, None])
+                if module.bias is not None:  # without a bias only the spread can be restored
+                    module.bias.copy_(scale * (module.bias - mean) + t_mean)
+            return module(*args)  # the layers after this one see its corrected output
+
+        return hook
+
+    _run_hooked(fused, names, correct, images)
+    return len(done)
+
+
+def _run_hooked(model: nn.Module, names: list[str], make_hook, images: torch.Tensor) -> None:
+    """One eval-mode, gradient-free forward with `make_hook(name)` as the forward hook of each named module."""
+    modules = dict(model.named_modules())
+    hooks = [modules[n].register_forward_hook(make_hook(n)) for n in names]
+    try:
+        with torch.no_grad():
+            model.eval()(images)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _moments(output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    flat = output.detach().float().reshape(-1, output.shape[-1])
+    return flat.mean(0), flat.std(0)
+
+
+def _classifier(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_classifier", None)
+    head = get() if callable(get) else None
+    return head if isinstance(head, nn.Linear) else None
