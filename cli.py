@@ -118,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kd-alpha", type=float, default=0.9)
     p.add_argument("--train-teacher", action="store_true", help="train the --teacher architecture first")
     p.add_argument("--teacher-epochs", type=int, default=30)
+    p.add_argument("--teacher-args", help="with --train-teacher: teacher architecture kwargs, e.g. "
+                   "depths=4x4x12x6,embed_dims=64x128x320x512 (TransKD's one family at two sizes)")
     p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
                    help="also train the student from scratch and with KD on the same budget (default on)")
     p.add_argument("--cache-teacher", action="store_true",
@@ -609,9 +611,12 @@ def _teacher(args, data, student_ckpt):
     """The teacher checkpoint; an architecture name is trained first only with --train-teacher."""
     from compress import Checkpoint, InputSpec, load, save
     from compress.data import load_data
-    from compress.registry import ARCHS, default_img_size
+    from compress.registry import ARCHS, default_img_size, parse_arch_args
     from compress.train import TrainConfig, train
 
+    if args.teacher_args and not args.train_teacher:
+        raise CompressError("--teacher-args shapes a teacher that --train-teacher trains",
+                            expected="--train-teacher with an architecture name", found=f"--teacher {args.teacher}")
     if Path(args.teacher).is_file():
         return load(args.teacher)
     if args.teacher not in ARCHS and ":" not in args.teacher and not _is_timm(args.teacher):
@@ -622,9 +627,10 @@ def _teacher(args, data, student_ckpt):
                             hint=f"train one first (compress train --arch {args.teacher} --data {args.data} --out "
                                  f"teacher.pt) or add --train-teacher")
     # a segmentation network works at any size: the teacher sees the student's resolution
-    size = student_ckpt.input.size if data.task == "segmentation" else default_img_size(args.teacher)
+    arch_args = parse_arch_args(args.teacher_args)
+    size = student_ckpt.input.size if data.task == "segmentation" else default_img_size(args.teacher, arch_args)
     spec = InputSpec(size=size)
-    ckpt = Checkpoint.create(args.teacher, data.num_classes, task=data.task, input=spec, seed=args.seed)
+    ckpt = Checkpoint.create(args.teacher, data.num_classes, data.task, arch_args, input=spec, seed=args.seed)
     model = ckpt.build().train()
     train(model, load_data(args.data, spec, data.task).train,
           TrainConfig(epochs=args.teacher_epochs, seed=args.seed, label_smoothing=0.0 if data.task == "segmentation"

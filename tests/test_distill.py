@@ -113,6 +113,9 @@ def test_cli_distill_bad_input(tmp_path, capsys):
     save(Checkpoint.create("resnet", num_classes=7, seed=0), teacher)
     assert main(["distill", "--teacher", str(teacher), "--student", "vit", "--out", str(tmp_path / "s.pt")]) == 2
     assert "different classes" in capsys.readouterr().err and not (tmp_path / "s.pt").exists()
+    assert main(["distill", "--teacher", str(teacher), "--teacher-args", "depth=2", "--student", "vit",
+                 "--out", str(tmp_path / "s.pt")]) == 2
+    assert "--teacher-args" in capsys.readouterr().err
 
 
 def test_torchrun_distill_two_cpu_processes(tmp_path):
@@ -187,8 +190,10 @@ def test_transkd_refuses_non_hierarchical_and_classifiers():
 
 def test_cli_transkd_on_digit_scenes(tmp_path):
     js = tmp_path / "t.json"
-    assert main(["distill", "--teacher", "resnet", "--train-teacher", "--teacher-epochs", "1", "--student",
-                 "efficientformer", "--data", "digit-scenes", "--method", "transkd", "--epochs", "1",
+    # the paper's pairing, one family at two sizes: the teacher at EfficientFormer-L3's shape
+    assert main(["distill", "--teacher", "efficientformer", "--train-teacher", "--teacher-epochs", "1",
+                 "--teacher-args", "depths=4x4x12x6,embed_dims=64x128x320x512", "--student", "efficientformer",
+                 "--data", "digit-scenes", "--method", "transkd", "--epochs", "1",
                  "--out", str(tmp_path / "s.pt"), "--json", str(js)]) == 0
     r = json.loads(js.read_text())
     assert r["metric"] == "miou" and {"miou", "scratch_miou", "teacher_miou"} <= set(r)
