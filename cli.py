@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="token positions in the statistics (ViT-style sequences; conv maps use all)")
     p.add_argument("--window", type=int, default=6, help="central patch window side for --tokens window")
     p.add_argument("--repair", action="store_true",
-                   help="REPAIR: restore each Linear unit's mean / std to its parents' (variance collapse)")
+                   help="REPAIR: restore each Linear unit's mean / std to its parents' (variance collapse); "
+                        "use it when not finetuning: digits ViTs one-shot 31.7%% -> 58.5%%, no change after 4 epochs")
     p.add_argument("--width", type=float, default=1.0,
                    help="fuse into this fraction of the anchor's channels (0.5: half-wide; heads kept)")
     p.add_argument("--finetune-epochs", type=int, default=0, help="finetune the fused model (and vanilla) after")

@@ -217,6 +217,7 @@ def fuse_models(models: list[nn.Module], images: torch.Tensor, cfg: FuseConfig,
     """Fuse `models` (one architecture) into the anchor's basis with equal weights, or into `target`'s
     basis when given (a narrower model, see `narrow`): every model, the anchor included, is then transported.
 
+    With `cfg.repair` the average is then REPAIRed (fuse/repair.py) on the calibration images.
     Returns the fused state dict (load it into a copy of the anchor / target, then `recompute_batchnorm`).
 
     Example:
@@ -232,9 +233,9 @@ def fuse_models(models: list[nn.Module], images: torch.Tensor, cfg: FuseConfig,
     state = average(aligned, basis.state_dict())
     if cfg.repair:
         t = time.perf_counter()
-        fused = _with_state(basis, state)
-        recompute_batchnorm(fused, torch.cat(batches))  # hybrids: the Linear layers see settled BatchNorms
-        report.repaired = repair(fused, [_with_state(basis, s) for s in aligned], torch.cat(batches))
+        fused, calib = _with_state(basis, state), torch.cat(batches)
+        recompute_batchnorm(fused, calib)  # hybrids: the Linear layers see settled BatchNorms
+        report.repaired = repair(fused, [_with_state(basis, s) for s in aligned], calib)
         state = fused.state_dict()
         report.seconds_repair = time.perf_counter() - t
     return state, report
