@@ -35,13 +35,14 @@ def repair(fused: nn.Module, parents: list[nn.Module], images: torch.Tensor) -> 
     """Rescale every hidden Linear layer of `fused` in place so that each output unit's mean and standard
     deviation over `images` equal the average of the same unit in `parents` (models in the fused basis).
     Layers are corrected in forward order within one pass, each seeing the corrected layers before it.
-    The classifier is left alone. Returns the number of layers corrected.
+    The classifiers are left alone. Returns the number of layers corrected.
 
     Example:
         >>> repair(fused, [parent_a_aligned, parent_b], calib_images)
         16
     """
-    names = [n for n, m in fused.named_modules() if isinstance(m, nn.Linear) and m is not _classifier(fused)]
+    heads = _classifiers(fused)
+    names = [n for n, m in fused.named_modules() if isinstance(m, nn.Linear) and not any(m is h for h in heads)]
     targets = unit_stats(parents, names, images)
     done: set[str] = set()
 
@@ -83,7 +84,8 @@ def _moments(output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return flat.mean(0), flat.std(0)
 
 
-def _classifier(model: nn.Module) -> nn.Module | None:
+def _classifiers(model: nn.Module) -> list[nn.Module]:
+    """The output heads (timm's get_classifier: one head, or a tuple as in distilled DeiTs)."""
     get = getattr(model, "get_classifier", None)
-    head = get() if callable(get) else None
-    return head if isinstance(head, nn.Linear) else None
+    heads = get() if callable(get) else ()
+    return list(heads) if isinstance(heads, tuple) else [heads]
