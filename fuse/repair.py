@@ -20,6 +20,7 @@ def unit_stats(models: list[nn.Module], names: list[str], images: torch.Tensor) 
 
 
 def _stats(model: nn.Module, names: list[str], images: torch.Tensor) -> dict:
+    # moments only, taken inside the hook: taps.hooked_outputs would hold every layer's full output at once
     stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def keep(name):
