@@ -93,6 +93,9 @@ def test_fuse_command_refuses_mismatched_models_before_any_work(tmp_path, capsys
     assert main(["fuse", "--models", str(a), str(c), "--out", str(tmp_path / "f.pt")]) == 2
     assert "different classes" in capsys.readouterr().err
     assert main(["fuse", "--models", str(a), str(a), "--out", str(a)]) == 2
+    assert main(["fuse", "--models", str(a), str(a), "--finetune-epochs", "1", "--finetune-batch-size", "0",
+                 "--out", str(tmp_path / "f.pt")]) == 2
+    assert "batch_size=0" in capsys.readouterr().err
     assert not (tmp_path / "f.pt").exists()
 
 
@@ -106,8 +109,8 @@ def test_fuse_command_end_to_end(tmp_path):
                      str(seed), "--out", str(p)]) == 0
         paths.append(str(p))
     out, js, png = tmp_path / "f.pt", tmp_path / "f.json", tmp_path / "maps.png"
-    assert main(["fuse", "--models", *paths, "--calib", "128", "--finetune-epochs", "1", "--out", str(out),
-                 "--json", str(js), "--plot", str(png)]) == 0
+    assert main(["fuse", "--models", *paths, "--calib", "128", "--finetune-epochs", "1", "--finetune-batch-size", "32",
+                 "--out", str(out), "--json", str(js), "--plot", str(png)]) == 0
     r = json.loads(js.read_text())
     assert {"parents", "vanilla", "ensemble", "ot", "ot_finetuned", "seconds"} <= set(r)
     assert len(r["parents"]) == 2 and r["ot_finetuned"] is not None and png.stat().st_size > 1000
