@@ -470,7 +470,7 @@ def cmd_fuse(args) -> dict:
                   spaces=report.spaces, unmatched_spaces=report.unmatched, fallbacks=report.fallbacks,
                   repaired_layers=report.repaired,
                   partners=report.partners)
-    if args.finetune_epochs:
+    if ft is not None:
         t = time.perf_counter()
         train(fused.train(), data.train, ft, description="finetune OT-fused")
         timings["finetune"] = time.perf_counter() - t

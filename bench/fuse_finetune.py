@@ -23,11 +23,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from compress import load  # noqa: E402
 from compress.data import load_data  # noqa: E402
+from compress.losses import distillation_objective  # noqa: E402
 from compress.measure import top1  # noqa: E402
 from compress.train import TrainConfig, train  # noqa: E402
 from fuse import Ensemble, FuseConfig, fuse_models  # noqa: E402
@@ -43,18 +43,15 @@ def parse(row: str) -> tuple[str, dict]:
     return kind, dict(o.split("=", 1) for o in opts)
 
 
-def kd_loss(models, alpha: float, temperature: float, label_smoothing: float):
-    """(1 - alpha) CE + alpha T^2 KL(ensemble || student); the ensemble's mean probabilities as the target."""
-    ensemble = Ensemble([copy.deepcopy(m).eval() for m in models])
+class LogEnsemble(torch.nn.Module):
+    """The parents' output ensemble as logits: the log of their mean probabilities, a KD teacher."""
 
-    def loss(net, x, y):
-        out = net(x)
-        with torch.no_grad():
-            target = ensemble(x).clamp_min(1e-8).log()  # log of averaged probabilities, a valid logit vector
-        kd = F.kl_div(F.log_softmax(out / temperature, -1), F.softmax(target / temperature, -1),
-                      reduction="batchmean") * temperature ** 2
-        return (1 - alpha) * F.cross_entropy(out, y, label_smoothing=label_smoothing) + alpha * kd
-    return loss
+    def __init__(self, models):
+        super().__init__()
+        self.ensemble = Ensemble([copy.deepcopy(m) for m in models])  # copies: the KD objective freezes them
+
+    def forward(self, x):
+        return self.ensemble(x).clamp_min(1e-8).log()
 
 
 def run_row(kind: str, kw: dict, ckpts, models, data, images) -> tuple[float, float, float]:
@@ -71,7 +68,8 @@ def run_row(kind: str, kw: dict, ckpts, models, data, images) -> tuple[float, fl
     ls = float(kw.get("ls", 0.1))
     cfg = TrainConfig(epochs=int(kw.get("ep", 4)), lr=float(kw.get("lr", 2e-3)), batch_size=int(kw.get("bs", 64)),
                       label_smoothing=ls, seed=0)
-    loss = kd_loss(models, float(kw["kd"]), float(kw.get("T", 1)), ls) if "kd" in kw else None
+    loss = (distillation_objective(LogEnsemble(models), float(kw["kd"]), float(kw.get("T", 1)), ls)
+            if "kd" in kw else None)
     t = time.perf_counter()
     train(model.train(), data.train, cfg, loss_fn=loss, description=f"{kind} {kw}")
     return before, top1(model, data.test), time.perf_counter() - t
