@@ -34,7 +34,7 @@ def main_bench(seeds: list[int], pairs: list[str]) -> dict:
                      "--json", str(js)]):
                 raise SystemExit(f"{tag} failed")
             runs.append(json.loads(js.read_text()))
-        keys = ("teacher_top1", "scratch_top1", "kd_top1", "top1", "scratch_seconds", "kd_seconds", "seconds")
+        keys = ("teacher_top1", "scratch_top1", "kd_top1", "top1", "scratch_seconds", "kd_seconds", "train_seconds")
         out[label] = {k: round(statistics.mean(r[k] for r in runs), 3) for k in keys}
         out[label]["epochs"] = epochs
         out[label]["runs"] = runs
@@ -54,4 +54,4 @@ if __name__ == "__main__":
     for k, v in res.items():
         print(f"| {k} | {v['epochs']} | {v['teacher_top1']:.2f} | {v['scratch_top1']:.2f} | {v['kd_top1']:.2f} | "
               f"{v['top1']:.2f} | {v['top1'] - v['kd_top1']:+.2f} | {v['kd_top1'] - v['scratch_top1']:+.2f} | "
-              f"{v['scratch_seconds']:.0f} / {v['kd_seconds']:.0f} / {v['seconds']:.0f} |")
+              f"{v['scratch_seconds']:.0f} / {v['kd_seconds']:.0f} / {v.get('train_seconds', v.get('seconds', 0)):.0f} |")

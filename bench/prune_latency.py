@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from compress import create_model  # noqa: E402
 from compress.measure import compare_latency, macs, param_count  # noqa: E402
-from compress.prune import PruneConfig, prune, ratio_for_macs  # noqa: E402
+from prune import PruneConfig, prune, ratio_for_macs  # noqa: E402
 
 MODELS = {"deit_small_patch16_224": 224, "resnet50": 224}
 

@@ -22,7 +22,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from compress import load  # noqa: E402
-from compress.alignment import align  # noqa: E402
 from compress.data import load_data  # noqa: E402
 from compress.measure import top1  # noqa: E402
 from quantize import QuantConfig, calibrate  # noqa: E402
@@ -67,8 +66,7 @@ def main() -> None:
                     continue
                 torch.manual_seed(0)
                 model = copy.deepcopy(original)
-                qm, info = calibrate(model, images, QuantConfig(method=method, bits=bits),
-                                     align(model, ckpt.input.size).blocks)
+                qm, info = calibrate(model, images, QuantConfig(method=method, bits=bits))
                 with torch.no_grad():
                     logits = qm(data.test.tensors[0])
                 row = {"model": arch, "method": method, "bits": bits, "fp32_top1": fp32, "top1": top1(qm, data.test),

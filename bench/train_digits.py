@@ -26,8 +26,8 @@ def run(seeds: list[int], threads: int) -> list[dict]:
             if code:
                 raise SystemExit(code)
             r = json.loads(js.read_text())
-            rows.append({"arch": arch, "seed": seed, "top1": r["top1"], "seconds": r["seconds"],
-                         "params": r["params"], "meets_target": r["top1"] >= 95 and r["seconds"] <= 180})
+            rows.append({"arch": arch, "seed": seed, "top1": r["top1"], "seconds": r["train_seconds"],
+                         "params": r["params"], "meets_target": r["top1"] >= 95 and r["train_seconds"] <= 180})
     path = out / "train_digits.json"  # merged with earlier runs, keyed by (arch, seed)
     old = [r for r in (json.loads(path.read_text()) if path.exists() else [])
            if (r["arch"], r["seed"]) not in {(n["arch"], n["seed"]) for n in rows}]

@@ -46,7 +46,7 @@ def main_bench(seeds: list[int], epochs: int, variant: str, weight: float, teach
                  "--json", str(R / f"{tag}.json")]):
             raise SystemExit(f"{tag} failed")
         runs.append(json.loads((R / f"{tag}.json").read_text()))
-    keys = ("teacher_miou", "scratch_miou", "miou", "teacher_macs", "student_macs", "scratch_seconds", "seconds")
+    keys = ("teacher_miou", "scratch_miou", "miou", "teacher_macs", "student_macs", "scratch_seconds", "train_seconds")
     out = {k: round(statistics.mean(r[k] for r in runs), 3) for k in keys}
     out.update(teacher=teacher, epochs=epochs, variant=variant, weight=weight,
                macs_ratio=round(out["student_macs"] / out["teacher_macs"], 4), runs=runs)

@@ -5,9 +5,12 @@ Every alias is an ordinary registered builder, so `--arch-args` overrides any of
 
 from __future__ import annotations
 
-from torch import nn
+from typing import TYPE_CHECKING
 
 from .registry import register_arch
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 def _timm_model(name: str, num_classes: int, defaults: dict, overrides: dict) -> nn.Module:

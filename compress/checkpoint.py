@@ -63,6 +63,7 @@ class Checkpoint:
     state_dict: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     provenance: dict = field(default_factory=dict)
     structure: list = field(default_factory=list)  # surgery ops (pruning) replayed on the fresh architecture
+    source: str | None = field(default=None, compare=False, repr=False)  # the file it was read from (not saved)
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -83,12 +84,14 @@ class Checkpoint:
         return ckpt
 
     def instantiate(self) -> nn.Module:
-        """The architecture with fresh weights."""
+        """The architecture with fresh weights, its recorded structure edits replayed (for a segmentation
+        network too: the edits name its modules, backbone included)."""
         if self.task == "segmentation":
             from .segmentation import SegmentationNet
 
-            return SegmentationNet(self.arch, self.num_classes, self.arch_args, self.input.size)
-        model = create_model(self.arch, num_classes=self.num_classes, **self.arch_args)
+            model = SegmentationNet(self.arch, self.num_classes, self.arch_args, self.input.size)
+        else:
+            model = create_model(self.arch, num_classes=self.num_classes, **self.arch_args)
         if self.structure:
             from .alignment.surgery import apply_structure
 
@@ -104,18 +107,55 @@ class Checkpoint:
     def metadata(self) -> dict:
         meta = asdict(self)
         meta.pop("state_dict")
+        meta.pop("source")
         meta["format"] = FORMAT
         return meta
 
-    def derive(self, model: nn.Module, command: str, metrics: dict | None = None,
-               parents: list[str] | None = None, **changes) -> Checkpoint:
-        """A new checkpoint for `model`, same description, provenance pointing at its parents."""
-        prov = {"command": command, "parents": parents or [], "metrics": metrics or {},
+    def derive(self, model: nn.Module, kind: str, inputs: list[Checkpoint] = (), data: str = "",
+               config=None, metrics: dict | None = None, **changes) -> Checkpoint:
+        """A new checkpoint for `model`, same description unless `changes` say otherwise, with provenance:
+        the step kind, its parents (the inputs' files), the data, the resolved settings, the command that
+        reproduces it and its metrics.
+
+        Example:
+            >>> out = ckpt.derive(pruned, "prune", [ckpt], "digits", PruneRun(ratio=0.3), {"top1": 97.5})
+        """
+        from .config import settings
+        from .steps import STEPS
+
+        parents = [c.source or "<in memory>" for c in inputs]
+        prov = {"kind": kind, "parents": parents, "data": data, "metrics": _plain(metrics or {}),
+                "settings": settings(config) if config is not None else {},
+                "command": STEPS.get(kind).command(parents, data, config) if config is not None else kind,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "compress_version": __version__}
         kept = ("arch", "arch_args", "num_classes", "task", "input", "structure")
         fields = {**{k: getattr(self, k) for k in kept}, **changes}
         return Checkpoint(**fields, state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()},
                           provenance=prov)
+
+
+def _plain(values: dict) -> dict:
+    """Scalars only: provenance metrics stay small and JSON-able."""
+    return {k: v for k, v in values.items() if isinstance(v, (int, float, str, bool)) or v is None}
+
+
+def as_checkpoints(inputs, at_most: int | None = None, at_least: int = 0) -> list[Checkpoint]:
+    """Checkpoints from paths or `Checkpoint`s (None, one, or a list); a wrong count is a clear error.
+
+    Example:
+        >>> as_checkpoints(["a.pt", b_ckpt], at_least=2)
+    """
+    if inputs is None:
+        items = []
+    elif isinstance(inputs, (list, tuple)):
+        items = list(inputs)
+    else:
+        items = [inputs]
+    if len(items) < at_least or (at_most is not None and len(items) > at_most):
+        want = (f"at least {at_least}" if at_most is None else str(at_least) if at_most == at_least
+                else f"{at_least} to {at_most}")
+        raise CompressError("wrong number of input checkpoints", expected=want, found=str(len(items)))
+    return [c if isinstance(c, Checkpoint) else load(c) for c in items]
 
 
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], arch: str) -> None:
@@ -156,7 +196,8 @@ def atomic_write(path: Path, write) -> Path:
     """Call `write(tmp_path)` then rename onto `path`: a reader never sees a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # the suffix stays last: writers that check it (torch.export wants .pt2) accept the temporary file
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
@@ -191,11 +232,11 @@ def load(path: str | os.PathLike, arch: str | None = None, arch_args: dict | Non
         args = dict(arch_args or {})
         n = num_classes or _guess_classes(state)
         return Checkpoint(arch, args, n, "classification", InputSpec(size=default_img_size(arch, args)), state,
-                          {"command": "import", "parents": [str(path)], "metrics": {}})
+                          {"command": "import", "parents": [str(path)], "metrics": {}}, source=str(path))
     if meta.get("format") != FORMAT:
         raise CompressError(f"'{path}' has an unknown metadata format", expected=FORMAT, found=str(meta.get("format")))
     meta.pop("format")
-    return Checkpoint(**meta, state_dict=state)
+    return Checkpoint(**meta, state_dict=state, source=str(path))
 
 
 def _read_pt(path: Path):

@@ -33,6 +33,45 @@ class Data:
     num_classes: int
     task: str
     name: str
+    spec: str = ""  # what `load_data` was given: names the data in commands and provenance
+
+
+def task_of(data: str | Data) -> str:
+    """The task a data spec implies: segmentation for digit-scenes and masks: folders."""
+    if isinstance(data, Data):
+        return data.task
+    return "segmentation" if data == "digit-scenes" or data.startswith("masks:") else "classification"
+
+
+def as_data(data: str | Data, input: InputSpec, task: str | None = None) -> Data:
+    """`data` itself, or the data set a spec names, prepared for `input`.
+
+    Example:
+        >>> as_data("digits", InputSpec(size=32)).num_classes
+        10
+    """
+    return data if isinstance(data, Data) else load_data(data, input, task)
+
+
+def data_for(ckpt, data: str | Data, command: str, classifier: bool = False) -> Data:
+    """The data set a checkpoint is run on, prepared for its input; a segmentation checkpoint where a
+    command needs a classifier, or a class count that differs from the data's, is a clear error.
+
+    Example:
+        >>> d = data_for(load("vit.pt"), "digits", "prune", classifier=True)
+    """
+    if classifier and ckpt.task != "classification":
+        raise CompressError(f"compress {command} evaluates classifiers", expected="a classification checkpoint",
+                            found=f"task {ckpt.task}")
+    d = as_data(data, ckpt.input, ckpt.task)
+    if d.num_classes != ckpt.num_classes:
+        raise CompressError(f"'{ckpt.source}' predicts {ckpt.num_classes} classes",
+                            expected=f"{d.num_classes} for {d.name}")
+    return d
+
+
+def spec_of(data: str | Data) -> str:
+    return data.spec or data.name if isinstance(data, Data) else data
 
 
 def load_data(spec: str, input: InputSpec, task: str | None = None) -> Data:
@@ -43,6 +82,14 @@ def load_data(spec: str, input: InputSpec, task: str | None = None) -> Data:
         >>> len(d.train), len(d.test), d.num_classes
         (1300, 397, 10)
     """
+    data = _open(spec, input)
+    data.spec = spec
+    if task is not None and data.task != task:
+        raise CompressError(f"data '{spec}' is for {data.task}", expected=f"{task} data")
+    return data
+
+
+def _open(spec: str, input: InputSpec) -> Data:
     kind, _, path = spec.partition(":")
     if spec == "digits":
         return _digits(input)

@@ -11,13 +11,16 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from .device import device_of, synchronize
+
 
 @torch.no_grad()
 def predict(model: nn.Module, data: Dataset, batch_size: int = 256):
-    """Yield (outputs, targets) batches with the model in eval mode."""
+    """Yield (outputs, targets) batches with the model in eval mode, on the model's device."""
     model.eval()
-    for x, y in DataLoader(data, batch_size=batch_size):
-        yield model(x), y
+    device = device_of(model)
+    for x, y in DataLoader(data, batch_size=batch_size, pin_memory=device.type == "cuda"):
+        yield model(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
 
 
 def top1(model: nn.Module, data: Dataset) -> float:
@@ -31,8 +34,8 @@ def top1(model: nn.Module, data: Dataset) -> float:
 
 def miou(model: nn.Module, data: Dataset, num_classes: int) -> float:
     """Mean intersection-over-union in percent, over classes present in targets or predictions."""
-    inter = torch.zeros(num_classes)
-    union = torch.zeros(num_classes)
+    inter = torch.zeros(num_classes, device=device_of(model))
+    union = torch.zeros(num_classes, device=device_of(model))
     for out, y in predict(model, data, batch_size=64):
         p = out.argmax(1)
         for c in range(num_classes):
@@ -41,6 +44,11 @@ def miou(model: nn.Module, data: Dataset, num_classes: int) -> float:
             union[c] += (pc | yc).sum()
     present = union > 0
     return 100.0 * (inter[present] / union[present]).mean().item()
+
+
+def score(model: nn.Module, data: Dataset, num_classes: int, task: str = "classification") -> float:
+    """The task's test metric in percent: mIoU for segmentation, top-1 otherwise."""
+    return miou(model, data, num_classes) if task == "segmentation" else top1(model, data)
 
 
 def param_count(model: nn.Module) -> int:
@@ -55,7 +63,7 @@ def macs(model: nn.Module, input_size: int, in_chans: int = 3) -> int:
     model.eval()
     counter = FlopCounterMode(display=False)
     with counter:
-        model(torch.randn(1, in_chans, input_size, input_size))
+        model(torch.randn(1, in_chans, input_size, input_size, device=device_of(model)))
     return counter.get_total_flops() // 2
 
 
@@ -73,29 +81,36 @@ def threads(n: int | None):
 @torch.no_grad()
 def latency_ms(model: nn.Module, input_size: int, batch: int = 1, warmup: int = 5, runs: int = 30,
                num_threads: int | None = None, in_chans: int = 3) -> float:
-    """Median wall-clock milliseconds of one forward at `batch`, after warm-up."""
+    """Median wall-clock milliseconds of one forward at `batch`, after warm-up, on the model's device (which
+    is synchronised before each clock reading)."""
     model.eval()
-    x = torch.randn(batch, in_chans, input_size, input_size)
+    device = device_of(model)
+    x = torch.randn(batch, in_chans, input_size, input_size, device=device)
     with threads(num_threads):
         for _ in range(warmup):
             model(x)
         times = []
         for _ in range(runs):
+            synchronize(device)
             t = time.perf_counter()
             model(x)
+            synchronize(device)
             times.append((time.perf_counter() - t) * 1e3)
     return statistics.median(times)
 
 
-def compare_latency(models: list[nn.Module], input_size: int, batch: int = 1, rounds: int = 3, runs: int = 20,
-                    num_threads: int | None = None, in_chans: int = 3) -> list[float]:
+def compare_latency(models: list[nn.Module], input_size: int | list[int], batch: int = 1, rounds: int = 3,
+                    runs: int = 20, num_threads: int | None = None, in_chans: int | list[int] = 3) -> list[float]:
     """Median latency (ms) of each model, measured in interleaved rounds so that load on the machine
-    affects every model alike; a ratio of two entries is a side-by-side measurement."""
+    affects every model alike; a ratio of two entries is a side-by-side measurement. `input_size` and
+    `in_chans` may be one per model."""
+    sizes = input_size if isinstance(input_size, list) else [input_size] * len(models)
+    chans = in_chans if isinstance(in_chans, list) else [in_chans] * len(models)
     per = [[] for _ in models]
     for _ in range(rounds):
         for i, m in enumerate(models):
-            per[i].append(latency_ms(m, input_size, batch, warmup=3, runs=runs, num_threads=num_threads,
-                                     in_chans=in_chans))
+            per[i].append(latency_ms(m, sizes[i], batch, warmup=3, runs=runs, num_threads=num_threads,
+                                     in_chans=chans[i]))
     return [statistics.median(p) for p in per]
 
 

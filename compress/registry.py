@@ -1,5 +1,10 @@
 """One small `Registry` reused everywhere, and the architecture registry built on it.
 
+This module imports neither torch nor timm: the command line lists registry names (its `choices`) and
+answers `--help` without them. Entries can be declared lazily (the module that registers them is
+imported on first use) or arrive through a package entry-point group (plugins, and the pipelines'
+checkpoint structure ops, which the core must not import).
+
 An architecture is resolved in this order: a registered builder (our CPU-sized aliases, or the user's own
 via `@register_arch` or a `package.module:function` spec), then any timm model name.
 
@@ -15,15 +20,20 @@ import difflib
 import importlib
 import warnings
 from collections.abc import Callable
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from .errors import CompressError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 class Registry:
     """A name -> object table with a decorator, overwrite warnings and did-you-mean errors.
+
+    `lazy` declares entries without importing them: name -> the module that registers the name on import,
+    or "module:attribute" for the object itself. `group` names a package entry-point group whose entries
+    ("module:attribute") join the table when first looked up.
 
     Example:
         >>> LOSSES = Registry("loss")
@@ -31,11 +41,15 @@ class Registry:
         ... def kd_loss(s, t): ...
         >>> LOSSES.get("kd") is kd_loss
         True
+        >>> Registry("method", lazy={"ofa": "distill.methods"}).names()  # no import yet
+        ['ofa']
     """
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, lazy: dict[str, str] | None = None, group: str | None = None):
         self.kind = kind
         self._items: dict[str, Any] = {}
+        self._lazy: dict[str, str] = dict(lazy or {})
+        self._group = group
 
     def register(self, name: str | None = None) -> Callable:
         def deco(obj):
@@ -43,20 +57,41 @@ class Registry:
             if key in self._items:
                 warnings.warn(f"{self.kind} '{key}' is registered again; the new one replaces it", stacklevel=2)
             self._items[key] = obj
+            self._lazy.pop(key, None)  # a declared entry has arrived
             return obj
 
         return deco
 
     def get(self, name: str) -> Any:
         if name not in self._items:
-            raise CompressError(f"unknown {self.kind} '{name}'", expected=f"one of {', '.join(sorted(self._items))}")
+            self._load_group()
+            if name not in self._lazy:
+                raise CompressError(f"unknown {self.kind} '{name}'", expected=f"one of {', '.join(self.names())}")
+            module, _, attr = self._lazy[name].partition(":")
+            loaded = importlib.import_module(module)
+            if attr:
+                self._items[name] = getattr(loaded, attr)
+            if name not in self._items:
+                raise CompressError(f"{self.kind} '{name}' was declared in {module} but not registered there")
         return self._items[name]
 
     def __contains__(self, name: str) -> bool:
-        return name in self._items
+        self._load_group()
+        return name in self._items or name in self._lazy
 
     def names(self) -> list[str]:
-        return sorted(self._items)
+        self._load_group()
+        return sorted({*self._items, *self._lazy})
+
+    def _load_group(self) -> None:
+        if not self._group:
+            return
+        from importlib.metadata import entry_points
+
+        for ep in entry_points(group=self._group):
+            if ep.name not in self._items:
+                self._lazy.setdefault(ep.name, ep.value)
+        self._group = None  # read once
 
 
 ARCHS = Registry("architecture")
@@ -109,6 +144,11 @@ def resolve_builder(arch: str) -> Callable[..., nn.Module]:
                         hint=f"did you mean {', '.join(close)}?" if close else None)
 
 
+def is_architecture(name: str) -> bool:
+    """Whether `name` names an architecture (an alias, a `module:function` spec or a timm model)."""
+    return name in ARCHS or ":" in name or _timm().is_model(name)
+
+
 def default_img_size(arch: str, kwargs: dict | None = None) -> int:
     """Input resolution for `arch`: an explicit img_size kwarg, the builder's, or timm's pretrained cfg."""
     if kwargs and "img_size" in kwargs:
@@ -138,13 +178,16 @@ def create_model(arch: str, num_classes: int = 10, **kwargs) -> nn.Module:
                             expected="keyword arguments its builder accepts", found=str(e)) from None
 
 
-def parse_arch_args(text: str | None) -> dict[str, Any]:
-    """Parse `img_size=32,embed_dim=96,depths=2x2x2` into typed kwargs (tuples written with `x` or `/`).
+def parse_arch_args(text: str | dict | None) -> dict[str, Any]:
+    """Parse `img_size=32,embed_dim=96,depths=2x2x2` into typed kwargs (tuples written with `x` or `/`);
+    a dict (a recipe's mapping) passes through.
 
     Example:
         >>> parse_arch_args("img_size=32,depths=2x2x6x2,drop_rate=0.1,act=gelu")
         {'img_size': 32, 'depths': (2, 2, 6, 2), 'drop_rate': 0.1, 'act': 'gelu'}
     """
+    if isinstance(text, dict):
+        return dict(text)
     out: dict[str, Any] = {}
     for item in filter(None, (s.strip() for s in (text or "").split(","))):
         key, sep, value = item.partition("=")
@@ -165,3 +208,6 @@ def _parse_value(v: str) -> Any:
         except ValueError:
             pass
     return {"true": True, "false": False, "none": None}.get(v.lower(), v)
+
+
+from . import archs  # noqa: E402,F401  (registers the CPU-sized aliases; imports neither torch nor timm)

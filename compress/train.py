@@ -8,7 +8,7 @@ the model in DistributedDataParallel (gloo on CPU) and shards the data.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import time
 from pathlib import Path
 
 import torch
@@ -16,32 +16,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .checkpoint import atomic_write
+from .checkpoint import Checkpoint, InputSpec, as_checkpoints, atomic_write
+from .config import TrainConfig, TrainRun
+from .data import as_data, spec_of, task_of
+from .device import autocast, grad_scaler, hardware
 from .errors import CompressError
+from .registry import default_img_size
 from .report import progress
+from .result import Result, measure_rows
 
-
-@dataclass
-class TrainConfig:
-    """Training hyper-parameters; the defaults reach >= 95% on digits with the small ViT and ResNet.
-
-    Example:
-        >>> TrainConfig(epochs=40, lr=2e-3)
-    """
-
-    epochs: int = 30
-    batch_size: int = 64
-    lr: float = 2e-3
-    weight_decay: float = 0.05
-    label_smoothing: float = 0.1
-    max_shift: float = 1 / 16  # random translation, as a fraction of the image side
-    seed: int = 0
-    workers: int = 0
-
-    def __post_init__(self):
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise CompressError("invalid training config", expected="epochs >= 1, batch_size >= 1, lr > 0",
-                                found=f"epochs={self.epochs}, batch_size={self.batch_size}, lr={self.lr}")
+__all__ = ["TrainConfig", "TrainRun", "train", "run", "rank", "random_shift"]
 
 
 def random_shift(x: torch.Tensor, y: torch.Tensor, max_px: int, gen: torch.Generator):
@@ -58,40 +42,55 @@ def random_shift(x: torch.Tensor, y: torch.Tensor, max_px: int, gen: torch.Gener
     return xs, torch.stack([ypad[i, r:r + h, c:c + w] for i, (r, c) in enumerate(offs.tolist())])
 
 
-def _dist():
+def _dist(device: torch.device):
+    """(world size, rank) under torchrun: NCCL between GPUs, gloo on CPUs."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("gloo")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank = torch.distributed.get_rank() if world > 1 else 0
     return world, rank
 
 
+def rank() -> int:
+    """This process's rank under torchrun (0 otherwise): only rank 0 writes files."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def train(model: nn.Module, data: Dataset, cfg: TrainConfig, loss_fn=None, state_path: str | Path | None = None,
           resume: bool = False, description: str = "train") -> nn.Module:
-    """Train `model` in place on `data` and return it.
+    """Train `model` in place on `data` (on `cfg.device`, in `cfg.precision`) and return it, on that device.
 
     `loss_fn(model, x, y) -> loss` replaces cross-entropy (distillation passes its own). With `state_path`,
-    a resumable state is written after each epoch and removed at the end.
+    a resumable state is written after each epoch and removed at the end. Batches come from pinned memory
+    with `cfg.workers` loading processes and move to the device once each.
 
     Example:
         >>> train(create_model("vit"), load_data("digits", InputSpec(32)).train, TrainConfig(epochs=40))
     """
-    world, rank = _dist()
+    device, precision = hardware(cfg)
+    world, rank = _dist(device)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed + rank)
     sampler = (torch.utils.data.distributed.DistributedSampler(data, world, rank, seed=cfg.seed)
                if world > 1 else None)
     shuffle_gen = torch.Generator()  # re-seeded every epoch, so a resumed run sees the same batches
     loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler, drop_last=True,
-                        generator=shuffle_gen, num_workers=cfg.workers)
+                        generator=shuffle_gen, num_workers=cfg.workers, pin_memory=device.type == "cuda")
     if len(loader) == 0:
         raise CompressError("too little training data", expected=f"at least batch_size={cfg.batch_size} samples",
                             found=f"{len(data)}")
-    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    model.to(device)
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                        else None)
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * len(loader),
                                                 pct_start=0.15)
+    scaler = grad_scaler(device, precision)
     loss_fn = loss_fn or (lambda m, x, y: F.cross_entropy(m(x), y, label_smoothing=cfg.label_smoothing))
     start = 0
     state_path = Path(state_path) if state_path else None
@@ -100,27 +99,36 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, loss_fn=None, state
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
+        if "scaler" in st:
+            scaler.load_state_dict(st["scaler"])
         gen.set_state(st["rng"])
         torch.set_rng_state(st["torch_rng"])
         start = int(st["epoch"])
     model.train()
+    shift = round(cfg.max_shift * loader.dataset[0][0].shape[-1])
     with progress(disable=rank != 0) as bar:
         task = bar.add_task(description, total=cfg.epochs * len(loader), completed=start * len(loader), loss=0.0)
         for epoch in range(start, cfg.epochs):
             shuffle_gen.manual_seed(cfg.seed * 100_003 + epoch)
             if sampler is not None:
                 sampler.set_epoch(epoch)
-            for x, y in loader:
-                x, y = random_shift(x, y, round(cfg.max_shift * x.shape[-1]), gen)
-                loss = loss_fn(net, x, y)
+            for step, (x, y) in enumerate(loader):
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                x, y = random_shift(x, y, shift, gen)
+                with autocast(device, precision):
+                    loss = loss_fn(net, x, y)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
                 sched.step()
-                bar.update(task, advance=1, loss=loss.item())
+                # reading the loss waits for the device: every tenth step is enough for the display
+                shown = {"loss": loss.item()} if step % 10 == 0 or step == len(loader) - 1 else {}
+                bar.update(task, advance=1, **shown)
             if state_path and rank == 0:
                 st = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                      "rng": gen.get_state(), "torch_rng": torch.get_rng_state(), "epoch": epoch + 1}
+                      "scaler": scaler.state_dict(), "rng": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                      "epoch": epoch + 1}
                 atomic_write(state_path, lambda tmp, st=st: torch.save(st, tmp))
     if state_path and rank == 0:
         state_path.unlink(missing_ok=True)
@@ -129,3 +137,49 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, loss_fn=None, state
 
 def segmentation_loss(label_smoothing: float = 0.0):
     return lambda m, x, y: F.cross_entropy(m(x), y, label_smoothing=label_smoothing)
+
+
+def run(inputs, data, cfg: TrainRun, *, state: str | Path | None = None,
+        resume: bool = False) -> tuple[Checkpoint, Result]:
+    """Train `cfg.arch` (or the optional input checkpoint) on `data`; returns the checkpoint and its result.
+
+    `state` is where a resumable state is kept (`<state>.resume.pt`, after each epoch); `resume` continues
+    from it.
+
+    Example:
+        >>> ckpt, result = run(None, "digits", TrainRun(arch="vit", epochs=40))
+        >>> save(ckpt, "vit.pt"); result.score
+        98.2
+    """
+    init = as_checkpoints(inputs, at_most=1)
+    if not cfg.arch and not init:
+        raise CompressError("train needs an architecture or an initial checkpoint",
+                            expected="--arch NAME or --init CHECKPOINT")
+    base = init[0] if init else None
+    if base is not None and cfg.arch and cfg.arch != base.arch:
+        raise CompressError(f"--arch {cfg.arch} disagrees with the initial checkpoint", expected=base.arch)
+    task = task_of(data)
+    hardware(cfg)  # a missing device or an unusable precision is refused before any work
+    spec = base.input if base else InputSpec(size=default_img_size(cfg.arch, cfg.arch_args))
+    d = as_data(data, spec, task)
+    if base is None:
+        base = Checkpoint.create(cfg.arch, d.num_classes, d.task, cfg.arch_args, input=spec, seed=cfg.seed)
+    if base.num_classes != d.num_classes or base.task != d.task:
+        raise CompressError("checkpoint and data disagree", expected=f"{d.num_classes} classes, task {d.task}",
+                            found=f"{base.num_classes} classes, task {base.task}")
+    model = base.build().train()
+    start = time.perf_counter()
+    train(model, d.train, cfg, state_path=f"{state}.resume.pt" if state else None, resume=resume,
+          description=f"train {base.arch}")
+    seconds = time.perf_counter() - start
+    metric = "miou" if d.task == "segmentation" else "top1"
+    from .measure import param_count, score
+
+    test, val = score(model, d.test, d.num_classes, d.task), score(model, d.val, d.num_classes, d.task)
+    values = {"arch": base.arch, "data": d.name, metric: test, f"val_{metric}": val, "params": param_count(model),
+              "epochs": cfg.epochs, "seed": cfg.seed, "train_seconds": round(seconds, 2)}
+    rows = measure_rows([(f"{base.arch} trained", model)], d.test, d.num_classes, spec.size, d.task,
+                        len(spec.mean), seconds={f"{base.arch} trained": seconds}, scores={f"{base.arch} trained": test}
+                        ) if rank() == 0 else []
+    ckpt = base.derive(model, "train", init, spec_of(data), cfg, values)
+    return ckpt, Result("train", metric, test, values, rows, seconds=seconds)

@@ -1,10 +1,24 @@
-"""Distillation across architectures on the alignment layer's taps: KD, FitNets-style hints and OFA-KD
-(see methods.py); the teacher's input is reconciled to the student's (distiller.py)."""
+"""Distillation across architectures on the alignment layer's taps: KD, FitNets-style hints, OFA-KD and
+TransKD (see methods.py); the teacher's input is reconciled to the student's (distiller.py).
 
-from .cka import cka_matrix, linear_cka
-from .distiller import Distiller, TeacherInput
-from .losses import hint_loss, kd_loss, ofa_loss
-from .methods import METHODS, DistillConfig, Method, register_method
+    config.py      DistillConfig (the losses), DistillRun (the whole command), METHODS, register_method
+    pipeline.py    run(teacher, data, DistillRun) -> (Checkpoint, Result): student, baselines, CKA, report
+    distiller.py   Distiller: the student + a method's helpers, the frozen teacher beside it
+    methods.py     scratch, kd, fitnet, ofa, transkd
+    projectors.py  OFA exit branches, FitNets regressors
+    transkd.py     TransKD's CSF, HCL, PEA, GL-Mixer, embedding assistant
+    losses.py      OFA's loss, hint loss
+    cka.py         linear CKA between stages
 
-__all__ = ["Distiller", "DistillConfig", "TeacherInput", "METHODS", "Method", "register_method", "ofa_loss",
-           "kd_loss", "hint_loss", "linear_cka", "cka_matrix"]
+Example:
+    >>> import distill
+    >>> ckpt, result = distill.run("resnet.pt", "digits", distill.DistillRun(student="vit", method="ofa"))
+"""
+
+from compress.lazy import exports
+
+__getattr__, __all__ = exports(__name__, {
+    "run": "pipeline", "DistillRun": "config", "DistillConfig": "config", "METHODS": "config",
+    "register_method": "config", "Method": "methods", "Distiller": "distiller", "TeacherInput": "distiller",
+    "ofa_loss": "losses", "hint_loss": "losses", "kd_loss": "losses", "linear_cka": "cka", "cka_matrix": "cka",
+})

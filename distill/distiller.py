@@ -11,6 +11,7 @@ from torch import nn
 
 from compress.alignment import Stage, align, logits_and_features
 from compress.checkpoint import InputSpec
+from compress.device import device_of
 from compress.errors import CompressError
 from compress.segmentation import SegmentationNet
 
@@ -80,7 +81,8 @@ class Distiller(nn.Module):
             self.teacher_taps = _Taps(teacher, teacher_spec, self.method.teacher_features, self.method.embeddings)
             if self.method.embeddings:
                 _check_hierarchical(s_taps, self.teacher_taps)
-        x = torch.zeros(2, len(student_spec.mean), student_spec.size, student_spec.size)
+        # shapes are probed where each model is (a teacher may already sit on a GPU; training moves both)
+        x = torch.zeros(2, len(student_spec.mean), student_spec.size, student_spec.size, device=device_of(student))
         with torch.no_grad():
             was = student.training
             student.eval()
@@ -90,7 +92,8 @@ class Distiller(nn.Module):
             t_feats, t_embeds, t_dim = [], [], s_dim
             if self.teacher_taps is not None:
                 try:
-                    t_logits, t_feats, t_embeds = self.teacher_taps(teacher, self.teacher_input(x))
+                    t_dev = device_of(teacher)
+                    t_logits, t_feats, t_embeds = self.teacher_taps(teacher, self.teacher_input.to(t_dev)(x.to(t_dev)))
                 except (RuntimeError, ValueError, AssertionError) as e:
                     raise CompressError("the teacher cannot see the student's input",
                                         expected=f"a teacher that accepts {teacher_spec.size} px input",
@@ -107,6 +110,14 @@ class Distiller(nn.Module):
         super().train(mode)
         if self.teacher is not None:
             self.teacher.eval()  # always: dropout off, BatchNorm statistics frozen
+        return self
+
+    def _apply(self, fn, recurse: bool = True):
+        """`.to(device)` and friends move the teacher too (it is not a submodule, so that it is neither trained,
+        synchronised nor saved)."""
+        super()._apply(fn, recurse)
+        if self.teacher is not None:
+            self.teacher._apply(fn, recurse)
         return self
 
     def forward(self, x, y=None):
@@ -128,6 +139,7 @@ class Distiller(nn.Module):
     def _cached_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Teacher logits by image content: computed once per distinct image, then looked up. Valid because
         the teacher is frozen and deterministic; only useful when the same images recur (no augmentation)."""
+        # content hashing reads the pixels on the host: one copy per batch, the price of the cache
         keys = [hashlib.blake2b(row.numpy().tobytes(), digest_size=16).digest() for row in x.detach().cpu()]
         missing = [i for i, k in enumerate(keys) if k not in self.cache]
         if missing:

@@ -13,37 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from compress.losses import kd_with_labels
-from compress.registry import Registry
 
+from .config import METHODS, DistillConfig, register_method
 from .losses import hint_loss, ofa_loss
 from .projectors import ofa_branch, regressor
-
-METHODS = Registry("distillation method")
-
-
-def register_method(name: str):
-    return METHODS.register(name)
-
-
-@dataclass
-class DistillConfig:
-    """Loss settings (defaults: OFA's reference code, Hinton's KD with T = 4, alpha = 0.9).
-
-    Example:
-        >>> DistillConfig(method="ofa", gamma=1.2)
-    """
-
-    method: str = "ofa"
-    gamma: float = 1.0  # OFA: > 1 enhances the target class's share of the teacher's distribution
-    temperature: float = 1.0  # OFA's
-    paper_form: bool = False  # OFA: the paper's loss instead of the reference code's
-    ofa_weight: float = 1.0  # weight of the stage branches' losses
-    kd_temperature: float = 4.0
-    kd_alpha: float = 0.9
-    hint_weight: float = 1.0
-    label_smoothing: float = 0.0
-    transkd_variant: str = "base"  # TransKD: base (CSF + HCL + PEA) | gl (+ GL-Mixer) | ea (+ embedding assistant)
-    transkd_weight: float = 1.0  # TransKD: weight of the feature + embedding terms (the reference's is 1)
 
 
 @dataclass

@@ -19,54 +19,12 @@ from compress.alignment import axes as ax
 from compress.alignment.graph import state_tensors
 from compress.alignment.spaces import SpaceGraph, find_spaces
 from compress.errors import CompressError
-from compress.prune.width import prune_width
 
+from .config import FuseConfig
 from .repair import repair
-from .stats import ATTENTION, TOKENS, cross_statistics
-from .streams import POLICIES, stream_couplings
-from .transport import SOLVERS, Solution, correlation_cost, partners, solve, weight_maps
-
-
-@dataclass
-class FuseConfig:
-    """How to fuse.
-
-    Example:
-        >>> FuseConfig(solver="sinkhorn", softness=0.1, calib=256)
-    """
-
-    ground: str = "acts"  # acts: activation correlations | wts: weight matching (coordinate descent)
-    solver: str = "emd"  # emd | sinkhorn | hungarian
-    softness: float = 0.1  # sinkhorn only: regulariser relative to the cost scale (fuse.transport.sinkhorn_reg)
-    calib: int = 256  # calibration images for the activation statistics
-    batch_size: int = 32
-    anchor: int = -1  # index of the model whose basis (and config) the fused model takes
-    residual: str = "shared"  # shared: one map per residual stream | mean | weighted: per-sublayer maps (paper)
-    attention: str = "heads"  # heads: head-aware (exact when hard) | full: cross-head Q, K, V maps | shared_qk
-    tokens: str = "all"  # all | cls | window: token positions used in the statistics (ViT-style sequences)
-    window: int = 6  # side of the central patch window for tokens="window" (the paper's window_6)
-    sweeps: int = 3  # ground="wts": passes over all spaces
-    repair: bool = False  # REPAIR: give each Linear output unit its parents' mean / std (fuse/repair.py)
-    version: int = 1
-
-    def __post_init__(self):
-        if self.solver not in SOLVERS:
-            raise CompressError(f"unknown solver '{self.solver}'", expected=" | ".join(SOLVERS))
-        if self.ground not in ("acts", "wts"):
-            raise CompressError(f"unknown ground cost '{self.ground}'", expected="acts | wts")
-        if self.residual not in POLICIES:
-            raise CompressError(f"unknown residual policy '{self.residual}'", expected=" | ".join(POLICIES))
-        if self.attention not in ATTENTION:
-            raise CompressError(f"unknown attention mode '{self.attention}'", expected=" | ".join(ATTENTION))
-        for what, value, default in (("residual", self.residual, "shared"), ("attention", self.attention, "heads")):
-            if value != default and self.ground != "acts":
-                raise CompressError(f"{what} '{value}' solves its maps from activations",
-                                    expected=f"ground acts (or {what} {default})", found=f"ground {self.ground}")
-        if self.tokens not in TOKENS:
-            raise CompressError(f"unknown token selection '{self.tokens}'", expected=" | ".join(TOKENS))
-        if self.softness <= 0 or self.calib < self.batch_size or self.batch_size < 1:
-            raise CompressError("invalid fusion config", expected="softness > 0 and calib >= batch_size >= 1",
-                                found=f"softness={self.softness}, calib={self.calib}, batch_size={self.batch_size}")
+from .stats import cross_statistics
+from .streams import stream_couplings
+from .transport import Solution, correlation_cost, partners, solve, weight_maps
 
 
 @dataclass
@@ -245,25 +203,6 @@ def _with_state(model: nn.Module, state: dict) -> nn.Module:
     model = copy.deepcopy(model)
     model.load_state_dict(state)
     return model
-
-
-def check_width(width: float) -> None:
-    if not 0 < width <= 1:
-        raise CompressError(f"bad --width {width}", expected="a fraction of the anchor's width in (0, 1]")
-
-
-def narrow(model: nn.Module, images: torch.Tensor, width: float) -> tuple[nn.Module, dict]:
-    """A copy of `model` with `width` of the units of every channel space (residual streams and hidden
-    layers; head counts are kept), the most active ones: the basis that `fuse_models(..., target=)` fuses
-    into, so fusion also compresses. Returns the model and its replayable `resize` structure op.
-
-    Example:
-        >>> target, op = narrow(anchor, calib_images, 0.5)   # a 96-wide ViT -> a 48-wide basis
-    """
-    check_width(width)
-    model, op, _ = prune_width(copy.deepcopy(model).eval(), images[:1], images, None, 1 - width,
-                               criterion="activation", include_residual=True, keep_heads=True)
-    return model, op
 
 
 def vanilla_average(models: list[nn.Module]) -> dict[str, torch.Tensor]:

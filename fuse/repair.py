@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from compress.alignment.hooks import evaluating, hooks
+
 
 def unit_stats(models: list[nn.Module], names: list[str], images: torch.Tensor) -> list[dict]:
     """Per model, {layer name: (mean, std)} of each output unit (the last axis) over `images`."""
@@ -70,14 +72,8 @@ def repair(fused: nn.Module, parents: list[nn.Module], images: torch.Tensor) -> 
 
 def _run_hooked(model: nn.Module, names: list[str], make_hook, images: torch.Tensor) -> None:
     """One eval-mode, gradient-free forward with `make_hook(name)` as the forward hook of each named module."""
-    modules = dict(model.named_modules())
-    hooks = [modules[n].register_forward_hook(make_hook(n)) for n in names]
-    try:
-        with torch.no_grad():
-            model.eval()(images)
-    finally:
-        for h in hooks:
-            h.remove()
+    with hooks(model, post={n: make_hook(n) for n in names}), evaluating(model), torch.no_grad():
+        model(images)
 
 
 def _moments(output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,8 +24,6 @@ from compress.alignment import axes as ax
 from compress.alignment.spaces import SpaceGraph
 from compress.errors import CompressError
 
-TOKENS = ("all", "cls", "window")
-ATTENTION = ("heads", "full", "shared_qk")
 SITES = {"convolution", "addmm", "mm", "add", "add_"}  # adds only where two activations meet (residuals)
 
 

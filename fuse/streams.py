@@ -23,8 +23,6 @@ from compress.alignment.spaces import SpaceGraph
 
 from .stats import CrossStats, Statistics
 
-POLICIES = ("shared", "mean", "weighted")
-
 
 def stream_couplings(sg: SpaceGraph, stats: Statistics, solve: Callable[[CrossStats, str], torch.Tensor],
                      policy: str) -> dict[tuple[str, int], dict[int, torch.Tensor]]:

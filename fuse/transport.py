@@ -19,7 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-SOLVERS = ("emd", "sinkhorn", "hungarian")
+from compress.errors import CompressError
+
+from .config import SOLVERS
 
 
 @dataclass
@@ -64,7 +66,7 @@ def sinkhorn_reg(cost: torch.Tensor, softness: float) -> float:
 
 def solve(cost: torch.Tensor, solver: str = "emd", softness: float = 0.1, max_iter: int = 1_000_000,
           sinkhorn_iter: int = 2000) -> Solution:
-    """Optimal coupling for `cost` (n_a, n_b) with uniform marginals.
+    """Optimal coupling for `cost` (n_a, n_b) with uniform marginals, by any solver of `SOLVERS`.
 
     A Sinkhorn that does not converge or yields NaN is detected and replaced by the exact EMD solution,
     and the Solution says so.
@@ -74,35 +76,59 @@ def solve(cost: torch.Tensor, solver: str = "emd", softness: float = 0.1, max_it
         >>> sol.coupling.sum().item(), sol.partners
         (1.0, 1.0)
     """
+    return SOLVERS.get(solver)(cost.detach().double().cpu(), softness=softness, max_iter=max_iter,
+                               sinkhorn_iter=sinkhorn_iter)
+
+
+def _marginals(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    n_a, n_b = c.shape
+    return torch.full((n_a,), 1 / n_a, dtype=torch.float64), torch.full((n_b,), 1 / n_b, dtype=torch.float64)
+
+
+@SOLVERS.register("hungarian")
+def hungarian(c: torch.Tensor, **_) -> Solution:
+    """A hard one-to-one matching (equal widths only)."""
+    from scipy.optimize import linear_sum_assignment
+
+    n_a, n_b = c.shape
+    if n_a != n_b:
+        raise CompressError("Hungarian matching needs equal widths", found=f"{n_a} and {n_b}",
+                            hint="use emd or sinkhorn")
+    rows, cols = linear_sum_assignment(c.numpy())
+    t = torch.zeros(n_a, n_b, dtype=torch.float64)
+    t[rows, cols] = 1 / n_a
+    return Solution(t.float(), "hungarian")
+
+
+@SOLVERS.register("sinkhorn")
+def sinkhorn(c: torch.Tensor, softness: float = 0.1, sinkhorn_iter: int = 2000, max_iter: int = 1_000_000,
+             **_) -> Solution:
+    """Log-domain entropic OT with a regulariser relative to the cost scale; exact EMD where it fails."""
     import ot
 
-    if solver not in SOLVERS:
-        raise ValueError(f"unknown OT solver '{solver}': expected one of {', '.join(SOLVERS)}")
-    c = cost.detach().double().cpu()
+    mu, nu = _marginals(c)
     n_a, n_b = c.shape
-    mu, nu = torch.full((n_a,), 1 / n_a, dtype=torch.float64), torch.full((n_b,), 1 / n_b, dtype=torch.float64)
-    if solver == "hungarian":
-        if n_a != n_b:
-            raise ValueError(f"Hungarian matching needs equal widths: found {n_a} and {n_b} (use emd or sinkhorn)")
-        from scipy.optimize import linear_sum_assignment
+    reg = sinkhorn_reg(c, softness)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t = ot.sinkhorn(mu, nu, c, reg, method="sinkhorn_log", numItermax=sinkhorn_iter, stopThr=1e-7)
+    err = (t.sum(1) - mu).abs().max().item() + (t.sum(0) - nu).abs().max().item()
+    if torch.isfinite(t).all() and err < 1e-3 / max(n_a, n_b) * 10:
+        return Solution(t.float(), "sinkhorn")
+    failure = "gave NaN" if not torch.isfinite(t).all() else f"did not converge (marginal error {err:.1e})"
+    note = f"sinkhorn (reg {reg:.2e}) {failure}"
+    if caught:
+        note += f": {caught[-1].message}"
+    sol = emd(c, max_iter=max_iter)
+    return Solution(sol.coupling, "emd", note + "; used exact EMD instead")
 
-        rows, cols = linear_sum_assignment(c.numpy())
-        t = torch.zeros(n_a, n_b, dtype=torch.float64)
-        t[rows, cols] = 1 / n_a
-        return Solution(t.float(), "hungarian")
-    if solver == "sinkhorn":
-        reg = sinkhorn_reg(c, softness)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            t = ot.sinkhorn(mu, nu, c, reg, method="sinkhorn_log", numItermax=sinkhorn_iter, stopThr=1e-7)
-        err = (t.sum(1) - mu).abs().max().item() + (t.sum(0) - nu).abs().max().item()
-        if torch.isfinite(t).all() and err < 1e-3 / max(n_a, n_b) * 10:
-            return Solution(t.float(), "sinkhorn")
-        note = f"sinkhorn (reg {reg:.2e}) {'gave NaN' if not torch.isfinite(t).all() else f'did not converge (marginal error {err:.1e})'}"
-        if caught:
-            note += f": {caught[-1].message}"
-        sol = solve(cost, "emd", max_iter=max_iter)
-        return Solution(sol.coupling, "emd", note + "; used exact EMD instead")
+
+@SOLVERS.register("emd")
+def emd(c: torch.Tensor, max_iter: int = 1_000_000, **_) -> Solution:
+    """Exact optimal transport (network simplex)."""
+    import ot
+
+    mu, nu = _marginals(c)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         t = ot.emd(mu.numpy(), nu.numpy(), c.numpy(), numItermax=max_iter)

@@ -13,51 +13,21 @@ Example:
 from __future__ import annotations
 
 import fnmatch
-import re
 import time
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress.errors import CompressError
+from compress.alignment import align
 
+from .config import BRIDGES, HESSIAN, METHODS, QuantConfig, parse_bits
 from .engine import QuantizedModel, Site, discover
-from .methods import HESSIAN, METHODS, describe
+from .methods import describe
 from .reconstruct import reconstruct_block
 from .reparam import reparameterize
-from .search import SearchConfig
 
-
-@dataclass
-class QuantConfig:
-    """What `compress quantize` does. `bits` is `wXaY` with X, Y in 2..8."""
-    method: str = "qhyvit"
-    bits: str = "w8a8"
-    calib: int = 32
-    exclude: list[str] = field(default_factory=list)
-    search: SearchConfig = field(default_factory=SearchConfig)
-    recon_iters: int = 200      # learned-rounding steps per bridge block (qhyvit)
-    recon_lr: float = 1e-2       # above AdaRound's 1e-3: our schedules are ~100x shorter than its 20k steps
-    seed: int = 0
-
-
-def parse_bits(text: str) -> tuple[int, int]:
-    """`w6a6` -> (6, 6); anything else, or bits outside 2..8, is a clear error.
-
-    Example:
-        >>> parse_bits("w4a8")
-        (4, 8)
-    """
-    m = re.fullmatch(r"w(\d+)a(\d+)", text.strip().lower())
-    if not m:
-        raise CompressError(f"bad --bits '{text}'", expected="wXaY, e.g. w8a8, w6a6, w4a8")
-    w, a = int(m.group(1)), int(m.group(2))
-    bad = [f"{n}={b}" for n, b in (("weights", w), ("activations", a)) if not 2 <= b <= 8]
-    if bad:
-        raise CompressError(f"bits out of range in '{text}'", expected="2 to 8 bits", found=", ".join(bad))
-    return w, a
+__all__ = ["QuantConfig", "parse_bits", "calibrate", "sensitivity", "sqnr", "fisher_loss", "excluded"]
 
 
 def excluded(site: Site, patterns: list[str]) -> bool:
@@ -71,12 +41,19 @@ def fisher_loss(reference: torch.Tensor):
     return lambda logits: F.cross_entropy(logits, target, reduction="sum")
 
 
-def calibrate(model: nn.Module, images: torch.Tensor, cfg: QuantConfig,
-              blocks: list | None = None) -> tuple[QuantizedModel, dict]:
+def calibrate(model: nn.Module, images: torch.Tensor, cfg: QuantConfig) -> tuple[QuantizedModel, dict]:
     """Quantize `model` (a copy is not made: RepQ folds and reconstruction write its weights) with `cfg`
-    on calibration `images`; returns the fake-quantized model and a report dict."""
-    w_bits, a_bits = parse_bits(cfg.bits)
+    on calibration `images`; returns the fake-quantized model and a report dict. Methods that reconstruct
+    bridge blocks (Q-HyViT) get them from the alignment layer.
+
+    Example:
+        >>> qm, info = calibrate(model, images, QuantConfig(method="qhyvit", bits="w6a6"))
+        >>> info["bridges"]
+        ['stages.2.1', 'stages.3.1', 'stages.4.1']
+    """
+    w_bits, a_bits = cfg.w_bits, cfg.a_bits
     method = METHODS.get(cfg.method)
+    blocks = align(model, images.shape[-1], images.shape[1]).blocks if cfg.method in BRIDGES else []
     start = time.perf_counter()
     model.eval().requires_grad_(False)
     found = discover(model, images[:1])
@@ -93,7 +70,7 @@ def calibrate(model: nn.Module, images: torch.Tensor, cfg: QuantConfig,
         recs = qm.record(images, [s.name for s in sites])
         info["folded_norms"] = reparameterize(model, sites, recs, a_bits)
 
-    bridges = [b.name for b in (blocks or []) if b.kind == "bridge"] if cfg.method == "qhyvit" else []
+    bridges = [b.name for b in blocks if b.kind == "bridge"]
     todo, bridge_sites = [s.name for s in sites], []
     while todo:
         qm.active = set(bridge_sites)  # bridges calibrated so far stay quantized; the rest records float

@@ -25,6 +25,9 @@ from torch import nn
 from compress.checkpoint import atomic_write
 from compress.errors import CompressError
 from compress.measure import compare_latency
+from compress.programs import Program, compile_frozen, exported, load_program
+
+__all__ = ["Deployed", "deploy", "quantize_pt2e", "save_program", "load_program", "fp32_size_bytes", "Program"]
 
 
 def _torchao():
@@ -45,17 +48,8 @@ class Deployed:
     fp32_latency_ms: float
     int8_latency_ms: float
     variants: dict = field(default_factory=dict)  # variant -> {"latency_ms", "agreement"}
-
-
-def exported(model: nn.Module, example: torch.Tensor) -> torch.export.ExportedProgram:
-    """torch.export with a dynamic batch when the model allows it (batch 1 otherwise: `Program` then runs
-    larger batches image by image). The examples are cloned: an archive keeps them, and a slice would drag
-    its whole storage (the data set) into the file."""
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    try:
-        return torch.export.export(model, (example[:2].clone(),), dynamic_shapes=({0: batch},))
-    except Exception:  # some models specialise the batch
-        return torch.export.export(model, (example[:1].clone(),))
+    compiled: nn.Module | None = field(default=None, repr=False)  # the winner, compiled (what was timed)
+    fp32_compiled: nn.Module | None = field(default=None, repr=False)  # FP32 on the same backend
 
 
 def quantize_pt2e(model: nn.Module, images: torch.Tensor, float_modules: list[str]) -> nn.Module:
@@ -71,39 +65,6 @@ def quantize_pt2e(model: nn.Module, images: torch.Tensor, float_modules: list[st
         for x in images.split(1):
             prepared(x)
     return convert_pt2e(prepared)
-
-
-def compile_frozen(model: nn.Module):
-    """Inductor with weight freezing: constant-folds the int8 weights into oneDNN kernels."""
-    import torch._inductor.config as inductor_config
-
-    inductor_config.freezing = True
-    return torch.compile(model)
-
-
-class Program(nn.Module):
-    """An exported program as a module that evaluation code can treat like any model (exported graphs refuse
-    `.eval()`; they have no training mode to switch)."""
-
-    def __init__(self, graph: nn.Module):
-        super().__init__()
-        self.graph = graph
-        self.per_sample: bool | None = None  # learnt on the first batch: some exports specialise batch 1
-
-    def train(self, mode: bool = True):
-        return self
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.per_sample is None and x.shape[0] > 1:
-            try:
-                out = self.graph(x)
-                self.per_sample = False
-                return out
-            except (AssertionError, RuntimeError):
-                self.per_sample = True
-        if self.per_sample:
-            return torch.cat([self.graph(xi) for xi in x.split(1)])
-        return self.graph(x)
 
 
 def agreement(a: nn.Module, b: nn.Module, images: torch.Tensor) -> float:
@@ -134,7 +95,7 @@ def deploy(model: nn.Module, images: torch.Tensor, skip_groups: dict[str, list[s
         fp_ms, q_ms = compare_latency([fp32, fast], x.shape[-1], rounds=5, in_chans=x.shape[1])
         variants[label] = {"latency_ms": q_ms, "fp32_latency_ms": fp_ms, "float_modules": len(float_modules),
                            "agreement": agreement(model, Program(program), images)}
-        programs[label] = (program, float_modules)
+        programs[label] = (program, float_modules, fast)
         return ratio(label)
 
     def best() -> str:
@@ -157,9 +118,9 @@ def deploy(model: nn.Module, images: torch.Tensor, skip_groups: dict[str, list[s
     if len(slower) > 1:  # with one, its own variant is already the combination
         measure(f"{start} + {', '.join(slower)} in float", base + [m for ms in slower.values() for m in ms])
     choice = best()
-    program, float_modules = programs[choice]
+    program, float_modules, fast = programs[choice]
     return Deployed(program, float_modules, choice, variants[choice]["fp32_latency_ms"],
-                    variants[choice]["latency_ms"], variants)
+                    variants[choice]["latency_ms"], variants, fast, fp32)
 
 
 def strip_unused(program: nn.Module) -> nn.Module:
@@ -181,11 +142,6 @@ def save_program(program: nn.Module, example: torch.Tensor, path: str | os.PathL
         torch.export.save(ep, str(tmp))
 
     return atomic_write(Path(path), write)
-
-
-def load_program(path: str | os.PathLike) -> Program:
-    """The int8 program from a .pt2 archive (torch.export's format: a graph and tensors, no pickled code)."""
-    return Program(torch.export.load(str(path)).module())
 
 
 def fp32_size_bytes(model: nn.Module, example: torch.Tensor) -> int:

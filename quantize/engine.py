@@ -333,6 +333,11 @@ def sites_to_json(sites: list[Site]) -> list[dict]:
              "after_norm": s.after_norm} for s in sites]
 
 
+def replay(model: nn.Module, op: dict, input_size: int, in_chans: int) -> QuantizedModel:
+    """The `quantize` structure op, registered with the core (pyproject's `compress.structure_ops`)."""
+    return rebuild(model, op)
+
+
 def rebuild(model: nn.Module, op: dict) -> QuantizedModel:
     """A QuantizedModel from a checkpoint's `quantize` structure op (weights and scales load afterwards)."""
     sites = [Site(d["name"], d["op"], d["module"], d["roles"], groups=d["groups"], after_norm=d["after_norm"])

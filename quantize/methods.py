@@ -23,14 +23,10 @@ and then clip on new images (digits MobileViTv2 W8A8: logit SQNR 20.2 dB in-samp
 
 from __future__ import annotations
 
-from compress.registry import Registry
-
+from .config import METHODS, SearchConfig
 from .engine import Record, Site
 from .quantizers import Log, Quantizer, TwinUniform, Uniform
-from .search import SearchConfig, best_percentile_range, score, search, set_minmax, uniform_for
-
-METHODS = Registry("quantization method")
-HESSIAN = {"ptq4vit", "qhyvit"}  # methods whose search reads output gradients
+from .search import best_percentile_range, score, search, set_minmax, uniform_for
 
 
 def _bits(role: str, w_bits: int, a_bits: int) -> int:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from compress.alignment.hooks import hooks
+
 from .engine import QuantizedModel
 from .quantizers import Uniform, _shape
 
@@ -53,15 +55,14 @@ def capture(qm: QuantizedModel, module: nn.Module, x: torch.Tensor, floating: bo
     def hook(mod, args, out):
         seen["args"], seen["out"] = tuple(a.detach() if torch.is_tensor(a) else a for a in args), out.detach()
 
-    handle = module.register_forward_hook(hook)
+    name = next(n for n, m in qm.model.named_modules() if m is module)
     was = qm.floating
     qm.floating = floating
     try:
-        with torch.no_grad():
+        with hooks(qm.model, post={name: hook}), torch.no_grad():
             qm(x)
     finally:
         qm.floating = was
-        handle.remove()
     return seen["args"], seen["out"]
 
 

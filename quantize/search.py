@@ -11,23 +11,11 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from .config import SearchConfig
 from .engine import Record, Site, run_op
 from .quantizers import Log, Quantizer, TwinUniform, Uniform, channel_minmax, channel_quantile
-
-
-@dataclass
-class SearchConfig:
-    """PTQ4ViT's grid: multipliers alpha..beta of the min-max interval in `points` steps, `rounds` of
-    alternating weight / activation search."""
-    alpha: float = 0.01
-    beta: float = 1.2
-    points: int = 100
-    rounds: int = 3
-    percentile: float = 0.9999
 
 
 def role_axis(site: Site, role: str, granularity: str, ndim: int) -> int | None:

@@ -145,3 +145,46 @@ def test_roles_mark_contracted_axes():
     sg = find_spaces(model, torch.randn(1, 3, size, size))
     assert sg.roles[("blocks.0.mlp.fc2.weight", 1)] == "in" and sg.roles[("blocks.0.mlp.fc2.weight", 0)] == "out"
     assert sg.roles[("blocks.0.norm1.weight", 0)] == "out" and sg.roles[("patch_embed.proj.weight", 1)] == "in"
+
+
+@pytest.mark.parametrize("arch,kinds", [("vit", ["attn", "mlp"]), ("swin", ["attn", "mlp"]), ("mixer", ["mlp", "mlp"]),
+                                        ("resnet", []), ("convnext", []), ("mobilevit", [])])
+def test_residual_branches_are_found_from_the_forward(arch, kinds):
+    """A branch reads the residual stream through its pre-norm; ConvNeXt's norm between its depthwise conv
+    and its MLP reads a sub-layer's output, so it is no branch (removing it would remove the block)."""
+    model, size = small_model(arch)
+    blocks = find_blocks(model, torch.randn(1, 3, size, size))
+    assert [b.kind for b in blocks[0].branches] == kinds
+    for b in blocks:
+        for br in b.branches:
+            assert br.norm and model.get_submodule(br.norm) is not None and model.get_submodule(br.module)
+
+
+def test_blocks_called_with_extra_arguments_are_found():
+    """Blocks are read from one real forward, with whatever arguments the model passes them."""
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm, self.fc = nn.LayerNorm(8), nn.Linear(8, 8)
+
+        def forward(self, x, scale: float):
+            return x + scale * self.fc(self.norm(x))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Linear(4, 8)
+            self.blocks = nn.ModuleList([Block(), Block()])
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            x = self.stem(x.flatten(1)[:, :4])
+            for i, b in enumerate(self.blocks):
+                x = b(x, 0.5 * i)
+            return self.head(x)
+
+    blocks = find_blocks(Net(), torch.randn(1, 3, 8, 8))
+    assert [(b.name, b.kind) for b in blocks] == [("blocks.0", "mlp"), ("blocks.1", "mlp")]
+    assert [br.module for br in blocks[1].branches] == ["blocks.1.fc"]

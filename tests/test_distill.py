@@ -15,7 +15,7 @@ from compress import Checkpoint, InputSpec, load, save
 from compress.errors import CompressError
 from compress.registry import create_model, default_img_size
 from distill import DistillConfig, Distiller, linear_cka, ofa_loss
-from tests.helpers import FAMILIES
+from tests.helpers import FAMILIES, SLIM_RESNET, SLIM_RESNET_ARGS, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -96,13 +96,13 @@ def test_cka_invariances():
 
 def test_cli_distill_learns_and_strips_helpers(tmp_path):
     out, js = tmp_path / "s.pt", tmp_path / "s.json"
-    assert main(["distill", "--teacher", "resnet", "--train-teacher", "--teacher-epochs", "2", "--student", "resnet",
-                 "--epochs", "2", "--method", "ofa", "--out", str(out), "--json", str(js), "--no-baselines",
+    assert main(["distill", "--teacher", "resnet", "--train-teacher", "--teacher-epochs", "2", "--teacher-args",
+                 SLIM_RESNET_ARGS, "--student", "resnet", "--student-args", SLIM_RESNET_ARGS, "--epochs", "2", "--method", "ofa", "--out", str(out), "--json", str(js), "--no-baselines",
                  "--cka-plot", str(tmp_path / "cka.png")]) == 0
     r = json.loads(js.read_text())
     assert {"teacher", "student", "method", "top1", "seconds"} <= set(r) and r["top1"] > 50  # chance is 10
     assert r["extra_parameters"] > 0 and len(r["cka"]) == 4 and (tmp_path / "cka.png").exists()
-    assert set(load(out).state_dict) == set(create_model("resnet", num_classes=10).state_dict())
+    assert set(load(out).state_dict) == set(create_model("resnet", num_classes=10, **SLIM_RESNET).state_dict())
     assert main(["eval", str(out), "--latency-runs", "2"]) == 0
 
 
@@ -118,12 +118,14 @@ def test_cli_distill_bad_input(tmp_path, capsys):
     assert "--teacher-args" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_torchrun_distill_two_cpu_processes(tmp_path):
     teacher = tmp_path / "t.pt"
-    save(Checkpoint.create("resnet", num_classes=10, seed=0), teacher)
+    save(Checkpoint.create("resnet", num_classes=10, arch_args=SLIM_RESNET, seed=0), teacher)
     out = tmp_path / "ddp.pt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29537",
-           str(ROOT / "cli.py"), "distill", "--teacher", str(teacher), "--student", "resnet", "--method", "ofa",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           str(ROOT / "cli.py"), "distill", "--teacher", str(teacher), "--student", "resnet", "--student-args",
+           SLIM_RESNET_ARGS, "--method", "ofa",
            "--epochs", "1", "--no-baselines", "--threads", "1", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -188,6 +190,7 @@ def test_transkd_refuses_non_hierarchical_and_classifiers():
                   DistillConfig("transkd"), InputSpec(32), InputSpec(32), 10)
 
 
+@pytest.mark.slow
 def test_cli_transkd_on_digit_scenes(tmp_path):
     js = tmp_path / "t.json"
     # the paper's pairing, one family at two sizes: the teacher at EfficientFormer-L3's shape

@@ -13,7 +13,7 @@ from compress.measure import top1
 from compress.train import TrainConfig, train
 from fuse import FuseConfig, FuseReport, align_to, fuse_models, recompute_batchnorm, solve, vanilla_average
 
-from .helpers import FAMILIES, assert_same_function, permuted_copy, perturb_, small_model
+from .helpers import FAMILIES, SLIM_RESNET, assert_same_function, permuted_copy, perturb_, small_model
 
 
 @pytest.mark.parametrize("arch", FAMILIES)
@@ -70,18 +70,18 @@ def test_ot_fusion_of_two_trained_cnns_beats_vanilla_averaging():
     parents = []
     for seed in (0, 1):
         torch.manual_seed(seed)
-        m = create_model("resnet")
-        train(m, data.train, TrainConfig(epochs=2, seed=seed))
+        m = create_model("resnet", **SLIM_RESNET)
+        train(m, data.train, TrainConfig(epochs=3, seed=seed))
         parents.append(m.eval())
     images = data.train.tensors[0][:256]
     state, _ = fuse_models(parents, images, FuseConfig())
-    ot, vanilla = create_model("resnet").eval(), create_model("resnet").eval()
+    ot, vanilla = create_model("resnet", **SLIM_RESNET).eval(), create_model("resnet", **SLIM_RESNET).eval()
     ot.load_state_dict(state)
     vanilla.load_state_dict(vanilla_average(parents))
     recompute_batchnorm(ot, images)
     recompute_batchnorm(vanilla, images)
     acc_ot, acc_vanilla = top1(ot, data.test), top1(vanilla, data.test)
-    assert acc_ot > acc_vanilla + 10 and acc_ot > 60, (acc_ot, acc_vanilla)
+    assert acc_ot > acc_vanilla + 30 and acc_ot > 70, (acc_ot, acc_vanilla)  # measured 81.9 vs 17.1 (parents 92-94)
 
 
 def test_fuse_command_refuses_mismatched_models_before_any_work(tmp_path, capsys):
@@ -99,6 +99,7 @@ def test_fuse_command_refuses_mismatched_models_before_any_work(tmp_path, capsys
     assert not (tmp_path / "f.pt").exists()
 
 
+@pytest.mark.slow
 def test_fuse_command_end_to_end(tmp_path):
     import json
 
@@ -109,8 +110,11 @@ def test_fuse_command_end_to_end(tmp_path):
                      str(seed), "--out", str(p)]) == 0
         paths.append(str(p))
     out, js, png = tmp_path / "f.pt", tmp_path / "f.json", tmp_path / "maps.png"
+    report = tmp_path / "fuse.html"
     assert main(["fuse", "--models", *paths, "--calib", "128", "--finetune-epochs", "1", "--finetune-batch-size", "32",
-                 "--out", str(out), "--json", str(js), "--plot", str(png)]) == 0
+                 "--out", str(out), "--json", str(js), "--plot", str(png), "--report", str(report)]) == 0
+    page = report.read_text()
+    assert all(name in page for name in ("parent 0", "vanilla average", "OT + 1 ep", "data:image/png;base64,"))
     r = json.loads(js.read_text())
     assert {"parents", "vanilla", "ensemble", "ot", "ot_finetuned", "seconds"} <= set(r)
     assert len(r["parents"]) == 2 and r["ot_finetuned"] is not None and png.stat().st_size > 1000

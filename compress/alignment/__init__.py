@@ -21,6 +21,7 @@ from functools import cached_property
 import torch
 from torch import nn
 
+from ..device import device_of
 from .blocks import Block, find_blocks
 from .spaces import Member, Space, SpaceGraph, find_spaces
 from .taps import (
@@ -43,7 +44,7 @@ class Alignment:
     def __init__(self, model: nn.Module, input_size: int = 32, in_chans: int = 3):
         self.model = model
         self.input_size = input_size
-        self.example = torch.randn(1, in_chans, input_size, input_size)
+        self.example = torch.randn(1, in_chans, input_size, input_size, device=device_of(model))
 
     @cached_property
     def stages(self) -> list[Stage]:

@@ -1,7 +1,9 @@
-"""Blocks: the ordered residual units of a model, each with a kind read off its traced ops.
+"""Blocks: the ordered residual units of a model, each with a kind and its residual branches, read off one
+real forward.
 
 A block is a child of the innermost sequential containers (timm's `blocks`, `stages.i.blocks`, `layerN`).
-Its kind comes from the aten ops it runs, not from its class name:
+Its kind comes from the functions it calls, seen by a `TorchFunctionMode` during one ordinary forward
+(with whatever arguments the model really passes its blocks), not from its class name:
 
 - `attention`: it computes a softmax over activations (or a fused attention op);
 - `conv`: it runs convolutions and no attention;
@@ -9,31 +11,57 @@ Its kind comes from the aten ops it runs, not from its class name:
 - `bridge`: it switches between conv maps and tokens: a block that runs both convolutions and attention
   (MobileViT, EfficientFormerV2), or a block next to a change of rank between 4-D maps and 3-D tokens
   (EfficientFormer's Flat before its attention stage). Q-HyViT calibrates these sequentially.
+
+A block's *branches* are its residual branches in call order, each a child module that computes (attention,
+matmuls or convolutions) right after a parameterised child that computes nothing of the kind (its pre-norm:
+a LayerNorm, an Affine, a BatchNorm): a transformer block's attention and MLP, a Mixer block's token and
+channel MLPs. Depth pruning removes a branch by zeroing it and skipping its norm.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
-from .graph import trace
+from .hooks import evaluating, hooks
 from .taps import embedding_module
 
-_ATTN_OPS = {"_softmax", "softmax", "_scaled_dot_product_flash_attention_for_cpu", "scaled_dot_product_attention",
-             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention"}
+_ATTN = {"softmax", "_softmax", "_safe_softmax", "scaled_dot_product_attention"}
+_MM = {"linear", "matmul", "__matmul__", "__rmatmul__", "mm", "bmm", "addmm", "baddbmm", "einsum"}
+_CONV = {"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"}
+
+
+@dataclass(frozen=True)
+class Branch:
+    """One residual branch of a block: its kind (`attn` or `mlp`), its module and its pre-norm (or None)."""
+
+    kind: str
+    module: str
+    norm: str | None
 
 
 @dataclass(frozen=True)
 class Block:
-    """One residual unit: its module path, position, kind, and input/output ranks (4 = maps, 3 = tokens)."""
+    """One residual unit: its module path, position, kind, input/output ranks (4 = maps, 3 = tokens) and
+    residual branches."""
 
     index: int
     name: str
     kind: str
     in_rank: int
     out_rank: int
+    branches: tuple[Branch, ...] = field(default=())
+
+    def branch(self, kind: str) -> Branch | None:
+        """The attention branch (`attn`: the first that attends) or the MLP branch (`mlp`: the last branch,
+        when it does not attend), or None."""
+        if kind == "attn":
+            return next((b for b in self.branches if b.kind == "attn"), None)
+        last = self.branches[-1] if self.branches else None
+        return last if last is not None and last.kind == "mlp" else None
 
 
 def block_modules(model: nn.Module) -> list[str]:
@@ -79,8 +107,25 @@ def _holds_blocks(container: nn.Module) -> bool:
     return any(sum(1 for m in child.modules() if not list(m.children())) > 1 for child in container.children())
 
 
+class _Calls(TorchFunctionMode):
+    """Records which kinds of function (conv / mm / attn) run while each watched module is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.active: list[str] = []
+        self.seen: dict[str, set[str]] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        kind = "attn" if name in _ATTN else "mm" if name in _MM else "conv" if name in _CONV else None
+        if kind:
+            for path in self.active:
+                self.seen[path].add(kind)
+        return func(*args, **(kwargs or {}))
+
+
 def find_blocks(model: nn.Module, example: torch.Tensor) -> list[Block]:
-    """The model's blocks with their kinds.
+    """The model's blocks with their kinds and branches, from one forward on `example`.
 
     Example:
         >>> [b.kind for b in find_blocks(create_model("mobilevit"), torch.randn(1, 3, 32, 32))][-3:]
@@ -88,60 +133,79 @@ def find_blocks(model: nn.Module, example: torch.Tensor) -> list[Block]:
     """
     names = block_modules(model)
     modules = dict(model.named_modules())
-    inputs: dict[str, tuple] = {}
-    outputs: dict[str, torch.Tensor] = {}
+    children = {n: [f"{n}.{c}" for c, _ in modules[n].named_children()] for n in names}
+    ranks: dict[str, tuple[int, int]] = {}
+    order: dict[str, list[str]] = {n: [] for n in names}  # children of each block in call order
+    inputs, outputs = {}, {}  # first input / output tensor of each watched module (kept alive: compared by identity)
+    calls = _Calls()
 
-    def recorder(name):
-        def hook(module, args, output):
-            inputs[name], outputs[name] = args, output
+    def enter(path, block=None):
+        def fn(module, args):
+            calls.active.append(path)
+            calls.seen.setdefault(path, set())
+            inputs.setdefault(path, args[0] if args else None)
+            if block is not None and path not in order[block]:
+                order[block].append(path)
+        return fn
 
-        return hook
+    def leave(path):
+        def fn(module, args, output):
+            calls.active.remove(path)
+            outputs.setdefault(path, output)
+            if path in order and args and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor):
+                ranks[path] = (args[0].ndim, output.ndim)
+        return fn
 
-    handles = [modules[n].register_forward_hook(recorder(n)) for n in names]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
-    ran = [n for n in names if n in inputs and isinstance(outputs[n], torch.Tensor)]
+    pre = {n: enter(n) for n in names}
+    post = {n: leave(n) for n in names}
+    for n in names:
+        for c in children[n]:
+            pre[c], post[c] = enter(c, n), leave(c)
+    with hooks(model, pre=pre, post=post), evaluating(model), torch.no_grad(), calls:
+        model(example)
     raw = []
-    for n in ran:
-        ops = _ops(modules[n], inputs[n])
-        has_conv = "convolution" in ops
-        has_attn = bool(ops & _ATTN_OPS)
-        has_mm = bool(ops & {"mm", "addmm", "bmm"})
+    for n in names:
+        if n not in ranks:  # did not run, or does not map a tensor to a tensor
+            continue
+        ops = calls.seen.get(n, set())
         if not any(True for _ in modules[n].parameters()):
             kind = "reshape"
-        elif has_conv and has_attn:
+        elif "conv" in ops and "attn" in ops:
             kind = "bridge"
-        elif has_attn:
+        elif "attn" in ops:
             kind = "attention"
-        elif has_conv:
+        elif "conv" in ops:
             kind = "conv"
         else:
-            kind = "mlp" if has_mm else "conv"
-        raw.append([n, kind, inputs[n][0].ndim, outputs[n].ndim])
+            kind = "mlp" if "mm" in ops else "conv"
+        raw.append([n, kind, *ranks[n], _branches(n, order[n], calls.seen, modules, inputs, outputs)])
     for i in range(len(raw) - 1):  # a change of rank between consecutive blocks marks both as bridges
         if raw[i][3] != raw[i + 1][2] or raw[i][2] != raw[i][3]:
             for j in (i, i + 1):
                 if raw[j][1] != "reshape":
                     raw[j][1] = "bridge"
     # parameter-free reshapes (EfficientFormer's Flat) are not blocks themselves
-    kept = [r for r in raw if r[1] != "reshape"]
     for i in range(len(raw)):
         if raw[i][1] == "reshape":
             for j in (i - 1, i + 1):
                 if 0 <= j < len(raw) and raw[j][1] != "reshape":
                     raw[j][1] = "bridge"
-    return [Block(i, n, k, a, b) for i, (n, k, a, b) in enumerate(kept)]
+    kept = [r for r in raw if r[1] != "reshape"]
+    return [Block(i, n, k, a, b, br) for i, (n, k, a, b, br) in enumerate(kept)]
 
 
-def _ops(module: nn.Module, args: tuple) -> set[str]:
-    tensors = tuple(a for a in args if isinstance(a, torch.Tensor))
-    g = trace(module, *tensors)
-    return {getattr(n.target, "__name__", str(n.target)).split(".")[0] for n in g.graph.nodes
-            if n.op == "call_function"}
+def _branches(block: str, order: list[str], seen: dict[str, set[str]], modules: dict[str, nn.Module],
+              inputs: dict, outputs: dict) -> tuple[Branch, ...]:
+    """Residual branches among a block's children (in call order): a computing child right after a
+    parameterised child that computes nothing (its pre-norm) and that reads the residual stream: the
+    block's input, or a tensor no child produced (a residual sum), never a sub-layer's output (ConvNeXt's
+    norm between its depthwise conv and MLP is not a branch's)."""
+    out = []
+    produced = [outputs.get(p) for p in order]
+    for prev, cur in zip(order, order[1:]):
+        stream = inputs.get(prev)
+        if (seen.get(cur) and any(True for _ in modules[cur].parameters()) and not seen.get(prev)
+                and any(True for _ in modules[prev].parameters()) and isinstance(stream, torch.Tensor)
+                and (stream is inputs.get(block) or not any(stream is t for t in produced))):
+            out.append(Branch("attn" if "attn" in seen[cur] else "mlp", cur, prev))
+    return tuple(out)

@@ -21,7 +21,9 @@ import copy
 import torch
 from torch import nn
 
+from ..device import device_of
 from ..errors import CompressError
+from ..registry import Registry
 from . import axes as ax
 from .spaces import Space, SpaceGraph, find_spaces
 
@@ -202,31 +204,38 @@ def removable_spaces(model: nn.Module, sg: SpaceGraph, example: torch.Tensor,
 
 # ---- replay ----------------------------------------------------------------------------------------------
 
+STRUCTURE_OPS = Registry("structure op", group="compress.structure_ops")
+
+
+@STRUCTURE_OPS.register("replace")
+def _replace(model: nn.Module, op: dict, input_size: int, in_chans: int) -> nn.Module:
+    return replace_modules(model, op["modules"])
+
+
+@STRUCTURE_OPS.register("factorize")
+def _factorize(model: nn.Module, op: dict, input_size: int, in_chans: int) -> nn.Module:
+    return factorize_linears(model, op["layers"])
+
+
+@STRUCTURE_OPS.register("resize")
+def _resize(model: nn.Module, op: dict, input_size: int, in_chans: int) -> nn.Module:
+    sg = find_spaces(model, torch.randn(1, in_chans, input_size, input_size, device=device_of(model)))
+    by_name = {s.name: s for s in sg.spaces}
+    missing = [n for n in op["spaces"] if n not in by_name]
+    if missing:
+        raise CompressError("cannot replay a resize", expected="spaces of this architecture",
+                            found=f"unknown spaces {missing[:3]}")
+    return resize(model, sg, {by_name[n].id: torch.arange(int(k)) for n, k in op["spaces"].items()})
+
+
 def apply_structure(model: nn.Module, ops: list[dict], input_size: int, in_chans: int = 3) -> nn.Module:
-    """Replay recorded edits on a fresh instance (weights are loaded afterwards).
+    """Replay recorded edits on a fresh instance (weights are loaded afterwards). Each op kind is a
+    `STRUCTURE_OPS` entry; pipelines register theirs (quantize's fake-quant wrapper) through the
+    `compress.structure_ops` entry-point group, so the core never imports them.
 
     Example:
         >>> apply_structure(create_model("vit"), [{"op": "replace", "modules": {"blocks.3": "skip"}}], 32)
     """
     for op in ops:
-        kind = op["op"]
-        if kind == "replace":
-            replace_modules(model, op["modules"])
-        elif kind == "factorize":
-            factorize_linears(model, op["layers"])
-        elif kind == "resize":
-            sg = find_spaces(model, torch.randn(1, in_chans, input_size, input_size))
-            by_name = {s.name: s for s in sg.spaces}
-            missing = [n for n in op["spaces"] if n not in by_name]
-            if missing:
-                raise CompressError("cannot replay a resize", expected="spaces of this architecture",
-                                    found=f"unknown spaces {missing[:3]}")
-            resize(model, sg, {by_name[n].id: torch.arange(int(k)) for n, k in op["spaces"].items()})
-        elif kind == "quantize":
-            # fake quantizers wrap the model; quantize/ sits above compress/, hence the late import
-            from quantize.engine import rebuild
-
-            model = rebuild(model, op)
-        else:
-            raise CompressError(f"unknown structure op '{kind}'", expected="replace, resize, factorize or quantize")
+        model = STRUCTURE_OPS.get(op["op"])(model, op, input_size, in_chans)
     return model

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import CompressError
+from .hooks import hooks
 
 
 @dataclass(frozen=True)
@@ -119,14 +120,9 @@ def logits_and_features(model: nn.Module, x: torch.Tensor, stages: list[Stage], 
         >>> logits, feats, _ = logits_and_features(model, x, canonical_stages(model))
     """
     inputs: dict[str, torch.Tensor] = {}
-    modules = dict(model.named_modules())
-    handles = [modules[e].register_forward_pre_hook(lambda m, a, e=e: inputs.__setitem__(e, a[0])) for e in entries]
-    try:
-        with hooked_outputs(model, [s.module for s in stages]) as outs:
-            logits = model(x)
-    finally:
-        for h in handles:
-            h.remove()
+    with hooks(model, pre={e: lambda m, a, e=e: inputs.__setitem__(e, a[0]) for e in entries}), \
+            hooked_outputs(model, [s.module for s in stages]) as outs:
+        logits = model(x)
     feats = [to_nchw(outs[s.module], s.channels, _grid(x, s.reduction)) for s in stages]
     # an entry's grid is its own (a token sequence is taken as square): (0, 0) lets to_nchw infer it
     embeds = [to_nchw(t, t.shape[channel_axis(t)], (0, 0)) for t in (inputs[e] for e in entries)]
@@ -136,24 +132,9 @@ def logits_and_features(model: nn.Module, x: torch.Tensor, stages: list[Stage], 
 @contextlib.contextmanager
 def hooked_outputs(model: nn.Module, names: list[str]):
     """Collect the outputs of the named submodules during forwards inside the context; hooks removed after."""
-    modules = dict(model.named_modules())
-    missing = [n for n in names if n not in modules]
-    if missing:
-        raise CompressError("tap module not found", expected="a submodule name", found=", ".join(missing))
     outs: dict[str, torch.Tensor] = {}
-
-    def recorder(name):
-        def hook(module, args, output):
-            outs[name] = output
-
-        return hook
-
-    handles = [modules[n].register_forward_hook(recorder(n)) for n in names]
-    try:
+    with hooks(model, post={n: lambda m, a, out, n=n: outs.__setitem__(n, out) for n in names}):
         yield outs
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def embedding_module(model: nn.Module) -> str:
@@ -184,13 +165,6 @@ def embedding_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return to_nchw(t, channels, (side, side))
 
 
-def _store(maps: dict, name: str):
-    def hook(module, args, output):
-        maps[name] = output.detach()
-
-    return hook
-
-
 @contextlib.contextmanager
 def attention_maps(model: nn.Module):
     """Collect post-softmax attention maps (B, heads, N, N) keyed by attention module, during forwards.
@@ -199,16 +173,14 @@ def attention_maps(model: nn.Module):
     after. Modules read through their `attn_drop` dropout, which timm applies to the softmaxed map.
     """
     maps: dict[str, torch.Tensor] = {}
-    fused, handles = [], []
-    for name, mod in model.named_modules():
-        if hasattr(mod, "fused_attn") and isinstance(getattr(mod, "attn_drop", None), nn.Module):
-            fused.append((mod, mod.fused_attn))
-            mod.fused_attn = False
-            handles.append(mod.attn_drop.register_forward_hook(_store(maps, name)))
+    fused = [(name, mod, mod.fused_attn) for name, mod in model.named_modules()
+             if hasattr(mod, "fused_attn") and isinstance(getattr(mod, "attn_drop", None), nn.Module)]
+    for _, mod, _ in fused:
+        mod.fused_attn = False
     try:
-        yield maps
+        with hooks(model, post={f"{name}.attn_drop": lambda m, a, out, name=name: maps.__setitem__(name, out.detach())
+                                for name, _, _ in fused}):
+            yield maps
     finally:
-        for mod, flag in fused:
+        for _, mod, flag in fused:
             mod.fused_attn = flag
-        for h in handles:
-            h.remove()

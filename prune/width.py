@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import copy
 from fnmatch import fnmatch
 from math import ceil
 
 import torch
 from torch import nn
 
-from ..alignment.spaces import Space, SpaceGraph, find_spaces
-from ..alignment.surgery import consumers, removable_spaces, resize
+from compress.alignment.spaces import Space, SpaceGraph, find_spaces
+from compress.alignment.surgery import consumers, removable_spaces, resize
+
+from .config import check_width
 from .importance import importance
 
 
@@ -69,3 +72,17 @@ def prune_width(model: nn.Module, example: torch.Tensor, x: torch.Tensor, y: tor
     resize(model, sg, keep)
     names = {s.id: s.name for s in sg.spaces}
     return model, {"op": "resize", "spaces": {names[i]: len(idx) for i, idx in keep.items()}}, rows
+
+
+def narrow(model: nn.Module, images: torch.Tensor, width: float) -> tuple[nn.Module, dict]:
+    """A copy of `model` with `width` of the units of every channel space (residual streams and hidden
+    layers; head counts are kept), the most active ones, and its replayable `resize` op: the basis that
+    fusion fuses into when it also compresses (`fuse_models(..., target=)`).
+
+    Example:
+        >>> target, op = narrow(anchor, calib_images, 0.5)   # a 96-wide ViT -> a 48-wide basis
+    """
+    check_width(width)
+    model, op, _ = prune_width(copy.deepcopy(model).eval(), images[:1], images, None, 1 - width,
+                               criterion="activation", include_residual=True, keep_heads=True)
+    return model, op

@@ -19,13 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..alignment.blocks import find_blocks
-from ..alignment.surgery import replace_modules
-from ..alignment.taps import channel_axis
-from ..errors import CompressError
+from compress.alignment.blocks import Block, find_blocks
+from compress.alignment.hooks import evaluating, hooks
+from compress.alignment.surgery import replace_modules
+from compress.alignment.taps import channel_axis
+from compress.errors import CompressError
 
-UNITS = ("block", "attn", "mlp")
-SCORES = ("cos", "loss")
+from .config import UNITS
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -36,7 +36,9 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def unit_similarity(model: nn.Module, example: torch.Tensor, x: torch.Tensor, unit: str = "block",
                     batch_size: int = 64) -> dict[str, float]:
-    """Mean cos(input, output) of every removable unit, by module path.
+    """Mean cos(input, output) of every removable unit, by block path. A branch unit (`attn` / `mlp`)
+    compares the residual stream before the branch (its pre-norm's input) with the stream after it (the
+    next branch's pre-norm input, or the block's output); the alignment layer finds the branches.
 
     Example:
         >>> unit_similarity(vit, torch.randn(1, 3, 32, 32), images)
@@ -44,42 +46,39 @@ def unit_similarity(model: nn.Module, example: torch.Tensor, x: torch.Tensor, un
     """
     if unit not in UNITS:
         raise CompressError(f"unknown depth unit '{unit}'", expected=" | ".join(UNITS))
-    modules = dict(model.named_modules())
-    blocks = [b.name for b in find_blocks(model, example)]
+    blocks = find_blocks(model, example)
     if unit != "block":
-        blocks = [b for b in blocks if all(hasattr(modules[b], c) for c in ("attn", "mlp", "norm2"))]
+        blocks = [b for b in blocks if b.branch(unit) is not None]
         if not blocks:
-            raise CompressError(f"no block with separate attention and MLP branches for --unit {unit}",
-                                expected="transformer blocks with attn, mlp and norm2 (timm's Block)",
+            raise CompressError(f"no block with a separate {unit} branch for --unit {unit}",
+                                expected="residual blocks with pre-norm branches (transformer, Mixer blocks)",
                                 found=type(model).__name__, hint="use --unit block")
-    seen: dict[str, list] = {b: [None, None, None] for b in blocks}  # input, mid, output of the last batch
-    totals: dict[str, float] = {}
-    handles = []
+    seen: dict[str, list] = {b.name: [None, None] for b in blocks}  # the stream before / after the unit
+    pre, post = {}, {}
     for b in blocks:
-        m = modules[b]
-        handles.append(m.register_forward_pre_hook(lambda mod, a, b=b: seen[b].__setitem__(0, a[0])))
-        handles.append(m.register_forward_hook(lambda mod, a, out, b=b: seen[b].__setitem__(2, out)))
-        if unit != "block":
-            handles.append(m.norm2.register_forward_pre_hook(lambda mod, a, b=b: seen[b].__setitem__(1, a[0])))
-    was_training = model.training
-    model.eval()
+        if unit == "block":
+            before, after = b.name, None
+        else:
+            br = b.branch(unit)
+            k = b.branches.index(br)
+            before = br.norm or br.module
+            after = (b.branches[k + 1].norm or b.branches[k + 1].module) if k + 1 < len(b.branches) else None
+        pre[before] = lambda mod, a, b=b.name: seen[b].__setitem__(0, a[0])
+        if after is None:
+            post[b.name] = lambda mod, a, out, b=b.name: seen[b].__setitem__(1, out)
+        else:
+            pre[after] = lambda mod, a, b=b.name: seen[b].__setitem__(1, a[0])
+    totals: dict[str, float] = {}
     n = 0
-    try:
+    with hooks(model, pre=pre, post=post), evaluating(model):
         for i in range(0, len(x), batch_size):
             model(x[i:i + batch_size])
             n += len(x[i:i + batch_size])
-            for b, (inp, mid, out) in seen.items():
-                if unit == "block":
-                    pair = (inp, out) if isinstance(out, torch.Tensor) and out.shape == inp.shape else None
-                else:  # Swin flattens its map to tokens between the branches
-                    mid = mid.reshape(inp.shape) if mid.numel() == inp.numel() else mid
-                    pair = (inp, mid) if unit == "attn" else (mid, out.reshape(mid.shape))
-                if pair is not None:
-                    totals[b] = totals.get(b, 0.0) + _cos(*pair).item()
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
+            for b, (inp, out) in seen.items():
+                if not isinstance(out, torch.Tensor) or out.numel() != inp.numel():
+                    continue  # a block that changes its shape cannot become a pass-through
+                # Swin flattens its map to tokens between the branches
+                totals[b] = totals.get(b, 0.0) + _cos(inp, out.reshape(inp.shape)).item()
     return {b: v / n for b, v in totals.items()}
 
 
@@ -96,16 +95,20 @@ def plan_depth(scores: dict[str, float], total_units: int, ratio: float | None =
     return sorted(scores, key=scores.get, reverse=True)[:max(remove, 0)]
 
 
-def removal_op(names: list[str], unit: str) -> dict:
-    """The replayable op that removes `names` (blocks become a pass-through, branches contribute zero and
-    their pre-norm is skipped)."""
+def removal_op(names: list[str], unit: str, blocks: list[Block] = ()) -> dict:
+    """The replayable op that removes `names`: blocks become a pass-through; a branch contributes zero and
+    its pre-norm is skipped (the branches of `blocks`, from the alignment layer)."""
     if unit == "block":
         return {"op": "replace", "modules": {n: "skip" for n in names}}
-    norm = {"attn": "norm1", "mlp": "norm2"}[unit]
+    branches = {b.name: b.branch(unit) for b in blocks}
     mods = {}
     for n in names:
-        mods[f"{n}.{unit}"] = "zero"
-        mods[f"{n}.{norm}"] = "identity"
+        br = branches.get(n)
+        if br is None:
+            raise CompressError(f"block '{n}' has no {unit} branch", expected="a block with pre-norm branches")
+        mods[br.module] = "zero"
+        if br.norm:
+            mods[br.norm] = "identity"
     return {"op": "replace", "modules": mods}
 
 
@@ -132,16 +135,16 @@ def greedy_by_loss(model: nn.Module, units: list[str], remove: int, x: torch.Ten
         >>> greedy_by_loss(vit, ["blocks.0", "blocks.1", "blocks.2"], 1, images, labels)
         (['blocks.2'], {'blocks.0': 2.1, 'blocks.1': 0.7, 'blocks.2': 0.5})
     """
+    blocks = find_blocks(model, x[:1])
+
     def loss(extra: list[str]) -> float:
-        with _removed(model, removal_op(removed + extra, unit)["modules"]):
+        with _removed(model, removal_op(removed + extra, unit, blocks)["modules"]):
             return sum(F.cross_entropy(model(x[i:i + batch_size]), y[i:i + batch_size], reduction="sum").item()
                        for i in range(0, len(x), batch_size)) / len(x)
 
-    was_training = model.training
-    model.eval()
     removed: list[str] = []
     alone: dict[str, float] = {}
-    try:
+    with evaluating(model):
         for step in range(remove):
             trial = {u: loss([u]) for u in units if u not in removed}
             if step == 0:
@@ -149,6 +152,4 @@ def greedy_by_loss(model: nn.Module, units: list[str], remove: int, x: torch.Ten
             removed.append(min(trial, key=trial.get))
         if not alone:
             alone = {u: loss([u]) for u in units}
-    finally:
-        model.train(was_training)
     return removed, alone

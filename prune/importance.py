@@ -20,36 +20,47 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..alignment import axes as ax
-from ..alignment.spaces import Space, SpaceGraph
-from ..errors import CompressError
+from compress.alignment import axes as ax
+from compress.alignment.hooks import drop_eval_caches, evaluating, hooks
+from compress.alignment.spaces import Space, SpaceGraph
+from compress.errors import CompressError
 
-CRITERIA = ("activation", "magnitude", "taylor", "hessian")
+from .config import CRITERIA
 
 
 def importance(model: nn.Module, sg: SpaceGraph, spaces: list[Space], criterion: str, x: torch.Tensor,
                y: torch.Tensor, batch_size: int = 64) -> dict[int, torch.Tensor]:
-    """Scores (one per unit) for each of `spaces`, from calibration images `x` with labels `y`.
+    """Scores (one per unit) for each of `spaces`, from calibration images `x` with labels `y`, by any
+    criterion of `CRITERIA`.
 
     Example:
         >>> scores = importance(model, sg, sg.spaces[:2], "taylor", images, labels)
         >>> scores[sg.spaces[0].id].shape
         torch.Size([384])
     """
-    if criterion not in CRITERIA:
-        raise CompressError(f"unknown importance '{criterion}'", expected=" | ".join(CRITERIA))
-    if criterion == "activation":
-        return _activation(model, sg, spaces, x, batch_size)
-    params = dict(model.named_parameters())
-    if criterion == "magnitude":
-        elem = {n: p.detach() ** 2 for n, p in params.items()}
-    elif criterion == "taylor":
-        grads = _gradients(model, x, y, batch_size, per_sample=False)
-        elem = {n: (p.detach() * grads[n]).abs() for n, p in params.items() if n in grads}
-    else:
-        sq = _gradients(model, x, y, batch_size, per_sample=True)
-        elem = {n: p.detach() ** 2 * sq[n] / len(x) for n, p in params.items() if n in sq}
-    return _group_sums(sg, spaces, elem)
+    return CRITERIA.get(criterion)(model, sg, spaces, x, y, batch_size)
+
+
+@CRITERIA.register("magnitude")
+def magnitude(model, sg, spaces, x, y, batch_size=64):
+    """Group L2: the sum of w^2 over every parameter axis carrying the unit."""
+    return _group_sums(sg, spaces, {n: p.detach() ** 2 for n, p in model.named_parameters()})
+
+
+@CRITERIA.register("taylor")
+def taylor(model, sg, spaces, x, y, batch_size=64):
+    """|w * dL/dw| with the gradient summed over the calibration set (first-order loss change)."""
+    grads = _gradients(model, x, y, batch_size, per_sample=False)
+    return _group_sums(sg, spaces, {n: (p.detach() * grads[n]).abs() for n, p in model.named_parameters()
+                                    if n in grads})
+
+
+@CRITERIA.register("hessian")
+def hessian(model, sg, spaces, x, y, batch_size=64):
+    """w^2 * E[(dL/dw)^2] with per-sample gradients (OBD's diagonal Fisher)."""
+    sq = _gradients(model, x, y, batch_size, per_sample=True)
+    return _group_sums(sg, spaces, {n: p.detach() ** 2 * sq[n] / len(x) for n, p in model.named_parameters()
+                                    if n in sq})
 
 
 def _group_sums(sg: SpaceGraph, spaces: list[Space], elem: dict[str, torch.Tensor]) -> dict[int, torch.Tensor]:
@@ -71,25 +82,25 @@ def _gradients(model: nn.Module, x, y, batch_size: int, per_sample: bool) -> dic
     """Sum of gradients (or of squared per-sample gradients) of the cross-entropy over the data."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     acc = {n: torch.zeros_like(p) for n, p in params.items()}
-    was_training = model.training
-    model.eval()  # BatchNorm statistics and dropout as at deployment
     step = 1 if per_sample else batch_size
-    try:
-        for i in range(0, len(x), step):
+    with evaluating(model):  # BatchNorm statistics and dropout as at deployment
+        try:
+            for i in range(0, len(x), step):
+                model.zero_grad(set_to_none=True)
+                drop_eval_caches(model)  # each backward gets its own graph
+                F.cross_entropy(model(x[i:i + step]), y[i:i + step], reduction="sum").backward()
+                for n, p in params.items():
+                    if p.grad is not None:
+                        acc[n] += p.grad ** 2 if per_sample else p.grad
+        finally:
             model.zero_grad(set_to_none=True)
-            model.eval()  # timm modules drop their cached tensors (EfficientFormer's attention biases) on .train()
-            F.cross_entropy(model(x[i:i + step]), y[i:i + step], reduction="sum").backward()
-            for n, p in params.items():
-                if p.grad is not None:
-                    acc[n] += p.grad ** 2 if per_sample else p.grad
-    finally:
-        model.zero_grad(set_to_none=True)
-        model.train(was_training)
     return acc
 
 
+@CRITERIA.register("activation")
 @torch.no_grad()
-def _activation(model: nn.Module, sg: SpaceGraph, spaces: list[Space], x, batch_size: int):
+def activation(model: nn.Module, sg: SpaceGraph, spaces: list[Space], x, y=None, batch_size: int = 64):
+    """The mean norm of each unit's contribution to the next layer's output."""
     modules = dict(model.named_modules())
     wanted = {s.id for s in spaces}
     readers: dict[str, list[tuple[int, ax.Atom]]] = defaultdict(list)  # module -> (weight axis, atom)
@@ -123,16 +134,9 @@ def _activation(model: nn.Module, sg: SpaceGraph, spaces: list[Space], x, batch_
                         sums[leaf.id] = sums[leaf.id] + v * len(a)  # per-image weighting
         return fn
 
-    handles = [modules[p].register_forward_hook(hook(p)) for p in readers]
-    was_training = model.training
-    model.eval()
-    try:
+    with hooks(model, post={p: hook(p) for p in readers}), evaluating(model):
         for i in range(0, len(x), batch_size):
             model(x[i:i + batch_size])
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
     return {s.id: torch.as_tensor(sums[s.id]) / len(x) for s in spaces}
 
 

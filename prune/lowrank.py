@@ -13,7 +13,8 @@ from fnmatch import fnmatch
 import torch
 from torch import nn
 
-from ..alignment.surgery import factorize_linears
+from compress.alignment.hooks import evaluating, hooks
+from compress.alignment.surgery import factorize_linears
 
 
 def rank_for(m: int, n: int, ratio: float) -> int:
@@ -46,13 +47,9 @@ def _second_moments(model: nn.Module, names: list[str], x: torch.Tensor, batch_s
             acc[name] += a.T @ a
         return fn
 
-    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
-    try:
+    with hooks(model, pre={n: hook(n) for n in names}), evaluating(model):
         for i in range(0, len(x), batch_size):
             model(x[i:i + batch_size])
-    finally:
-        for h in handles:
-            h.remove()
     return acc
 
 
@@ -86,7 +83,7 @@ def prune_lowrank(model: nn.Module, x: torch.Tensor, ratio: float, whiten: bool 
     names = candidates(model, exclude)
     ranks = {n: rank_for(*modules[n].weight.shape, ratio) for n in names}
     ranks = {n: r for n, r in ranks.items() if r}
-    grams = _second_moments(model.eval(), list(ranks), x) if whiten and ranks else {}
+    grams = _second_moments(model, list(ranks), x) if whiten and ranks else {}
     factors = {n: factorize(modules[n].weight, r, grams.get(n)) for n, r in ranks.items()}
     rows = [{"layer": n, "shape": list(modules[n].weight.shape), "rank": ranks.get(n, "full")} for n in names]
     factorize_linears(model, ranks, factors)

@@ -1,0 +1,48 @@
+"""`compress eval` as a function: the test metric, parameters, MACs, file size and latency of a checkpoint.
+
+Example:
+    >>> ckpt, result = run("a.pt", "digits", EvalRun())
+    >>> result["top1"], result["latency_ms"]
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .checkpoint import Checkpoint, as_checkpoints
+from .data import data_for
+from .device import hardware
+from .measure import file_size, latency_ms, macs, param_count, score
+from .result import Result, Row, state_bytes
+from .steps import EvalRun
+
+__all__ = ["EvalRun", "run"]
+
+
+def run(inputs, data, cfg: EvalRun, **_) -> tuple[Checkpoint, Result]:
+    """Measure one checkpoint on `data`; the checkpoint is returned unchanged (a chain passes it on).
+
+    Example:
+        >>> _, result = run("a.pt", "digits", EvalRun(split="val"))
+        >>> result["top1"], result["latency_ms"]
+    """
+    (ckpt,) = as_checkpoints(inputs, at_most=1, at_least=1)
+    start = time.perf_counter()
+    device, _ = hardware(cfg)
+    model = ckpt.build().to(device)
+    d = data_for(ckpt, data, "eval")
+    metric = "miou" if ckpt.task == "segmentation" else "top1"
+    value = score(model, getattr(d, cfg.split), d.num_classes, ckpt.task)
+    size, chans = ckpt.input.size, len(ckpt.input.mean)
+    values = {"checkpoint": ckpt.source, "arch": ckpt.arch, "task": ckpt.task, "data": d.name, "split": cfg.split,
+              metric: value, "params": param_count(model), "macs": macs(model, size, chans),
+              "size_bytes": file_size(ckpt.source) if ckpt.source else state_bytes(model),
+              "latency_ms": latency_ms(model, size, 1, runs=cfg.latency_runs, in_chans=chans),
+              "latency_ms_batch32": latency_ms(model, size, 32, runs=max(cfg.latency_runs // 3, 5), in_chans=chans),
+              "threads": torch.get_num_threads(), "device": str(device)}
+    row = Row(ckpt.source or ckpt.arch, metric, value, values["params"], values["macs"], values["size_bytes"],
+              round(values["latency_ms"], 3), round(values["latency_ms_batch32"], 3))
+    seconds = time.perf_counter() - start
+    return ckpt, Result("eval", metric, value, values, [row], seconds=seconds)

@@ -1,0 +1,185 @@
+"""`compress distill` as a function: the student trained from the teacher, the baselines on the same
+budget (scratch, KD), stage CKA, and the measurements.
+
+Example:
+    >>> ckpt, result = run("resnet.pt", "digits", DistillRun(student="vit", method="ofa", epochs=8))
+    >>> result["top1"], result["scratch_top1"], result["kd_top1"]
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from compress.alignment import align
+from compress.checkpoint import Checkpoint, InputSpec, as_checkpoints, load, save
+from compress.data import as_data, spec_of, task_of
+from compress.device import device_of, hardware
+from compress.errors import CompressError
+from compress.measure import macs, param_count, score
+from compress.registry import default_img_size, is_architecture
+from compress.result import Result, batch_of, measure_rows
+from compress.train import rank, train
+
+from .cka import cka_matrix
+from .config import METHODS, DistillConfig, DistillRun
+from .distiller import Distiller
+
+__all__ = ["run", "DistillRun"]
+
+
+def run(inputs, data, cfg: DistillRun, *, state: str | Path | None = None,
+        resume: bool = False) -> tuple[Checkpoint, Result]:
+    """Distill the teacher (the input checkpoint, or with `cfg.train_teacher` an architecture name trained
+    here first) into `cfg.student`. `state` keeps resumable states (`<state>.<method>.resume.pt`) and the
+    trained teacher (`<state>.teacher.pt`, reused on resume).
+
+    Example:
+        >>> ckpt, result = run("resnet.pt", "digits", DistillRun(student="vit", method="ofa", epochs=8))
+        >>> result["top1"], result["kd_top1"], result.notes
+    """
+    if not cfg.student:
+        raise CompressError("distill needs a student", expected="--student ARCH (or a checkpoint to start from)")
+    task = task_of(data)
+    if Path(cfg.student).is_file():
+        base = load(cfg.student)
+    else:
+        base = Checkpoint(cfg.student, cfg.student_args, task=task,
+                          input=InputSpec(size=default_img_size(cfg.student, cfg.student_args)))
+    d = as_data(data, base.input, task)
+    teacher_ckpt = _teacher(inputs, data, d, base, cfg, state, resume)
+    if teacher_ckpt.num_classes != d.num_classes:
+        raise CompressError("teacher and data predict different classes", expected=f"{d.num_classes} ({d.name})",
+                            found=f"{teacher_ckpt.num_classes} in {teacher_ckpt.source}")
+    if teacher_ckpt.task != d.task or base.task != d.task:
+        raise CompressError("teacher, student and data disagree on the task", expected=f"{d.task} ({d.name})",
+                            found=f"teacher {teacher_ckpt.task}, student {base.task}")
+    base.num_classes = d.num_classes
+    teacher = teacher_ckpt.build()
+    notes = []
+    if cfg.method == "transkd" and teacher_ckpt.arch != base.arch:
+        notes.append(f"TransKD pairs one family at two sizes in the paper (MiT-B2 -> B0); across families "
+                     f"({teacher_ckpt.arch} -> {base.arch}) it can lose to the student alone (resnet -> "
+                     "efficientformer on digit-scenes: -2.4 mIoU, docs/BENCHMARKS.md)")
+    metric = "miou" if d.task == "segmentation" else "top1"
+    tcfg = cfg.training()
+    hardware(cfg)  # a missing device or an unusable precision is refused before any training
+    t0 = time.perf_counter()
+
+    def fit(method: str) -> tuple[Distiller, float]:
+        torch.manual_seed(cfg.seed)
+        student = base.build() if base.state_dict else base.instantiate()
+        dc = DistillConfig(**{k: getattr(cfg, k) for k in DistillConfig.__dataclass_fields__} | {"method": method})
+        dist = Distiller(student, teacher, dc, base.input, teacher_ckpt.input, d.num_classes,
+                         cache_teacher=cfg.cache_teacher and method != "scratch")
+        t = time.perf_counter()
+        train(dist, d.train, tcfg, loss_fn=lambda net, x, y: net(x, y),
+              state_path=f"{state}.{method}.resume.pt" if state else None, resume=resume,
+              description=f"{method} {base.arch}")
+        return dist, time.perf_counter() - t
+
+    main, seconds = fit(cfg.method)
+    student = main.student.eval()
+
+    def test(model):
+        return score(model, d.test, d.num_classes, d.task)
+
+    seen_by_teacher = nn.Sequential(main.teacher_input, teacher).eval()  # the student's data, as the teacher sees it
+    values = {"teacher": teacher_ckpt.source, "student": cfg.student, "method": cfg.method, "data": d.name,
+              "metric": metric, "epochs": cfg.epochs, metric: test(student), "train_seconds": round(seconds, 2),
+              f"teacher_{metric}": test(seen_by_teacher), "student_params": param_count(student),
+              "teacher_params": param_count(teacher), "student_macs": macs(student, base.input.size),
+              "teacher_macs": macs(teacher, teacher_ckpt.input.size), "extra_parameters": main.extra_parameters(),
+              "reconciled": main.teacher_input.changes, "families": main.shapes.families, "gamma": cfg.gamma,
+              "paper_form": cfg.paper_form, "cache_teacher": cfg.cache_teacher}
+    notes += [f"teacher input reconciled: {c}" for c in main.teacher_input.changes]
+    baselines = [m for m in ("scratch", "kd") if m != cfg.method and d.task in METHODS.get(m).tasks] \
+        if cfg.baselines else []
+    models = [(f"teacher {teacher_ckpt.arch}", teacher)]
+    scores = {f"teacher {teacher_ckpt.arch}": values[f"teacher_{metric}"]}
+    times = {}
+    for m in baselines:
+        dist, sec = fit(m)
+        values[f"{m}_{metric}"] = test(dist.student.eval())
+        values[f"{m}_seconds"] = round(sec, 2)
+        models.append((f"student {base.arch}: {m}", dist.student))
+        scores[models[-1][0]], times[models[-1][0]] = values[f"{m}_{metric}"], sec
+    models.append((f"student {base.arch}: {cfg.method}", student))
+    scores[models[-1][0]], times[models[-1][0]] = values[metric], seconds
+    alone = values.get(f"scratch_{metric}")
+    if alone is not None and values[f"teacher_{metric}"] < alone:
+        notes.append(f"the teacher ({values[f'teacher_{metric}']:.1f}%) is weaker than the student trained alone "
+                     f"({alone:.1f}%): it can only hold the student back; train the teacher longer or use a "
+                     "stronger one")
+    x = batch_of(d.test, 256).to(device_of(student))
+    nets = [getattr(m, "backbone", m) for m in (teacher, student)]  # a segmentation network's backbone
+    with torch.no_grad():
+        t_feats = align(nets[0], teacher_ckpt.input.size).features(main.teacher_input(x))
+        s_feats = align(nets[1], base.input.size).features(x)
+    values["cka"] = [[round(v, 4) for v in row] for row in cka_matrix(t_feats, s_feats)]
+    if cfg.cka_plot and rank() == 0:
+        plot_cka(values["cka"], cfg.cka_plot, f"CKA {teacher_ckpt.arch} vs {base.arch} ({cfg.method})")
+    rows = []
+    if rank() == 0:  # the teacher is timed at its own resolution, the students side by side at theirs
+        t_in, s_in = teacher_ckpt.input, base.input
+        device = device_of(student)
+        rows = (measure_rows(models[:1], d.test, d.num_classes, t_in.size, d.task, len(t_in.mean), scores=scores,
+                             device=device)
+                + measure_rows(models[1:], d.test, d.num_classes, s_in.size, d.task, len(s_in.mean), seconds=times,
+                               scores=scores, device=device))
+    parents = [teacher_ckpt] + ([base] if base.state_dict else [])
+    ckpt = base.derive(student, "distill", parents, spec_of(data), cfg, {
+        k: values.get(k) for k in (metric, f"teacher_{metric}", f"scratch_{metric}", f"kd_{metric}")},
+        num_classes=d.num_classes)
+    cka = {"linear CKA, teacher stages (rows) vs student stages": [
+        {"teacher stage": i, **{f"student {j}": v for j, v in enumerate(row)}} for i, row in enumerate(values["cka"])]}
+    return ckpt, Result("distill", metric, values[metric], values, rows, notes, time.perf_counter() - t0, cka)
+
+
+def _teacher(inputs, data, d, student: Checkpoint, cfg: DistillRun, state, resume: bool) -> Checkpoint:
+    """The teacher checkpoint; an architecture name is trained first only with `train_teacher`."""
+    name = inputs[0] if isinstance(inputs, (list, tuple)) and len(inputs) == 1 else inputs
+    if not cfg.train_teacher:
+        if isinstance(name, str) and not Path(name).is_file() and is_architecture(name):
+            raise CompressError(f"'{name}' is an architecture, not a trained teacher", expected="a teacher checkpoint",
+                                hint=f"train one first (compress train --arch {name} --data {spec_of(data)} --out "
+                                     f"teacher.pt) or add --train-teacher")
+        return as_checkpoints(inputs, at_most=1, at_least=1)[0]
+    if not isinstance(name, str) or not is_architecture(name):
+        raise CompressError(f"--train-teacher needs an architecture name, not '{name}'",
+                            expected="an alias, a timm model name or package.module:function")
+    path = Path(f"{state}.teacher.pt") if state else None
+    if resume and path is not None and path.is_file():
+        return load(path)
+    # a segmentation network works at any size: the teacher sees the student's resolution
+    size = student.input.size if d.task == "segmentation" else default_img_size(name, cfg.teacher_args)
+    spec = InputSpec(size=size)
+    ckpt = Checkpoint.create(name, d.num_classes, d.task, cfg.teacher_args, input=spec, seed=cfg.seed)
+    model = ckpt.build().train()
+    tc = cfg.teacher_training()
+    if d.task == "segmentation":
+        tc.label_smoothing = 0.0
+    train(model, as_data(spec_of(data), spec, d.task).train, tc, description=f"teacher {name}")
+    from compress.config import TrainRun
+
+    teacher = ckpt.derive(model, "train", [], spec_of(data), TrainRun(arch=name, arch_args=cfg.teacher_args,
+                                                                     epochs=tc.epochs, seed=cfg.seed,
+                                                                     label_smoothing=tc.label_smoothing))
+    if path is not None and rank() == 0:
+        save(teacher, path)
+        teacher.source = str(path)
+    return teacher
+
+
+def plot_cka(matrix, path: str, title: str) -> None:
+    """The teacher-vs-student stage CKA heatmap (PNG)."""
+    from compress.plots import figure, save_figure
+
+    fig, a = figure(4, 3.5)
+    im = a.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
+    a.set_xlabel("student stage"), a.set_ylabel("teacher stage"), a.set_title(title, fontsize=8)
+    fig.colorbar(im)
+    save_figure(fig, path)
