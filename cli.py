@@ -178,7 +178,7 @@ def cmd_step(args) -> dict:
     import dataclasses
 
     from compress import load, save
-    from compress.config import options, to_argv
+    from compress.config import options, settings
     from compress.registry import parse_arch_args
     from compress.report import console, rows_table, table
     from compress.train import rank
@@ -221,9 +221,8 @@ def cmd_step(args) -> dict:
     if getattr(args, "report", None):
         from compress.summary import StepRecord, from_result, write_report
 
-        record = StepRecord(args.command, args.command, inputs, values.get("settings") or {},
-                            " ".join(["compress", args.command, *map(str, inputs), *to_argv(cfg)]), result.seconds,
-                            output=out, notes=list(result.notes))
+        record = StepRecord(args.command, args.command, inputs, settings(cfg), ckpt.provenance.get("command", ""),
+                            result.seconds, output=out, notes=list(result.notes), tables=result.tables)
         write_report(from_result(f"compress {args.command}", result, record), args.report)
     if out:
         console.print(f"-> {out}")

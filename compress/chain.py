@@ -275,13 +275,17 @@ def _summarise(plan: Plan, records: list) -> Any:
     the int8 program of each quantize step that deployed one."""
     import torch
 
+    from .report import row_dict
+    from .result import Row
     from .stages import measure_stages
     from .summary import StepRecord, Summary
 
     steps, stages, notes = [], [], []
     for ps, inputs, status, secs, command, saved in records:
+        compared = {"models compared in the step": [row_dict(Row(**r)) for r in saved.get("rows", [])]}
         steps.append(StepRecord(ps.name, ps.step.kind, [str(p) for p in inputs], settings(ps.config), command,
-                                secs, status, str(ps.output) if ps.step.writes else None, saved.get("notes", [])))
+                                secs, status, str(ps.output) if ps.step.writes else None, saved.get("notes", []),
+                                {**(compared if len(saved.get("rows", [])) > 1 else {}), **saved.get("tables", {})}))
         notes += [f"{ps.name}: {n}" for n in saved.get("notes", [])]
         if ps.step.writes:
             program = ps.artifacts.get("deploy")

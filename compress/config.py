@@ -232,6 +232,64 @@ class Hardware:
             raise CompressError("invalid --workers", expected=">= 0", found=str(self.workers))
 
 
+@dataclass(frozen=True)
+class SubsetSpec:
+    """Which part of a training split a run uses (parsed from `--subset`; the test split is always whole)."""
+
+    classes: tuple[int, ...] = ()  # all images of these classes ...
+    others: float = 0.0  # ... plus this fraction of the other classes' images
+    shard: tuple[int, int] | None = None  # (i, k): the i-th (1-based) of k disjoint random shards
+    fraction: float | None = None  # a random fraction of every class
+    seed: int = 0
+
+
+def parse_subset(text: str | None) -> SubsetSpec | None:
+    """`classes=0-4,others=0.1` | `shard=2/4` | `fraction=0.1`, each with an optional `,seed=N`.
+
+    Example:
+        >>> parse_subset("classes=0-4+7,others=0.1,seed=1")
+        SubsetSpec(classes=(0, 1, 2, 3, 4, 7), others=0.1, shard=None, fraction=None, seed=1)
+    """
+    if text in (None, ""):
+        return None
+    bad = CompressError(f"cannot parse --subset '{text}'", expected="classes=0-4[,others=0.1] | shard=I/K | "
+                        "fraction=F, each with an optional ,seed=N")
+    fields: dict[str, str] = {}
+    for item in str(text).split(","):
+        key, sep, value = item.strip().partition("=")
+        if not sep or key not in ("classes", "others", "shard", "fraction", "seed") or key in fields:
+            raise bad
+        fields[key] = value.strip()
+    if sum(k in fields for k in ("classes", "shard", "fraction")) != 1 or ("others" in fields) > ("classes" in fields):
+        raise bad
+    try:
+        classes: list[int] = []
+        for part in filter(None, fields.get("classes", "").split("+")):
+            lo, _, hi = part.partition("-")
+            classes += list(range(int(lo), int(hi or lo) + 1))
+        shard = tuple(int(v) for v in fields["shard"].split("/")) if "shard" in fields else None
+        spec = SubsetSpec(tuple(sorted(set(classes))), float(fields.get("others", 0.0)), shard,
+                          float(fields["fraction"]) if "fraction" in fields else None, int(fields.get("seed", 0)))
+    except ValueError:
+        raise bad from None
+    if (shard and (len(shard) != 2 or not 1 <= shard[0] <= shard[1])) or not 0 <= spec.others <= 1 or \
+            (spec.fraction is not None and not 0 < spec.fraction <= 1) or ("classes" in fields and not classes):
+        raise bad
+    return spec
+
+
+@dataclass
+class DataOptions:
+    """Which part of the training split a command uses (every command's `--subset`)."""
+
+    subset: str | None = option(None, "train (calibrate, finetune) on part of the training split: classes=0-4,"
+                                      "others=0.1 (all of classes 0-4 + 10%% of the rest), shard=2/4 (the 2nd of 4 "
+                                      "disjoint shards) or fraction=0.1; add ,seed=N; the test split stays whole")
+
+    def check_subset(self) -> None:
+        parse_subset(self.subset)
+
+
 @dataclass
 class TrainConfig(Hardware):
     """Training hyper-parameters; the defaults reach >= 95% on digits with the small ViT and ResNet.
@@ -259,7 +317,7 @@ class TrainConfig(Hardware):
 
 
 @dataclass
-class TrainRun(TrainConfig):
+class TrainRun(DataOptions, TrainConfig):
     """`compress train`: an architecture (or the input checkpoint's) trained on the data.
 
     Example:
@@ -272,4 +330,5 @@ class TrainRun(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        self.check_subset()
         self.arch_args = parse_arch_args(self.arch_args)

@@ -10,15 +10,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset, Subset, TensorDataset
 
 from .checkpoint import InputSpec
+from .config import SubsetSpec, parse_subset
 from .errors import CompressError
 
 DIGITS_SPLIT = (1300, 100, 397)  # train / val / test, from one fixed permutation (seed 0)
@@ -34,6 +35,8 @@ class Data:
     task: str
     name: str
     spec: str = ""  # what `load_data` was given: names the data in commands and provenance
+    subset: str | None = None  # the training split is this subset of the data set's (see `take_subset`)
+    train_counts: list[int] | None = None  # training images per class, when a subset was taken
 
 
 def task_of(data: str | Data) -> str:
@@ -43,17 +46,72 @@ def task_of(data: str | Data) -> str:
     return "segmentation" if data == "digit-scenes" or data.startswith("masks:") else "classification"
 
 
-def as_data(data: str | Data, input: InputSpec, task: str | None = None) -> Data:
-    """`data` itself, or the data set a spec names, prepared for `input`.
+def as_data(data: str | Data, input: InputSpec, task: str | None = None, subset: str | None = None) -> Data:
+    """`data` itself, or the data set a spec names, prepared for `input`; with `subset` (see
+    `compress.config.parse_subset`) its training split is replaced by that subset.
 
     Example:
-        >>> as_data("digits", InputSpec(size=32)).num_classes
-        10
+        >>> as_data("digits", InputSpec(size=32), subset="classes=0-4,others=0.1").train_counts
+        [123, 130, 120, 144, 123, 15, 11, 14, 16, 10]
     """
-    return data if isinstance(data, Data) else load_data(data, input, task)
+    d = data if isinstance(data, Data) else load_data(data, input, task)
+    if not subset:
+        return d
+    train, counts = take_subset(d.train, parse_subset(subset), d.num_classes, d.task)
+    return replace(d, train=train, subset=subset, train_counts=counts)
 
 
-def data_for(ckpt, data: str | Data, command: str, classifier: bool = False) -> Data:
+def dataset_labels(ds: Dataset) -> torch.Tensor:
+    """Every sample's class, without loading the images (tensors, ImageFolder / CIFAR targets, subsets)."""
+    if isinstance(ds, TensorDataset):
+        return ds.tensors[1]
+    if isinstance(ds, Subset):
+        return dataset_labels(ds.dataset)[torch.as_tensor(ds.indices, dtype=torch.long)]
+    targets = getattr(ds, "targets", None)
+    if targets is None:
+        raise CompressError(f"cannot read the classes of a {type(ds).__name__}", expected="a classification data set")
+    return torch.as_tensor(targets)
+
+
+def take_subset(ds: Dataset, spec: SubsetSpec, num_classes: int, task: str = "classification"
+                ) -> tuple[Dataset, list[int]]:
+    """The part of `ds` that `spec` names, and the images per class it keeps. Naming a class the data does not
+    have, or leaving a class with no image, is an error (the model would never see it).
+
+    Example:
+        >>> train, counts = take_subset(d.train, parse_subset("shard=1/4"), 10)
+    """
+    if task != "classification":
+        raise CompressError("--subset selects classes of classification data", found=f"task {task}")
+    labels = dataset_labels(ds)
+    unknown = [c for c in spec.classes if not 0 <= c < num_classes]
+    if unknown:
+        raise CompressError(f"--subset names classes the data does not have: {unknown}",
+                            expected=f"classes 0-{num_classes - 1}")
+    gen = torch.Generator().manual_seed(spec.seed)
+    order = torch.randperm(len(labels), generator=gen)
+    if spec.shard:
+        i, k = spec.shard
+        keep = order.tensor_split(k)[i - 1]
+    elif spec.fraction is not None:  # per class, so every class keeps its share
+        keep = torch.cat([idx[: max(1, round(spec.fraction * len(idx)))]
+                          for idx in (order[labels[order] == c] for c in range(num_classes)) if len(idx)])
+    else:
+        named = torch.isin(labels[order], torch.tensor(spec.classes))
+        others = order[~named]
+        keep = torch.cat([order[named], others[: round(spec.others * len(others))]])
+    keep = keep.sort().values
+    counts = torch.bincount(labels[keep], minlength=num_classes).tolist()
+    empty = [c for c, n in enumerate(counts) if n == 0]
+    if empty:
+        raise CompressError(f"--subset leaves classes {empty} with no training image",
+                            expected="every class present (add others=F, or more of the data)")
+    if isinstance(ds, TensorDataset):  # stays a TensorDataset: batches are slices, not image-by-image loads
+        return TensorDataset(*(t[keep] for t in ds.tensors)), counts
+    return Subset(ds, keep.tolist()), counts
+
+
+def data_for(ckpt, data: str | Data, command: str, classifier: bool = False, subset: str | None = None) -> Data:
     """The data set a checkpoint is run on, prepared for its input; a segmentation checkpoint where a
     command needs a classifier, or a class count that differs from the data's, is a clear error.
 
@@ -63,7 +121,7 @@ def data_for(ckpt, data: str | Data, command: str, classifier: bool = False) -> 
     if classifier and ckpt.task != "classification":
         raise CompressError(f"compress {command} evaluates classifiers", expected="a classification checkpoint",
                             found=f"task {ckpt.task}")
-    d = as_data(data, ckpt.input, ckpt.task)
+    d = as_data(data, ckpt.input, ckpt.task, subset)
     if d.num_classes != ckpt.num_classes:
         raise CompressError(f"'{ckpt.source}' predicts {ckpt.num_classes} classes",
                             expected=f"{d.num_classes} for {d.name}")
@@ -182,8 +240,6 @@ def _transform(input: InputSpec):
 
 
 def _holdout(ds: Dataset, fraction: float = 0.1, seed: int = 0) -> tuple[Dataset, Dataset]:
-    from torch.utils.data import Subset
-
     order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed)).tolist()
     k = max(1, int(len(ds) * fraction))
     return Subset(ds, order[k:]), Subset(ds, order[:k])

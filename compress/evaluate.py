@@ -32,7 +32,7 @@ def run(inputs, data, cfg: EvalRun, **_) -> tuple[Checkpoint, Result]:
     start = time.perf_counter()
     device, _ = hardware(cfg)
     model = ckpt.build().to(device)
-    d = data_for(ckpt, data, "eval")
+    d = data_for(ckpt, data, "eval", subset=cfg.subset)
     metric = "miou" if ckpt.task == "segmentation" else "top1"
     value = score(model, getattr(d, cfg.split), d.num_classes, ckpt.task)
     size, chans = ckpt.input.size, len(ckpt.input.mean)

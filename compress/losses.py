@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .device import device_of
+
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
     """Hinton's knowledge distillation: T^2 * KL(softmax(t / T) || softmax(s / T)), batch mean.
@@ -35,6 +37,8 @@ def distillation_objective(teacher: torch.nn.Module, alpha: float = 0.9, tempera
     teacher.eval().requires_grad_(False)
 
     def loss(model, x, y):
+        if device_of(teacher) != x.device:  # the student went to its training device: the teacher follows
+            teacher.to(x.device)
         with torch.no_grad():
             target = teacher(x)
         return kd_with_labels(model(x), target, y, alpha, temperature, label_smoothing)

@@ -46,6 +46,20 @@ def miou(model: nn.Module, data: Dataset, num_classes: int) -> float:
     return 100.0 * (inter[present] / union[present]).mean().item()
 
 
+def top1_by_class(model: nn.Module, data: Dataset, num_classes: int) -> tuple[float, list[float]]:
+    """Top-1 overall and per class (percent; NaN for a class with no test image).
+
+    Example:
+        >>> overall, per_class = top1_by_class(model, data.test, 10)
+    """
+    right = seen = torch.zeros(num_classes, device=device_of(model))
+    for out, y in predict(model, data):
+        hit = (out.argmax(1) == y).float()
+        right = right.index_add(0, y, hit)
+        seen = seen.index_add(0, y, torch.ones_like(hit))
+    return 100.0 * right.sum().item() / max(seen.sum().item(), 1), (100.0 * right / seen).tolist()
+
+
 def score(model: nn.Module, data: Dataset, num_classes: int, task: str = "classification") -> float:
     """The task's test metric in percent: mIoU for segmentation, top-1 otherwise."""
     return miou(model, data, num_classes) if task == "segmentation" else top1(model, data)

@@ -147,7 +147,7 @@ def _fmt(column: str, v) -> str:
         if f is not None:
             return f(v)
         if isinstance(v, float):
-            return f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}"
+            return f"{v:.2f}" if abs(v) < 100 else f"{v:.1f}"
         return f"{v:,}" if abs(v) >= 10_000 else str(v)
     return str(v)
 

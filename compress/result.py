@@ -64,7 +64,8 @@ class Result:
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.values, "kind": self.kind, "metric": self.metric, "score": self.score,
-                "seconds": round(self.seconds, 2), "rows": [asdict(r) for r in self.rows], "notes": list(self.notes)}
+                "seconds": round(self.seconds, 2), "rows": [asdict(r) for r in self.rows], "notes": list(self.notes),
+                "tables": self.tables}
 
 
 def state_bytes(model: nn.Module) -> int:

@@ -17,7 +17,7 @@ import importlib
 import shlex
 from dataclasses import dataclass
 
-from .config import Hardware, TrainRun, option, to_argv
+from .config import DataOptions, Hardware, TrainRun, option, to_argv
 from .registry import Registry
 
 
@@ -59,7 +59,7 @@ class Step:
 
 
 @dataclass
-class EvalRun(Hardware):
+class EvalRun(Hardware, DataOptions):
     """`compress eval`: accuracy, parameters, MACs, size and latency of a checkpoint.
 
     Example:
@@ -76,6 +76,7 @@ class EvalRun(Hardware):
 
         validate_choices(self)
         self.check_hardware()
+        self.check_subset()
         if self.latency_runs < 1:
             raise CompressError("invalid --latency-runs", expected=">= 1", found=str(self.latency_runs))
 

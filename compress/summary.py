@@ -33,6 +33,7 @@ class StepRecord:
     status: str = "ran"  # ran | resumed | cached (finished earlier with the same settings and inputs)
     output: str | None = None
     notes: list[str] = field(default_factory=list)
+    tables: dict[str, list[dict]] = field(default_factory=dict)  # what the step compared (title -> rows)
 
 
 @dataclass
@@ -144,7 +145,32 @@ def markdown(summary: Summary, image: str | None) -> str:
                       f"- parents: {', '.join(s.parents) or 'none'}", f"- output: {s.output or '-'}",
                       f"- settings: `{json.dumps(s.settings, default=str)}`", "", "```bash", s.command, "```", ""]
             lines += [f"- note: {n}" for n in s.notes]
+            for title, rows in s.tables.items():
+                lines += ["", f"{title}:", "", *_markdown_table(rows), ""]
     return "\n".join(lines) + "\n"
+
+
+def _cell(column: str, v) -> str:
+    from .report import _fmt
+
+    return _fmt(column, v).replace("|", "/")
+
+
+def _markdown_table(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    cols = list(rows[0])
+    return (["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+            + ["| " + " | ".join(_cell(c, r.get(c)) for c in cols) + " |" for r in rows])
+
+
+def _html_table(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    e, cols = html.escape, list(rows[0])
+    return ("<table><tr>" + "".join(f"<th>{e(c)}</th>" for c in cols) + "</tr>"
+            + "".join("<tr>" + "".join(f"<td>{e(_cell(c, r.get(c)))}</td>" for c in cols) + "</tr>" for r in rows)
+            + "</table>")
 
 
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
@@ -176,5 +202,6 @@ def html_page(summary: Summary, png: bytes | None) -> str:
                        f"<pre>{e(s.command)}</pre><details><summary>settings</summary>"
                        f"<pre>{e(json.dumps(s.settings, indent=1, default=str))}</pre></details>")
             out += [f"<p class='note'>{e(n)}</p>" for n in s.notes]
+            out += [f"<h4>{e(title)}</h4>{_html_table(rows)}" for title, rows in s.tables.items()]
     out.append("</body></html>")
     return "\n".join(out)

@@ -161,7 +161,7 @@ def run(inputs, data, cfg: TrainRun, *, state: str | Path | None = None,
     task = task_of(data)
     hardware(cfg)  # a missing device or an unusable precision is refused before any work
     spec = base.input if base else InputSpec(size=default_img_size(cfg.arch, cfg.arch_args))
-    d = as_data(data, spec, task)
+    d = as_data(data, spec, task, cfg.subset)
     if base is None:
         base = Checkpoint.create(cfg.arch, d.num_classes, d.task, cfg.arch_args, input=spec, seed=cfg.seed)
     if base.num_classes != d.num_classes or base.task != d.task:
@@ -177,7 +177,8 @@ def run(inputs, data, cfg: TrainRun, *, state: str | Path | None = None,
 
     test, val = score(model, d.test, d.num_classes, d.task), score(model, d.val, d.num_classes, d.task)
     values = {"arch": base.arch, "data": d.name, metric: test, f"val_{metric}": val, "params": param_count(model),
-              "epochs": cfg.epochs, "seed": cfg.seed, "train_seconds": round(seconds, 2)}
+              "epochs": cfg.epochs, "seed": cfg.seed, "train_seconds": round(seconds, 2), "subset": cfg.subset,
+              "train_images": len(d.train), "train_counts": d.train_counts}
     rows = measure_rows([(f"{base.arch} trained", model)], d.test, d.num_classes, spec.size, d.task,
                         len(spec.mean), seconds={f"{base.arch} trained": seconds}, scores={f"{base.arch} trained": test}
                         ) if rank() == 0 else []

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from compress.config import Hardware, TrainConfig, option, validate_choices
+from compress.config import DataOptions, Hardware, TrainConfig, option, validate_choices
 from compress.errors import CompressError
 from compress.registry import Registry, parse_arch_args
 from compress.steps import Step
@@ -62,7 +62,7 @@ class DistillConfig:
 
 
 @dataclass
-class DistillRun(Hardware, DistillConfig):
+class DistillRun(Hardware, DataOptions, DistillConfig):
     """`compress distill`: train a student from a teacher, with the baselines on the same budget.
 
     Example:
@@ -87,6 +87,7 @@ class DistillRun(Hardware, DistillConfig):
     def __post_init__(self):
         super().__post_init__()
         self.check_hardware()
+        self.check_subset()
         self.student_args, self.teacher_args = parse_arch_args(self.student_args), parse_arch_args(self.teacher_args)
         if self.teacher_args and not self.train_teacher:
             raise CompressError("--teacher-args shapes a teacher that --train-teacher trains",

@@ -49,7 +49,7 @@ def run(inputs, data, cfg: DistillRun, *, state: str | Path | None = None,
     else:
         base = Checkpoint(cfg.student, cfg.student_args, task=task,
                           input=InputSpec(size=default_img_size(cfg.student, cfg.student_args)))
-    d = as_data(data, base.input, task)
+    d = as_data(data, base.input, task, cfg.subset)
     teacher_ckpt = _teacher(inputs, data, d, base, cfg, state, resume)
     if teacher_ckpt.num_classes != d.num_classes:
         raise CompressError("teacher and data predict different classes", expected=f"{d.num_classes} ({d.name})",
@@ -162,12 +162,13 @@ def _teacher(inputs, data, d, student: Checkpoint, cfg: DistillRun, state, resum
     tc = cfg.teacher_training()
     if d.task == "segmentation":
         tc.label_smoothing = 0.0
-    train(model, as_data(spec_of(data), spec, d.task).train, tc, description=f"teacher {name}")
+    train(model, as_data(spec_of(data), spec, d.task, cfg.subset).train, tc, description=f"teacher {name}")
     from compress.config import TrainRun
 
     teacher = ckpt.derive(model, "train", [], spec_of(data), TrainRun(arch=name, arch_args=cfg.teacher_args,
                                                                      epochs=tc.epochs, seed=cfg.seed,
-                                                                     label_smoothing=tc.label_smoothing))
+                                                                     label_smoothing=tc.label_smoothing,
+                                                                     subset=cfg.subset))
     if path is not None and rank() == 0:
         save(teacher, path)
         teacher.source = str(path)

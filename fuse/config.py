@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from compress.config import Hardware, TrainConfig, option, validate_choices
+from compress.config import DataOptions, Hardware, TrainConfig, option, validate_choices
 from compress.errors import CompressError
 from compress.registry import Registry
 from compress.steps import Step
 from prune.config import check_width
 
 SOLVERS = Registry("solver", lazy={name: "fuse.transport" for name in ("emd", "sinkhorn", "hungarian")})
-GROUNDS = ("acts", "wts")
+GROUNDS = ("auto", "acts", "wts")
 POLICIES = ("shared", "mean", "weighted")  # residual streams: one map each, or the paper's per-sublayer maps
 ATTENTION = ("heads", "full", "shared_qk")
 TOKENS = ("all", "cls", "window")
@@ -29,8 +29,9 @@ class FuseConfig:
         >>> FuseConfig(solver="sinkhorn", softness=0.1, calib=256)
     """
 
-    ground: str = option("acts", "ground cost: activation correlations, or weight matching (no data needed "
-                                 "for it)", choices=GROUNDS)
+    ground: str = option("auto", "ground cost: activation correlations, weight matching (no data needed for it), "
+                                 "or auto: the best measured for the family (attention: wts; conv: acts)",
+                         choices=GROUNDS)
     solver: str = option("emd", "optimal transport solver", choices=SOLVERS)
     softness: float = option(0.1, "sinkhorn regulariser relative to the cost scale")
     calib: int = option(256, "calibration images for activation statistics")
@@ -44,15 +45,15 @@ class FuseConfig:
                          choices=TOKENS)
     window: int = option(6, "central patch window side for --tokens window")
     sweeps: int = option(3, "weight matching: passes over all spaces", cli=False)
-    repair: bool = option(False, "REPAIR: restore each Linear unit's mean / std to its parents' (variance "
-                                 "collapse); use it when not finetuning: digits ViTs one-shot 31.7%% -> 58.5%%, "
-                                 "no change after 4 epochs")
+    repair: bool | None = option(None, "REPAIR: restore each Linear unit's mean / std to its parents' (variance "
+                                        "collapse); default: on for models that attend (digits ViTs one-shot "
+                                        "31.7%% -> 58.5%%)")
     version: int = option(1, cli=False)
 
     def __post_init__(self):
         validate_choices(self)
         for what, value, default in (("residual", self.residual, "shared"), ("attention", self.attention, "heads")):
-            if value != default and self.ground != "acts":
+            if value != default and self.ground == "wts":
                 raise CompressError(f"{what} '{value}' solves its maps from activations",
                                     expected=f"ground acts (or {what} {default})", found=f"ground {self.ground}")
         if self.softness <= 0 or self.calib < self.batch_size or self.batch_size < 1:
@@ -61,7 +62,7 @@ class FuseConfig:
 
 
 @dataclass
-class FuseRun(Hardware, FuseConfig):
+class FuseRun(Hardware, DataOptions, FuseConfig):
     """`compress fuse`: fusion plus its baselines (vanilla average or narrowed anchor, output ensemble),
     an optional finetune of both, and the measurements.
 
@@ -74,15 +75,20 @@ class FuseRun(Hardware, FuseConfig):
     finetune_lr: float = option(5e-4, "finetune learning rate")
     finetune_batch_size: int = option(64, "finetune batch; smaller batches give more steps in the same epochs "
                                           "(digits: 16, measured)")
+    baselines: bool = option(False, "also give each parent the same finetune, and distill the parents' ensemble "
+                                    "into a fresh model on the same budget (what fusion competes with)")
     plot: str | None = option(None, "write the transport maps as a picture (PNG)", artifact="maps.png")
     seed: int = option(0, "random seed")
 
     def __post_init__(self):
         super().__post_init__()
         self.check_hardware()
+        self.check_subset()
         check_width(self.width)
         if self.finetune_epochs < 0:
             raise CompressError("invalid --finetune-epochs", expected=">= 0", found=str(self.finetune_epochs))
+        if self.baselines and not self.finetune_epochs:
+            raise CompressError("--baselines compares finetunes", expected="--finetune-epochs N (N >= 1)")
         self.finetune()  # an invalid finetune is refused before any work
 
     def finetune(self) -> TrainConfig | None:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
 from compress.alignment import axes as ax
+from compress.alignment.blocks import find_blocks
 from compress.alignment.graph import state_tensors
 from compress.alignment.spaces import SpaceGraph, find_spaces
 from compress.errors import CompressError
@@ -170,6 +171,32 @@ def average(states: list[dict[str, torch.Tensor]], like: dict[str, torch.Tensor]
             for k, v in like.items()}
 
 
+def resolve_auto(cfg: FuseConfig, model: nn.Module, example: torch.Tensor, equal_widths: bool = True
+                 ) -> tuple[FuseConfig, str]:
+    """`cfg` with its `auto` settings made concrete for the model's family, and why (docs/BENCHMARKS.md):
+    models that attend (ViT, Swin, hybrids) take weight matching (digits ViTs: best one-shot, 31.65 vs 22.75,
+    and after the finetune, 98.24 vs 97.48) and REPAIR (one-shot 31.65 -> 58.52; parents trained on
+    different classes + a short finetune 82.6 -> 85.9; -0.26 after a long finetune of same-data parents);
+    conv nets take activation correlations (ResNets one-shot 98.82), where BatchNorm recomputation already
+    restores the statistics. The paper's per-sublayer / cross-head maps, and fusion into another width, need
+    activations.
+
+    Example:
+        >>> resolve_auto(FuseConfig(), vit, torch.randn(1, 3, 32, 32))[0].ground
+        'wts'
+    """
+    if cfg.ground != "auto" and cfg.repair is not None:
+        return cfg, ""
+    attends = any(b.kind in ("attention", "bridge") for b in find_blocks(model, example))
+    family = "attention" if attends else "conv / MLP"
+    ground = cfg.ground
+    if ground == "auto":
+        paper_maps = cfg.residual != "shared" or cfg.attention != "heads"
+        ground = "wts" if attends and equal_widths and not paper_maps else "acts"
+    repair = cfg.repair if cfg.repair is not None else attends
+    return replace(cfg, ground=ground, repair=repair), f"{family} family: ground {ground}, REPAIR {'on' if repair else 'off'}"
+
+
 def fuse_models(models: list[nn.Module], images: torch.Tensor, cfg: FuseConfig,
                 target: nn.Module | None = None) -> tuple[dict, FuseReport]:
     """Fuse `models` (one architecture) into the anchor's basis with equal weights, or into `target`'s
@@ -185,6 +212,12 @@ def fuse_models(models: list[nn.Module], images: torch.Tensor, cfg: FuseConfig,
         raise CompressError("fusion needs at least two models", found=str(len(models)))
     anchor_i = cfg.anchor % len(models)
     basis = models[anchor_i] if target is None else target
+    own = basis.state_dict()
+    equal = all(m.state_dict()[k].shape == v.shape for m in models for k, v in own.items())
+    cfg = resolve_auto(cfg, basis, images[:1], equal_widths=equal)[0]
+    if cfg.ground == "wts" and not equal:
+        raise CompressError("weight matching fuses models of one width", expected="--ground acts to fuse into "
+                            "another width (--width, or parents of other widths)")
     batches = calibration_batches(images, cfg)
     report = FuseReport()
     aligned = [basis.state_dict() if m is basis else align_to(m, basis, batches, cfg, report) for m in models]
@@ -224,12 +257,17 @@ def recompute_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: int 
     if not bns:
         return 0
     model.eval()
+    momenta = [bn.momentum for bn in bns]
     for bn in bns:
         bn.reset_running_stats()
         bn.momentum = None  # cumulative average over all batches
         bn.train()
-    for x in images.split(batch_size):
+    # near-equal batches: a last batch of one image has no batch statistics (BatchNorm refuses it)
+    for x in images.tensor_split(max(1, -(-len(images) // batch_size))):
         model(x)
+    for bn, momentum in zip(bns, momenta):
+        # back to the usual running average: a finetune must not keep averaging over its whole trajectory
+        bn.momentum = momentum
     model.eval()
     return len(bns)
 
@@ -244,3 +282,14 @@ class Ensemble(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.stack([m(x).softmax(1) for m in self.members]).mean(0)
+
+
+class LogEnsemble(Ensemble):
+    """The output ensemble as logits (the log of the mean probabilities): a distillation teacher. It holds
+    copies of the members, so freezing it for distillation leaves the models themselves trainable."""
+
+    def __init__(self, models: list[nn.Module]):
+        super().__init__([copy.deepcopy(m) for m in models])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x).clamp_min(1e-8).log()

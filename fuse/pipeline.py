@@ -13,18 +13,21 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from compress.checkpoint import Checkpoint, as_checkpoints
+from compress.config import parse_subset
 from compress.data import as_data, spec_of
 from compress.device import resolve_device
 from compress.errors import CompressError
-from compress.measure import score
+from compress.losses import distillation_objective
+from compress.measure import score, top1_by_class
 from compress.result import Result, batch_of, measure_rows
 from compress.train import train
 from prune.width import narrow
 
 from .config import FuseRun
-from .fusion import Ensemble, fuse_models, recompute_batchnorm, vanilla_average
+from .fusion import Ensemble, LogEnsemble, fuse_models, recompute_batchnorm, resolve_auto, vanilla_average
 
 __all__ = ["run", "FuseRun"]
 
@@ -54,22 +57,31 @@ def run(inputs, data, cfg: FuseRun, *, state: str | Path | None = None,
     t0 = time.perf_counter()
     timings = {}
     models = [c.build() for c in ckpts]
-    d = as_data(data, first.input, first.task)
+    d = as_data(data, first.input, first.task, cfg.subset)
     images = batch_of(d.train, cfg.calib)
     anchor_i = cfg.anchor % len(ckpts)
     anchor_ckpt = ckpts[anchor_i]
     metric = "miou" if d.task == "segmentation" else "top1"
+    same_shapes = all(m.state_dict()[k].shape == v.shape for m in models for k, v in models[0].state_dict().items())
+    cfg, family = resolve_auto(cfg, models[anchor_i], images[:1], equal_widths=cfg.width == 1 and same_shapes)
+    measured: dict[str, tuple[float, list[float] | None]] = {}  # name -> (test metric, per-class top-1)
+    rows: list[tuple[str, nn.Module]] = []
 
-    def test(model):
-        return score(model, d.test, d.num_classes, d.task)
+    def record(name: str, model: nn.Module) -> float:
+        """Score `model` now (it may be finetuned afterwards) and list it for the table."""
+        if d.task == "segmentation":
+            measured[name] = (score(model, d.test, d.num_classes, d.task), None)
+        else:
+            measured[name] = top1_by_class(model, d.test, d.num_classes)
+        rows.append((name, model))
+        return measured[name][0]
 
-    parents = [test(m) for m in models]
-    ensemble = Ensemble(models)
+    parents = [record(f"parent {i}", m) for i, m in enumerate(models)]
     values = {"models": names, "arch": first.arch, "metric": metric, "solver": cfg.solver, "softness": cfg.softness,
               "tokens": cfg.tokens, "ground": cfg.ground, "residual": cfg.residual, "attention": cfg.attention,
-              "repair": cfg.repair, "width": cfg.width, "parents": parents, "ensemble": test(ensemble),
-              "vanilla": None, "narrowed": None}
-    same_shapes = all(m.state_dict()[k].shape == v.shape for m in models for k, v in models[0].state_dict().items())
+              "repair": cfg.repair, "auto": family, "width": cfg.width, "parents": parents,
+              "ensemble": record("output ensemble", Ensemble(models)), "vanilla": None, "narrowed": None,
+              "subset": cfg.subset, "finetune_images": len(d.train)}
     # the baseline that keeps the fused model's size: vanilla averaging, or with --width the anchor narrowed
     baseline, target, structure = None, None, list(anchor_ckpt.structure)
     if cfg.width < 1:
@@ -84,58 +96,109 @@ def run(inputs, data, cfg: FuseRun, *, state: str | Path | None = None,
     name = "narrowed" if target is not None else "vanilla"
     label = f"anchor narrowed to {cfg.width:g}" if target is not None else "vanilla average"
     if baseline is not None:
-        values[name] = test(baseline)
+        values[name] = record(label, baseline)
     t = time.perf_counter()
     fused_state, report = fuse_models(models, images, cfg, target)
     fused = copy.deepcopy(target) if target is not None else anchor_ckpt.build()
     fused.load_state_dict(fused_state)
     bn = recompute_batchnorm(fused, images)
     timings["fuse"] = time.perf_counter() - t
-    values["ot"] = test(fused)
+    one_shot = f"OT one-shot ({cfg.ground}, {cfg.solver}{', REPAIR' if cfg.repair else ''})"
+    values["ot"] = record(one_shot, fused)
     values.update(ot_finetuned=None, vanilla_finetuned=None, narrowed_finetuned=None, batchnorm_recomputed=bn,
                   spaces=report.spaces, unmatched_spaces=report.unmatched, fallbacks=report.fallbacks,
                   repaired_layers=report.repaired, partners=report.partners)
-    rows = [(f"parent {i}", m) for i, m in enumerate(models)] + [("output ensemble", ensemble)]
-    scores = {f"parent {i}": v for i, v in enumerate(parents)} | {"output ensemble": values["ensemble"]}
-    if baseline is not None:
-        rows.append((label, baseline))
-        scores[label] = values[name]
-    rows.append((f"OT one-shot ({cfg.solver})", fused))
-    scores[f"OT one-shot ({cfg.solver})"] = values["ot"]
-    seconds = {f"OT one-shot ({cfg.solver})": timings["fuse"]}
+    seconds = {one_shot: timings["fuse"]}
     if ft is not None:
-        t = time.perf_counter()
-        train(fused.train(), d.train, ft, state_path=f"{state}.finetune.resume.pt" if state else None,
-              resume=resume, description="finetune OT-fused")
-        timings["finetune"] = time.perf_counter() - t
-        values["ot_finetuned"] = test(fused)
+        def finetuned(model: nn.Module, what: str, tag: str, loss_fn=None) -> float:
+            t = time.perf_counter()
+            train(model.train(), d.train, ft, loss_fn=loss_fn, description=f"finetune {what}",
+                  state_path=f"{state}.{tag}.resume.pt" if state else None, resume=resume)
+            seconds[f"{what} + {ft.epochs} ep"] = time.perf_counter() - t
+            return record(f"{what} + {ft.epochs} ep", model)
+
+        values["ot_finetuned"] = finetuned(fused, "OT", "finetune")
+        seconds[f"OT + {ft.epochs} ep"] += timings["fuse"]
         if baseline is not None:
-            train(baseline.train(), d.train, ft, state_path=f"{state}.baseline.resume.pt" if state else None,
-                  resume=resume, description=f"finetune {name}")
-            values[f"{name}_finetuned"] = test(baseline)
-            scores[f"{label} + {ft.epochs} ep"] = values[f"{name}_finetuned"]
-            rows.append((f"{label} + {ft.epochs} ep", baseline))
-        rows.append((f"OT + {ft.epochs} ep", fused))
-        scores[f"OT + {ft.epochs} ep"] = values["ot_finetuned"]
-        seconds[f"OT + {ft.epochs} ep"] = timings["fuse"] + timings["finetune"]
+            values[f"{name}_finetuned"] = finetuned(baseline, label, "baseline")
+        if cfg.baselines:  # what a user would do instead of fusing
+            values["parents_finetuned"] = [finetuned(copy.deepcopy(m), f"parent {i}", f"parent{i}")
+                                           for i, m in enumerate(models)]
+            torch.manual_seed(cfg.seed)
+            fresh = anchor_ckpt.instantiate() if target is None else _fresh_like(target)
+            # alpha 0.5, T 1: the better of the two KD settings measured with the ensemble teacher (97.57 vs 97.31)
+            values["ensemble_distilled"] = finetuned(fresh, "ensemble distilled into a fresh model", "distilled",
+                                                     distillation_objective(LogEnsemble(models), 0.5, 1.0))
     timings.update(trace=report.seconds_trace, statistics=report.seconds_stats, ot_solve=report.seconds_solve,
                    apply=report.seconds_apply, repair=report.seconds_repair)
     values["seconds_by_stage"] = {k: round(v, 3) for k, v in timings.items()}
     values["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     notes = [f"fallback: {f}" for f in report.fallbacks]
+    if family:
+        notes.append(f"auto settings for the {family}")
     out_score = values["ot_finetuned"] if ft is not None else values["ot"]
     best = max(parents)
     if ft is None and values["ot"] < best - 10:
         notes.append(f"the one-shot fused model ({values['ot']:.1f}%) is far below the best parent ({best:.1f}%): "
-                     "finetune it before use (--finetune-epochs 4 --finetune-batch-size 16, or "
-                     "recipes/fuse-vit.yaml)")
+                     "finetune it before use, e.g. compress fuse --models " + " ".join(names) +
+                     f" --data {spec_of(data)} --finetune-epochs 4 --finetune-batch-size 16 --out fused.pt")
     if cfg.plot:
         plot_maps(report.maps, cfg.plot)
     result_rows = measure_rows(rows, d.test, d.num_classes, first.input.size, d.task, len(first.input.mean),
-                               seconds=seconds, scores=scores, device=resolve_device(cfg.device))
+                               seconds=seconds, scores={k: v[0] for k, v in measured.items()},
+                               device=resolve_device(cfg.device))
+    tables = {}
+    if d.task == "classification":
+        values["per_class"] = {k: [round(a, 2) for a in v[1]] for k, v in measured.items()}
+        groups = class_groups(ckpts, d.num_classes)
+        if groups:
+            values["class_groups"] = groups
+            tables[f"test {metric} per class group (the classes each parent was trained on)"] = [
+                {"model": k, **{g: _mean([v[1][c] for c in cs]) for g, cs in groups.items()}, "all": v[0]}
+                for k, v in measured.items()]
     ckpt = anchor_ckpt.derive(fused, "fuse", ckpts, spec_of(data), cfg, {
         k: values[k] for k in ("ot", "ot_finetuned", "vanilla", "ensemble")}, structure=structure)
-    return ckpt, Result("fuse", metric, out_score, values, result_rows, notes, time.perf_counter() - t0)
+    return ckpt, Result("fuse", metric, out_score, values, result_rows, notes, time.perf_counter() - t0, tables)
+
+
+def class_groups(ckpts: list[Checkpoint], num_classes: int) -> dict[str, list[int]]:
+    """The class groups the parents were trained on (their `--subset classes=...`), and the rest; empty when
+    no parent was trained on a class subset."""
+    groups: dict[str, list[int]] = {}
+    for i, c in enumerate(ckpts):
+        spec = parse_subset((c.provenance.get("settings") or {}).get("subset"))
+        if spec and spec.classes:
+            label = f"classes {_span(spec.classes)}"
+            groups[label if label not in groups else f"{label} (parent {i})"] = list(spec.classes)
+    rest = sorted(set(range(num_classes)) - {k for cs in groups.values() for k in cs})
+    if groups and rest:
+        groups[f"classes {_span(rest)}"] = rest
+    return groups
+
+
+def _span(classes) -> str:
+    """[0, 1, 2, 3, 4, 7] -> '0-4+7' (the --subset spelling)."""
+    runs: list[list[int]] = []
+    for c in sorted(classes):
+        if runs and c == runs[-1][-1] + 1:
+            runs[-1].append(c)
+        else:
+            runs.append([c])
+    return "+".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
+
+
+def _mean(xs: list[float]) -> float:
+    xs = [x for x in xs if x == x]  # classes without a test image are NaN
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def _fresh_like(model: nn.Module) -> nn.Module:
+    """A copy of `model` with every parameter re-initialised (the narrowed architecture, from scratch)."""
+    fresh = copy.deepcopy(model)
+    for m in fresh.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    return fresh
 
 
 def plot_maps(maps: dict, path: str, most: int = 8) -> None:

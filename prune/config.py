@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from compress.config import Hardware, TrainConfig, option, validate_choices
+from compress.config import DataOptions, Hardware, TrainConfig, option, validate_choices
 from compress.errors import CompressError
 from compress.registry import Registry
 from compress.steps import Step
@@ -62,7 +62,7 @@ def check_width(width: float) -> None:
 
 
 @dataclass
-class PruneRun(Hardware, PruneConfig):
+class PruneRun(Hardware, DataOptions, PruneConfig):
     """`compress prune`: prune, optionally recover (with KD from the original), measure before / after.
 
     Example:
@@ -84,6 +84,7 @@ class PruneRun(Hardware, PruneConfig):
     def __post_init__(self):
         super().__post_init__()
         self.check_hardware()
+        self.check_subset()
         for r in self.sweep or []:
             PruneConfig(method=self.method, ratio=r)  # every sweep ratio is checked before any work
         if self.finetune_epochs < 0 or self.calib < 1:

@@ -41,7 +41,7 @@ def run(inputs, data, cfg: PruneRun, *, state: str | Path | None = None,
         True
     """
     (ckpt,) = as_checkpoints(inputs, at_most=1, at_least=1)
-    d = data_for(ckpt, data, "prune", classifier=True)
+    d = data_for(ckpt, data, "prune", classifier=True, subset=cfg.subset)
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
     original = ckpt.build()

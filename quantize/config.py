@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from compress.config import option, validate_choices
+from compress.config import DataOptions, option, validate_choices
 from compress.errors import CompressError
 from compress.registry import Registry
 from compress.steps import Step
@@ -80,7 +80,7 @@ class QuantConfig:
 
 
 @dataclass
-class QuantizeRun(QuantConfig):
+class QuantizeRun(DataOptions, QuantConfig):
     """`compress quantize`: calibrate (simulated PTQ), sensitivity, and optionally a real int8 program. It runs
     on the CPU: the int8 program is a CPU backend's (x86 Inductor), and the simulation engine's quantizers
     are not yet device-aware (no `--device` here yet).
@@ -93,6 +93,10 @@ class QuantizeRun(QuantConfig):
                                 artifact="model.int8.pt2")
     sensitivity_plot: str | None = option(None, "per-site sensitivity (SQNR when alone quantized) as a PNG",
                                           artifact="sensitivity.png")
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.check_subset()
 
 
 STEP = Step("quantize", QuantizeRun, "quantize.pipeline:run", "one", "",

@@ -35,7 +35,7 @@ def run(inputs, data, cfg: QuantizeRun, **_) -> tuple[Checkpoint, Result]:
         >>> result["fp32_top1"], result["top1"]
     """
     (ckpt,) = as_checkpoints(inputs, at_most=1, at_least=1)
-    d = data_for(ckpt, data, "quantize", classifier=True)
+    d = data_for(ckpt, data, "quantize", classifier=True, subset=cfg.subset)
     images = batch_of(d.train, cfg.calib)
     expected = (len(ckpt.input.mean), ckpt.input.size, ckpt.input.size)
     if tuple(images.shape[1:]) != expected:

@@ -55,6 +55,7 @@ def test_chain_from_python_runs_every_step_and_reports(tmp_path):
     assert load(tmp_path / "run" / "q" / "model.pt").provenance["parents"] == [str(tmp_path / "run" / "thin" / "model.pt")]
     page = (tmp_path / "run" / "report.html").read_text()
     assert all(name in page for name in ("base", "thin", "q", "compress prune"))  # the table and the commands
+    assert "models compared in the step" in page and "original" in page  # each step's own comparison
     sources = re.findall(r"""src=['"]([^'"]*)""", page)
     assert sources and all(s.startswith("data:image/png;base64,") for s in sources)  # self-contained
     assert "http" not in page and "<link" not in page
@@ -153,3 +154,6 @@ def test_cli_run_and_shipped_recipes_validate(tmp_path):
     for shipped in ("demo", "chain-vit-to-mobile", "chain-cnn"):
         plan = load_recipe(ROOT / "recipes" / f"{shipped}.yaml")
         assert plan.steps[0].step.kind == "train" and plan.steps[-1].step.kind == "quantize"
+    split = load_recipe(ROOT / "recipes" / "fuse-split.yaml").steps
+    assert [s.config.subset for s in split] == ["classes=0-4,others=0.1", "classes=5-9,others=0.1", "fraction=0.1"]
+    assert split[-1].sources == ["vit-0to4", "vit-5to9"] and split[-1].config.baselines

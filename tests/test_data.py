@@ -1,5 +1,7 @@
 """Embedded data and user folders."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -48,3 +50,48 @@ def test_missing_data_folder_is_a_clear_error(tmp_path):
     with pytest.raises(CompressError, match="does not exist") as e:
         load_data(str(tmp_path / "nope"), InputSpec(size=32))
     assert "expected" in str(e.value)
+
+
+def _rows(ds) -> set[bytes]:
+    return {row.numpy().tobytes() for row in ds.tensors[0]}
+
+
+def test_a_class_subset_keeps_exactly_what_it_names():
+    from compress.data import as_data
+
+    full = load_data("digits", InputSpec(size=16))
+    d = as_data("digits", InputSpec(size=16), subset="classes=0-4,others=0.1,seed=3")
+    labels, all_labels = d.train.tensors[1], full.train.tensors[1]
+    for c in range(5):  # every image of the named classes
+        assert (labels == c).sum() == (all_labels == c).sum()
+    others = int((all_labels >= 5).sum())
+    assert int((labels >= 5).sum()) == round(0.1 * others) and all(n > 0 for n in d.train_counts)
+    assert _rows(d.train) <= _rows(full.train)  # images of the training split, nothing else
+    assert len(d.test) == len(full.test) and torch.equal(d.test.tensors[1], full.test.tensors[1])  # test: whole
+    again = as_data("digits", InputSpec(size=16), subset="classes=0-4,others=0.1,seed=3")
+    assert torch.equal(again.train.tensors[0], d.train.tensors[0])  # seeded: the same images every time
+
+
+def test_shards_partition_the_training_split():
+    from compress.data import as_data
+
+    full = load_data("digits", InputSpec(size=16))
+    shards = [as_data("digits", InputSpec(size=16), subset=f"shard={i}/4,seed=1").train for i in range(1, 5)]
+    rows = [_rows(s) for s in shards]
+    assert sum(len(s) for s in shards) == len(full.train) and set().union(*rows) == _rows(full.train)
+    assert all(not (a & b) for i, a in enumerate(rows) for b in rows[i + 1:])  # disjoint
+    tenth = as_data("digits", InputSpec(size=16), subset="fraction=0.1").train_counts
+    assert all(12 <= n <= 15 for n in tenth)  # 10% of every class
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("classes=3-12", "classes the data does not have: [10, 11, 12]"),
+    ("classes=0-4", "leaves classes [5, 6, 7, 8, 9] with no training image"),
+    ("classes=0-4,shard=1/2", "cannot parse --subset"),
+    ("shard=5/4", "cannot parse --subset"),
+])
+def test_bad_subsets_are_refused(spec, message):
+    from compress.data import as_data
+
+    with pytest.raises(CompressError, match=re.escape(message)):
+        as_data("digits", InputSpec(size=16), subset=spec)

@@ -1,0 +1,101 @@
+"""Fusion of parents trained on different data (issue 18): does OT fusion + a short finetune on a small shared
+set compound what each parent knows, against what a user would do instead?
+
+Per seed set s and architecture (the small ViT, 40 epochs; resnet18, 15 epochs):
+- split "5/5": parent A on all of classes 0-4 + 10% of the others, parent B on classes 5-9 + 10% of the others;
+- split "quarters": 4 parents on the 4 disjoint random quarters of the training split.
+Then `compress fuse --baselines` with the family's default fusion settings and a finetune on a shared 10% of
+the training split (`--subset fraction=0.1`, 129 images, which is at most 10% of the parents' union): each
+parent + the same finetune, vanilla average + it, the parents' output ensemble (N x the cost), and the
+ensemble distilled into a fresh model with the same budget. Test top-1 on the full test split.
+
+Run: .venv/bin/python bench/fuse_split.py [--seeds 0 1 2] [--archs vit resnet] [--splits 5/5 quarters]
+     (writes bench/results/fuse_split.json and prints the markdown tables)
+"""
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from cli import main  # noqa: E402
+
+R = Path("bench/results/split")
+TRAIN = {"vit": ["--recipe", "recipes/train-vit.yaml"], "resnet": ["--recipe", "recipes/train-resnet.yaml"]}
+SPLITS = {"5/5": ["classes=0-4,others=0.1", "classes=5-9,others=0.1"],
+          "quarters": [f"shard={i}/4" for i in range(1, 5)]}
+
+
+def run(argv: list[str]) -> None:
+    if main([*argv, "--threads", "2"]):
+        raise SystemExit(f"failed: {' '.join(argv)}")
+
+
+def parents(arch: str, split: str, s: int) -> list[str]:
+    paths = []
+    for i, subset in enumerate(SPLITS[split]):
+        tag = f"{arch}-{split.replace('/', '')}-s{s}-p{i}"
+        path = R / f"{tag}.pt"
+        if not path.exists():  # shards are drawn with the seed set's seed; parents get their own seeds
+            shard_seed = f",seed={s}" if subset.startswith("shard") else ""
+            run(["train", *TRAIN[arch], "--subset", subset + shard_seed, "--seed", str(10 * s + i), "--out", str(path)])
+        paths.append(str(path))
+    return paths
+
+
+def fuse(arch: str, split: str, s: int, epochs: int, lr: float) -> dict:
+    tag = f"{arch}-{split.replace('/', '')}-s{s}-fused-e{epochs}"
+    js = R / f"{tag}.json"
+    if not js.exists():
+        run(["fuse", "--models", *parents(arch, split, s), "--subset", f"fraction=0.1,seed={s}",
+             "--finetune-epochs", str(epochs), "--finetune-batch-size", "16", "--finetune-lr", str(lr),
+             "--baselines", "--out", str(R / f"{tag}.pt"), "--json", str(js)])
+    r = json.loads(js.read_text())
+    rows = {row["name"]: row for row in r["rows"]}
+    lat = {k: v["latency_ms"] for k, v in rows.items()}
+    return {"parents": r["parents"], "best_parent": max(r["parents"]),
+            "best_parent_ft": max(r["parents_finetuned"]), "vanilla": r["vanilla"],
+            "vanilla_ft": r["vanilla_finetuned"], "ensemble": r["ensemble"],
+            "ensemble_distilled": r["ensemble_distilled"], "ot": r["ot"], "ot_ft": r["ot_finetuned"],
+            "ensemble_latency_ratio": lat["output ensemble"] / lat[f"OT + {epochs} ep"],
+            "groups": {name: {model: round(statistics.mean(acc[c] for c in cs), 2)
+                              for model, acc in r["per_class"].items()}
+                       for name, cs in r.get("class_groups", {}).items()}, "auto": r["auto"],
+            "finetune_images": r["finetune_images"], "per_class": r["per_class"]}
+
+
+KEYS = ["best_parent", "best_parent_ft", "vanilla", "vanilla_ft", "ensemble", "ensemble_distilled", "ot", "ot_ft",
+        "ensemble_latency_ratio"]
+
+
+def main_bench(seeds, archs, splits, epochs, lr) -> dict:
+    R.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for arch in archs:
+        for split in splits:
+            runs = [fuse(arch, split, s, epochs[arch], lr) for s in seeds]
+            out[f"{arch} {split}"] = {**{k: round(statistics.mean(r[k] for r in runs), 2) for k in KEYS},
+                                      "runs": runs, "seeds": seeds, "finetune_epochs": epochs[arch]}
+    return out
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--archs", nargs="+", default=["vit", "resnet"])
+    ap.add_argument("--splits", nargs="+", default=list(SPLITS))
+    ap.add_argument("--vit-epochs", type=int, default=20, help="finetune epochs on the shared 10%")
+    ap.add_argument("--resnet-epochs", type=int, default=20)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    a = ap.parse_args()
+    res = main_bench(a.seeds, a.archs, a.splits, {"vit": a.vit_epochs, "resnet": a.resnet_epochs}, a.lr)
+    path = Path("bench/results/fuse_split.json")
+    path.write_text(json.dumps({**(json.loads(path.read_text()) if path.exists() else {}), **res}, indent=1))
+    print("| model, split | best parent | best parent + FT | vanilla | vanilla + FT | ensemble (N x cost) | "
+          "ensemble distilled | OT one-shot | **OT + FT** | ensemble / fused latency |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for k, v in res.items():
+        print(f"| {k} | " + " | ".join(f"{v[c]:.2f}" for c in KEYS[:-2]) + f" | **{v['ot_ft']:.2f}** | "
+              f"{v['ensemble_latency_ratio']:.2f}x |")
