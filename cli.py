@@ -89,8 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=10)
     _common(p)
 
-    p = sub.add_parser("inspect", help="print a checkpoint's description and its model's alignment")
-    p.add_argument("checkpoint")
+    p = sub.add_parser("inspect", help="print a checkpoint's (or an architecture's) description, its alignment and "
+                                       "what the alignment layer could not understand")
+    p.add_argument("checkpoint", help="a checkpoint file, or an architecture name (alias or timm name: its random "
+                                      "init at its default size)")
     _model_args(p)
     _common(p)
 
@@ -179,6 +181,7 @@ def cmd_step(args) -> dict:
 
     from compress import load, save
     from compress.config import options, settings
+    from compress.programs import is_program
     from compress.registry import parse_arch_args
     from compress.report import console, rows_table, table
     from compress.train import rank
@@ -187,14 +190,20 @@ def cmd_step(args) -> dict:
     cfg = step.config(**{f.name: getattr(args, f.name) for f, _ in options(step.config)})
     inputs = args.inputs if isinstance(args.inputs, list) else [args.inputs] if args.inputs else []
     out = getattr(args, "out", None)
-    sweep_only = args.command == "prune" and getattr(cfg, "sweep", None) is not None
-    if step.writes and not out and not sweep_only:
-        raise CompressError(f"{args.command} needs --out", expected="an output path ending in .pt or .safetensors")
+    # a prune sweep or a deployed program is an output of its own
+    own_output = getattr(cfg, "sweep", None) is not None or getattr(cfg, "deploy", None) not in (None, "auto")
+    if step.writes and not out and not own_output:
+        raise CompressError(f"{args.command} needs --out", expected="an output path ending in .pt or .safetensors"
+                            + (" (or --deploy PATH)" if args.command == "quantize" else ""))
     if step.inputs == "many" and len(inputs) < 2:
         raise CompressError(f"{args.command} needs {step.input_flag} with two or more checkpoints",
                             found=str(len(inputs)))
     if step.inputs == "one" and not inputs:
         raise CompressError(f"{args.command} needs an input checkpoint", expected=step.input_flag or "a path")
+    if getattr(cfg, "deploy", None) == "auto":  # the program goes beside --out: <out>.int8.pt2 or .onnx
+        if not out:
+            raise CompressError("--deploy auto writes beside --out", expected="--out PATH")
+        cfg.deploy = str(Path(out).with_suffix("")) + ".int8"
     data_path = args.data.partition(":")[2] if ":" in args.data else args.data
     artifacts = [getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.metadata.get("artifact")]
     guard_paths([*inputs, data_path, getattr(cfg, "student", None)],
@@ -202,7 +211,7 @@ def cmd_step(args) -> dict:
     # files are read here (a bare state_dict with --arch); anything else goes to the pipeline as given (distill
     # trains a teacher named by its architecture, and says what it expected)
     arch = {"arch": args.arch, "arch_args": parse_arch_args(args.arch_args)} if step.input_flag == "" else {}
-    loaded = [load(p, **arch) if Path(p).is_file() else p for p in inputs]
+    loaded = [load(p, **arch) if Path(p).is_file() and not is_program(p) else p for p in inputs]
     ckpt, result = step(loaded, args.data, cfg, state=out, resume=getattr(args, "resume", False))
     values = result.to_dict()
     if rank() != 0:  # under torchrun, rank 0 writes
@@ -275,12 +284,16 @@ def cmd_models(args) -> dict:
 
 def cmd_inspect(args) -> dict:
     from compress import align, load
+    from compress.checkpoint import Checkpoint
     from compress.measure import param_count
     from compress.registry import parse_arch_args
     from compress.report import console, table
 
-    guard_paths([args.checkpoint], [args.json])
-    ckpt = load(args.checkpoint, arch=args.arch, arch_args=parse_arch_args(args.arch_args))
+    if not Path(args.checkpoint).exists() and not Path(args.checkpoint).suffix:  # an architecture, not a file
+        ckpt = Checkpoint.create(args.checkpoint, arch_args=parse_arch_args(args.arch_args), seed=0)
+    else:
+        guard_paths([args.checkpoint], [args.json])
+        ckpt = load(args.checkpoint, arch=args.arch, arch_args=parse_arch_args(args.arch_args))
     model = ckpt.build()
     net = model.backbone if ckpt.task == "segmentation" else model
     al = align(net, ckpt.input.size)
@@ -299,7 +312,15 @@ def cmd_inspect(args) -> dict:
     blocks = [{"block": b.name, "kind": b.kind, "branches": ", ".join(f"{x.kind}: {x.module}" for x in b.branches)}
               for b in al.blocks]
     console.print(table("blocks", blocks))
-    return {"arch": ckpt.arch, "arch_args": ckpt.arch_args, "task": ckpt.task, "num_classes": ckpt.num_classes,
+    gaps = al.gaps()
+    console.print("[bold]not understood[/] (left as they are by fusion and width pruning, unseen by depth pruning):")
+    console.print(f"  ops without a rule: {', '.join(gaps['unknown_ops']) or 'none'}")
+    console.print(f"  spaces dropped by the invariance check: {', '.join(gaps['rejected_spaces']) or 'none'}")
+    pinned = gaps["pinned_tensors"]
+    console.print(f"  tensors with no free axis: {len(pinned)} ({gaps['pinned_share']:.1%} of parameters)"
+                  + (f", e.g. {', '.join(pinned[:4])}" if pinned else ""))
+    console.print(f"  stages where no block was found: {', '.join(gaps['stages_without_blocks']) or 'none'}")
+    return {"gaps": gaps, "arch": ckpt.arch, "arch_args": ckpt.arch_args, "task": ckpt.task, "num_classes": ckpt.num_classes,
             "params": param_count(model), "input": vars(ckpt.input), "provenance": prov, "stages": stages,
             "spaces": spaces, "blocks": blocks, "unknown_ops": al.spaces.unknown_ops}
 

@@ -1,12 +1,13 @@
-"""The real int8 artifact against FP32 on the same backend (PT2E + x86 Inductor, batch 1, 2 threads): latency,
-file size and test top-1 of the deployed program, for trained digits models.
+"""The real int8 artifacts against FP32 on the same runtime, for two backends side by side (PT2E + x86
+Inductor, ONNX Runtime QDQ; `--deploy` auto, batch 1 and 32, 2 threads): latency, file size and test top-1 of
+each deployed program, for trained digits models.
 
 Models: a DeiT of ViT-S width (384, depth 4, 6 heads, 7.1 M parameters) trained by
 `compress train --arch deit --arch-args embed_dim=384,depth=4,num_heads=6 --data digits --epochs 20 --lr 5e-4
 --threads 2` (trained first when missing), the 0.46 M digits ViT and the trained mobilevit of
 bench/quantize_digits.py. Results: bench/results/quantize_deploy.json.
 
-Run: .venv/bin/python bench/quantize_deploy.py [--models deit384 vit mobilevit]
+Run: .venv/bin/python bench/quantize_deploy.py [--models deit384 vit mobilevit efficientformer]
 """
 
 import argparse
@@ -24,7 +25,7 @@ DEIT384 = RESULTS / "q" / "deit384-lr5e-4.pt"
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--models", nargs="*", default=["deit384", "vit", "mobilevit"])
+    p.add_argument("--models", nargs="*", default=["deit384", "vit", "mobilevit", "efficientformer"])
     args = p.parse_args()
     out = RESULTS / "quantize_deploy.json"
     results = json.loads(out.read_text()) if out.exists() else {}
@@ -38,12 +39,13 @@ def main() -> None:
         js = RESULTS / "q" / f"{name}-deploy.json"
         js.unlink(missing_ok=True)
         subprocess.run([COMPRESS, "quantize", str(ckpt), "--method", "qhyvit", "--bits", "w8a8", "--threads", "2",
-                        "--deploy", str(RESULTS / "q" / f"{name}.int8.pt2"), "--json", str(js)], check=True, cwd=ROOT)
+                        "--deploy", str(RESULTS / "q" / f"{name}.int8"), "--json", str(js)], check=True, cwd=ROOT)
         r = json.loads(js.read_text())
-        row = {k: r[k] for k in ("fp32_top1", "int8_top1", "fp32_latency_ms", "int8_latency_ms", "fp32_size_bytes",
-                                 "int8_size_bytes")}
-        row.update(speedup=r["int8_speedup"], size_ratio=round(r["int8_size_bytes"] / r["fp32_size_bytes"], 3),
-                   choice=r["deploy_choice"], variants=r["deploy_variants"])
+        row = {"chosen": r["deploy_backend"], "deployments": r["deployments"]}
+        best_fp32 = min(v["fp32_latency_ms"] for v in r["deployments"].values())
+        for d in r["deployments"].values():
+            d["vs_best_fp32"] = round(best_fp32 / d["int8_latency_ms"], 2)
+            d["size_ratio"] = round(d["int8_size_bytes"] / d["fp32_size_bytes"], 3)
         results[name] = row
         out.write_text(json.dumps(results, indent=1))
         print(name, json.dumps(row), flush=True)

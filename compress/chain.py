@@ -287,8 +287,9 @@ def _summarise(plan: Plan, records: list) -> Any:
                                 secs, status, str(ps.output) if ps.step.writes else None, saved.get("notes", []),
                                 {**(compared if len(saved.get("rows", [])) > 1 else {}), **saved.get("tables", {})}))
         notes += [f"{ps.name}: {n}" for n in saved.get("notes", [])]
-        if ps.step.writes:
-            program = ps.artifacts.get("deploy")
-            stages.append((ps.name, ps.output, ps.data, secs, program, inputs[0] if program else None))
+        if ps.step.writes:  # a deployed program is timed beside its float model on the same runtime
+            program = saved.get("deploy")
+            float_model = (saved.get("fp32_path") or inputs[0]) if program else None
+            stages.append((ps.name, ps.output, ps.data, secs, program, float_model))
     rows = measure_stages(stages)
     return Summary(plan.title, rows, steps, notes, torch.get_num_threads())

@@ -73,13 +73,27 @@ class Checkpoint:
 
     @classmethod
     def create(cls, arch: str, num_classes: int = 10, task: str = "classification", arch_args: dict | None = None,
-               input: InputSpec | None = None, seed: int | None = None) -> Checkpoint:
-        """A freshly initialised model (seeded) wrapped in a checkpoint."""
+               input: InputSpec | None = None, seed: int | None = None, pretrained: bool | str = False) -> Checkpoint:
+        """A freshly initialised model (seeded) wrapped in a checkpoint; with `pretrained` (True: timm's hub; a
+        path: a local file) the published weights, fed the way they were trained (their size, mean, std).
+
+        Example:
+            >>> Checkpoint.create("deit_tiny_patch16_224", num_classes=10, pretrained="deit_tiny.safetensors")
+        """
         arch_args = dict(arch_args or {})
-        spec = input or InputSpec(size=default_img_size(arch, arch_args))
-        ckpt = cls(arch, arch_args, num_classes, task, spec)
         if seed is not None:
             torch.manual_seed(seed)
+        if pretrained:
+            if task != "classification":
+                raise CompressError("pretrained weights are for classifiers here", found=f"task {task}")
+            from .registry import pretrained_input
+
+            size, mean, std, _ = pretrained_input(arch)
+            spec = input or InputSpec(int(arch_args.get("img_size", size)), mean, std)
+            model = create_model(arch, num_classes=num_classes, pretrained=pretrained, **arch_args)
+            return cls(arch, arch_args, num_classes, task, spec, model.state_dict())
+        spec = input or InputSpec(size=default_img_size(arch, arch_args))
+        ckpt = cls(arch, arch_args, num_classes, task, spec)
         ckpt.state_dict = ckpt.instantiate().state_dict()
         return ckpt
 

@@ -327,6 +327,11 @@ class TrainRun(DataOptions, TrainConfig):
     arch: str | None = option(None, "alias, timm model name, or package.module:function (or use an input "
                                     "checkpoint)")
     arch_args: dict = option({}, "architecture kwargs, e.g. img_size=32,embed_dim=96,depth=4")
+    pretrained: bool = option(False, "start from timm's published weights for --arch (a timm name; from the hub)")
+    pretrained_file: str | None = option(None, "start from timm's weights for --arch read from this local file "
+                                               "(.safetensors / .pth: what users behind a firewall do)")
+    head_only: bool = option(False, "train only the classifier (the rest frozen): a linear probe of pretrained "
+                                    "features")
 
     def __post_init__(self):
         super().__post_init__()

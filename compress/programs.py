@@ -1,19 +1,34 @@
-"""Exported programs (torch.export archives, `.pt2`): written by deployment, read and timed like any model.
+"""Deployed programs: torch.export archives (`.pt2`, run with Inductor) and ONNX models (`.onnx`, run with
+ONNX Runtime), written by deployment, read, scored and timed like any model.
 
-A `.pt2` holds a graph and tensors, no pickled code. `Program` lets evaluation code treat one like a module;
-`compile_frozen` is how such programs run fast on CPU (Inductor with weight freezing).
+Neither format holds pickled code. Each carries the checkpoint's description (architecture, classes, task,
+input spec, provenance) beside the graph (`compress.json` in the archive, `metadata_props` in the ONNX model),
+so `compress eval model.onnx --data digits` knows how to feed it. `Program` and `OrtProgram` let evaluation
+code treat a program like a module; `fast(program)` is how each runs fast on a CPU.
 
 Example:
-    >>> program = compile_frozen(load_program("model.int8.pt2"))
-    >>> top1(program, data.test)
+    >>> program = load_program("model.int8.onnx")
+    >>> top1(fast(program), data.test), program_metadata("model.int8.onnx")["input"]
 """
 
 from __future__ import annotations
 
+import json
 import os
+import zipfile
+from pathlib import Path
 
 import torch
 from torch import nn
+
+from .errors import CompressError
+
+SUFFIXES = (".pt2", ".onnx")
+_KEY = "compress.json"
+
+
+def is_program(path: str | os.PathLike) -> bool:
+    return Path(path).suffix in SUFFIXES
 
 
 def exported(model: nn.Module, example: torch.Tensor) -> torch.export.ExportedProgram:
@@ -60,6 +75,77 @@ class Program(nn.Module):
         return self.graph(x)
 
 
-def load_program(path: str | os.PathLike) -> Program:
-    """The int8 program from a .pt2 archive (torch.export's format: a graph and tensors, no pickled code)."""
+class OrtProgram(nn.Module):
+    """An ONNX model in an ONNX Runtime CPU session, called like a module (tensors in, tensors out).
+    `threads` is the session's intra-op thread count (default: torch's, so timings compare like for like)."""
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None):
+        super().__init__()
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or torch.get_num_threads()
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
+
+    def train(self, mode: bool = True):
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {self.input: x.detach().contiguous().numpy()})[0])
+
+
+def save_pt2(ep: torch.export.ExportedProgram, path: str | os.PathLike, metadata: dict | None = None) -> Path:
+    """Write an exported program as a `.pt2` archive, atomically, with the checkpoint's description."""
+    from .checkpoint import atomic_write
+
+    extra = {_KEY: json.dumps(metadata, default=list)} if metadata else None
+    return atomic_write(Path(path), lambda tmp: torch.export.save(ep, str(tmp), extra_files=extra))
+
+
+def save_onnx(model_proto, path: str | os.PathLike, metadata: dict | None = None) -> Path:
+    """Write an ONNX model, atomically, with the checkpoint's description in its metadata."""
+    import onnx
+
+    from .checkpoint import atomic_write
+
+    if metadata:
+        del model_proto.metadata_props[:]
+        entry = model_proto.metadata_props.add()
+        entry.key, entry.value = _KEY, json.dumps(metadata, default=list)
+    return atomic_write(Path(path), lambda tmp: onnx.save(model_proto, str(tmp)))
+
+
+def program_metadata(path: str | os.PathLike) -> dict | None:
+    """The checkpoint description stored with a program, or None."""
+    path = Path(path)
+    if path.suffix == ".onnx":
+        import onnx
+
+        props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        return json.loads(props[_KEY]) if _KEY in props else None
+    with zipfile.ZipFile(path) as z:  # an archive's extra files, read without deserialising the graph
+        entry = next((n for n in z.namelist() if n.endswith(f"/extra/{_KEY}")), None)
+        return json.loads(z.read(entry)) if entry else None
+
+
+def load_program(path: str | os.PathLike, threads: int | None = None) -> nn.Module:
+    """A `.pt2` archive as a `Program` (eager; `fast` compiles it) or an `.onnx` model as an `OrtProgram`."""
+    path = Path(path)
+    if not path.is_file():
+        raise CompressError(f"program '{path}' not found", expected="an existing .pt2 or .onnx file")
+    if path.suffix == ".onnx":
+        return OrtProgram(path, threads)
+    if path.suffix != ".pt2":
+        raise CompressError(f"cannot run '{path}'", expected="a .pt2 archive or an .onnx model")
+    import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers the int8 ops a PT2E graph calls)
+
     return Program(torch.export.load(str(path)).module())
+
+
+def fast(program: nn.Module) -> nn.Module:
+    """How a program runs fast on a CPU: a `.pt2` program compiled with Inductor (frozen weights); ONNX
+    Runtime sessions already optimise their graph."""
+    return program if isinstance(program, OrtProgram) else compile_frozen(program)

@@ -163,19 +163,63 @@ def default_img_size(arch: str, kwargs: dict | None = None) -> int:
         return 224
 
 
-def create_model(arch: str, num_classes: int = 10, **kwargs) -> nn.Module:
-    """Build `arch` with `num_classes` outputs; kwargs override the architecture's defaults.
+def create_model(arch: str, num_classes: int = 10, pretrained: bool | str = False, **kwargs) -> nn.Module:
+    """Build `arch` with `num_classes` outputs; kwargs override the architecture's defaults. `pretrained`
+    (True: timm's published weights, from the hub; a path: the same weights from a local file) loads weights
+    through timm's own path (safetensors, or `torch.load(weights_only=True)`), which re-initialises the
+    classifier when `num_classes` differs from the weights'.
 
     Example:
         >>> create_model("swin", num_classes=10, embed_dim=32).__class__.__name__
         'SwinTransformer'
+        >>> create_model("deit_tiny_patch16_224", num_classes=10, pretrained="deit_tiny.safetensors")
     """
+    if pretrained:
+        return _pretrained(arch, num_classes, pretrained, kwargs)
     builder = resolve_builder(arch)
     try:
         return builder(num_classes=num_classes, **kwargs)
     except TypeError as e:
         raise CompressError(f"architecture '{arch}' rejected its arguments",
                             expected="keyword arguments its builder accepts", found=str(e)) from None
+
+
+def _check_timm_name(arch: str) -> None:
+    if arch in ARCHS or ":" in arch or not _timm().is_model(arch):
+        raise CompressError(f"pretrained weights come with timm model names, not '{arch}'",
+                            expected="a timm name such as deit_tiny_patch16_224 (the aliases are CPU-sized variants "
+                                     "without published weights)")
+
+
+def _pretrained(arch: str, num_classes: int, source: bool | str, kwargs: dict) -> nn.Module:
+    timm = _timm()
+    _check_timm_name(arch)
+    overlay = None
+    if isinstance(source, str):
+        from pathlib import Path
+
+        if not Path(source).is_file():
+            raise CompressError(f"pretrained file '{source}' not found", expected="an existing .safetensors or .pth file")
+        overlay = {"file": str(source)}
+    try:
+        return timm.create_model(arch, pretrained=True, num_classes=num_classes, pretrained_cfg_overlay=overlay,
+                                 **kwargs)
+    except Exception as e:  # noqa: BLE001 - hub, network and state-dict errors all reach the user as one line
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        if overlay:
+            raise CompressError(f"the weights in '{source}' do not fit '{arch}'", expected=f"{arch}'s state_dict",
+                                found=first) from None
+        raise CompressError(f"cannot fetch timm's pretrained weights for '{arch}'", found=first,
+                            hint="offline? download them elsewhere and pass --pretrained-file PATH") from None
+
+
+def pretrained_input(arch: str) -> tuple[int, tuple, tuple, int]:
+    """(input size, mean, std, classes) of a timm model's published weights."""
+    _check_timm_name(arch)
+    cfg = _timm().get_pretrained_cfg(arch)
+    if cfg is None:
+        raise CompressError(f"timm has no pretrained configuration for '{arch}'")
+    return int(cfg.input_size[-1]), tuple(cfg.mean), tuple(cfg.std), int(cfg.num_classes)
 
 
 def parse_arch_args(text: str | dict | None) -> dict[str, Any]:

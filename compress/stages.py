@@ -8,18 +8,20 @@ Example:
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from .checkpoint import load
 from .data import load_data
 from .measure import compare_latency, file_size, macs, param_count, score
-from .programs import compile_frozen, load_program
+from .programs import compile_frozen, fast, load_program
 from .result import Row
 
 
 def measure_stages(stages: list[tuple]) -> list[Row]:
     """`stages`: (name, checkpoint path, data spec, seconds the step took, int8 program path or None, the
-    program's float model path or None). A fake-quantized checkpoint is scored but not timed (simulation
-    is slower than either real program); a deployed program is timed compiled (Inductor), beside its float
-    model compiled the same way."""
+    program's float model: an .onnx path or a checkpoint). A fake-quantized checkpoint is scored but not
+    timed (simulation is slower than either real program); a deployed program is timed as it runs fast
+    (Inductor for .pt2, ONNX Runtime for .onnx), beside its float model on the same runtime."""
     data_cache: dict = {}
     rows: list[Row] = []
     timed: list[tuple[int, object, int, int]] = []  # (row index, model, input size, channels)
@@ -45,15 +47,16 @@ def measure_stages(stages: list[tuple]) -> list[Row]:
             timed.append((len(rows) - 1, model, size, chans))
         if program_path:
             program = load_program(program_path)
+            onnx = Path(program_path).suffix == ".onnx"
+            where = "onnxruntime" if onnx else "inductor"
             rows.append(Row(f"{name} int8 program", metric, score(program, d.test, d.num_classes, ckpt.task),
-                            size_bytes=file_size(program_path), runtime="inductor",
-                            note="PT2E int8 from its .pt2, Inductor"))
-            timed.append((len(rows) - 1, compile_frozen(program), size, chans))
-            if float_path:
-                fp32 = load(float_path).build()
-                rows.append(Row(f"{name} fp32 program", metric, score(fp32, d.test, d.num_classes, ckpt.task),
-                                runtime="inductor", note="its float model, Inductor"))
-                timed.append((len(rows) - 1, compile_frozen(fp32), size, chans))
+                            size_bytes=file_size(program_path), runtime=where, note=f"from {Path(program_path).name}"))
+            timed.append((len(rows) - 1, fast(program), size, chans))
+            fp32 = load_program(float_path) if Path(float_path).suffix == ".onnx" else load(float_path).build()
+            rows.append(Row(f"{name} fp32 program", metric, score(fp32, d.test, d.num_classes, ckpt.task),
+                            size_bytes=file_size(float_path) if onnx else None, runtime=where,
+                            note="its float model, same runtime"))
+            timed.append((len(rows) - 1, fp32 if onnx else compile_frozen(fp32), size, chans))
     if timed:
         models, sizes, chans = [t[1] for t in timed], [t[2] for t in timed], [t[3] for t in timed]
         b1 = compare_latency(models, sizes, 1, in_chans=chans)

@@ -21,7 +21,7 @@ from .config import TrainConfig, TrainRun
 from .data import as_data, spec_of, task_of
 from .device import autocast, grad_scaler, hardware
 from .errors import CompressError
-from .registry import default_img_size
+from .registry import default_img_size, pretrained_input
 from .report import progress
 from .result import Result, measure_rows
 
@@ -135,6 +135,17 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, loss_fn=None, state
     return model.eval()
 
 
+def only_classifier_trains(model: nn.Module) -> None:
+    """Freeze everything but the classifier head(s) (timm's `get_classifier`; distilled DeiTs have two)."""
+    if not hasattr(model, "get_classifier"):
+        raise CompressError(f"{type(model).__name__} does not say which layer is its classifier",
+                            expected="a timm model (get_classifier)")
+    heads = model.get_classifier()
+    model.requires_grad_(False)
+    for head in heads if isinstance(heads, tuple) else (heads,):
+        head.requires_grad_(True)
+
+
 def segmentation_loss(label_smoothing: float = 0.0):
     return lambda m, x, y: F.cross_entropy(m(x), y, label_smoothing=label_smoothing)
 
@@ -160,17 +171,32 @@ def run(inputs, data, cfg: TrainRun, *, state: str | Path | None = None,
         raise CompressError(f"--arch {cfg.arch} disagrees with the initial checkpoint", expected=base.arch)
     task = task_of(data)
     hardware(cfg)  # a missing device or an unusable precision is refused before any work
-    spec = base.input if base else InputSpec(size=default_img_size(cfg.arch, cfg.arch_args))
+    source = cfg.pretrained_file or cfg.pretrained
+    if source and base is not None:
+        raise CompressError("pretrained weights start a model of --arch", expected="--pretrained without --init")
+    notes = []
+    if source:  # fed the way the weights were trained: their size, mean and std
+        size, mean, std, classes = pretrained_input(cfg.arch)
+        spec = InputSpec(int(cfg.arch_args.get("img_size", size)), mean, std)
+    else:
+        spec = base.input if base else InputSpec(size=default_img_size(cfg.arch, cfg.arch_args))
     d = as_data(data, spec, task, cfg.subset)
     if base is None:
-        base = Checkpoint.create(cfg.arch, d.num_classes, d.task, cfg.arch_args, input=spec, seed=cfg.seed)
+        base = Checkpoint.create(cfg.arch, d.num_classes, d.task, cfg.arch_args, input=spec, seed=cfg.seed,
+                                 pretrained=source)
+        if source and classes != d.num_classes:
+            notes.append(f"classifier re-initialised: the weights predict {classes} classes, {d.name} has "
+                         f"{d.num_classes}")
     if base.num_classes != d.num_classes or base.task != d.task:
         raise CompressError("checkpoint and data disagree", expected=f"{d.num_classes} classes, task {d.task}",
                             found=f"{base.num_classes} classes, task {base.task}")
     model = base.build().train()
+    if cfg.head_only:  # a linear probe: the features stay as they are
+        only_classifier_trains(model)
     start = time.perf_counter()
     train(model, d.train, cfg, state_path=f"{state}.resume.pt" if state else None, resume=resume,
           description=f"train {base.arch}")
+    model.requires_grad_(True)
     seconds = time.perf_counter() - start
     metric = "miou" if d.task == "segmentation" else "top1"
     from .measure import param_count, score
@@ -183,4 +209,4 @@ def run(inputs, data, cfg: TrainRun, *, state: str | Path | None = None,
                         len(spec.mean), seconds={f"{base.arch} trained": seconds}, scores={f"{base.arch} trained": test}
                         ) if rank() == 0 else []
     ckpt = base.derive(model, "train", init, spec_of(data), cfg, values)
-    return ckpt, Result("train", metric, test, values, rows, seconds=seconds)
+    return ckpt, Result("train", metric, test, values, rows, notes, seconds)

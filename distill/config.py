@@ -74,7 +74,12 @@ class DistillRun(Hardware, DataOptions, DistillConfig):
     epochs: int = option(10, "student training epochs")
     batch_size: int = option(64, "batch size")
     lr: float = option(2e-3, "peak learning rate")
-    train_teacher: bool = option(False, "the teacher input is an architecture name: train it first")
+    train_teacher: bool = option(False, "the teacher input is an architecture name: train it first (from "
+                                        "--pretrained weights when given)")
+    pretrained: bool = option(False, "the teacher input is a timm name: start from its published weights (hub); "
+                                     "a head for other classes is finetuned first")
+    pretrained_file: str | None = option(None, "the teacher input is a timm name: its published weights from this "
+                                               "local file (.safetensors / .pth)")
     teacher_epochs: int = option(30, "with --train-teacher: its epochs")
     teacher_args: dict = option({}, "with --train-teacher: teacher architecture kwargs, e.g. "
                                     "depths=4x4x12x6,embed_dims=64x128x320x512 (TransKD's one family at two sizes)")
@@ -89,7 +94,7 @@ class DistillRun(Hardware, DataOptions, DistillConfig):
         self.check_hardware()
         self.check_subset()
         self.student_args, self.teacher_args = parse_arch_args(self.student_args), parse_arch_args(self.teacher_args)
-        if self.teacher_args and not self.train_teacher:
+        if self.teacher_args and not (self.train_teacher or self.pretrained or self.pretrained_file):
             raise CompressError("--teacher-args shapes a teacher that --train-teacher trains",
                                 expected="--train-teacher with an architecture name")
         self.training()

@@ -20,9 +20,9 @@ from compress.data import as_data, spec_of, task_of
 from compress.device import device_of, hardware
 from compress.errors import CompressError
 from compress.measure import macs, param_count, score
-from compress.registry import default_img_size, is_architecture
+from compress.registry import default_img_size, is_architecture, pretrained_input
 from compress.result import Result, batch_of, measure_rows
-from compress.train import rank, train
+from compress.train import only_classifier_trains, rank, train
 
 from .cka import cka_matrix
 from .config import METHODS, DistillConfig, DistillRun
@@ -140,35 +140,48 @@ def run(inputs, data, cfg: DistillRun, *, state: str | Path | None = None,
 
 
 def _teacher(inputs, data, d, student: Checkpoint, cfg: DistillRun, state, resume: bool) -> Checkpoint:
-    """The teacher checkpoint; an architecture name is trained first only with `train_teacher`."""
+    """The teacher checkpoint. An architecture name needs `train_teacher` (trained here from scratch) or
+    `pretrained` / `pretrained_file` (timm's published weights; when the data has another class count, the
+    re-initialised head is finetuned on it first, the whole teacher with `train_teacher`)."""
     name = inputs[0] if isinstance(inputs, (list, tuple)) and len(inputs) == 1 else inputs
-    if not cfg.train_teacher:
+    source = cfg.pretrained_file or cfg.pretrained
+    if not cfg.train_teacher and not source:
         if isinstance(name, str) and not Path(name).is_file() and is_architecture(name):
             raise CompressError(f"'{name}' is an architecture, not a trained teacher", expected="a teacher checkpoint",
                                 hint=f"train one first (compress train --arch {name} --data {spec_of(data)} --out "
-                                     f"teacher.pt) or add --train-teacher")
+                                     f"teacher.pt), add --train-teacher, or --pretrained / --pretrained-file")
         return as_checkpoints(inputs, at_most=1, at_least=1)[0]
     if not isinstance(name, str) or not is_architecture(name):
-        raise CompressError(f"--train-teacher needs an architecture name, not '{name}'",
+        raise CompressError(f"--train-teacher / --pretrained need an architecture name, not '{name}'",
                             expected="an alias, a timm model name or package.module:function")
     path = Path(f"{state}.teacher.pt") if state else None
     if resume and path is not None and path.is_file():
         return load(path)
-    # a segmentation network works at any size: the teacher sees the student's resolution
-    size = student.input.size if d.task == "segmentation" else default_img_size(name, cfg.teacher_args)
-    spec = InputSpec(size=size)
-    ckpt = Checkpoint.create(name, d.num_classes, d.task, cfg.teacher_args, input=spec, seed=cfg.seed)
+    if source:
+        ckpt = Checkpoint.create(name, d.num_classes, d.task, cfg.teacher_args, seed=cfg.seed, pretrained=source)
+        head_only = not cfg.train_teacher and pretrained_input(name)[3] != d.num_classes
+        if not cfg.train_teacher and not head_only:
+            return ckpt  # published weights for these very classes
+    else:
+        # a segmentation network works at any size: the teacher sees the student's resolution
+        size = student.input.size if d.task == "segmentation" else default_img_size(name, cfg.teacher_args)
+        ckpt = Checkpoint.create(name, d.num_classes, d.task, cfg.teacher_args, input=InputSpec(size=size),
+                                 seed=cfg.seed)
+        head_only = False
     model = ckpt.build().train()
+    if head_only:  # the published features stay; only the re-initialised classifier learns the data's classes
+        only_classifier_trains(model)
     tc = cfg.teacher_training()
     if d.task == "segmentation":
         tc.label_smoothing = 0.0
-    train(model, as_data(spec_of(data), spec, d.task, cfg.subset).train, tc, description=f"teacher {name}")
+    train(model, as_data(spec_of(data), ckpt.input, d.task, cfg.subset).train, tc,
+          description=f"teacher {name}" + (" (head)" if head_only else ""))
+    model.requires_grad_(True)
     from compress.config import TrainRun
 
-    teacher = ckpt.derive(model, "train", [], spec_of(data), TrainRun(arch=name, arch_args=cfg.teacher_args,
-                                                                     epochs=tc.epochs, seed=cfg.seed,
-                                                                     label_smoothing=tc.label_smoothing,
-                                                                     subset=cfg.subset))
+    teacher = ckpt.derive(model, "train", [], spec_of(data), TrainRun(
+        arch=name, arch_args=cfg.teacher_args, epochs=tc.epochs, seed=cfg.seed, label_smoothing=tc.label_smoothing,
+        subset=cfg.subset, pretrained=cfg.pretrained, pretrained_file=cfg.pretrained_file, head_only=head_only))
     if path is not None and rank() == 0:
         save(teacher, path)
         teacher.source = str(path)

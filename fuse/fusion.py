@@ -69,7 +69,8 @@ def align_to(model: nn.Module, anchor: nn.Module, batches: list[torch.Tensor], c
     sg_m, sg_a = find_spaces(model, batches[0]), find_spaces(anchor, batches[0])
     report.seconds_trace += time.perf_counter() - t
     if cfg.ground == "wts":
-        maps = weight_matching(sg_m, sg_a, model.state_dict(), anchor.state_dict(), cfg, report)
+        # every tensor that shapes the function, non-persistent buffers too (BEiT's zero k_bias is in its spaces)
+        maps = weight_matching(sg_m, sg_a, state_tensors(model), state_tensors(anchor), cfg, report)
         return _apply(sg_m, model, anchor, maps, report)
     t = time.perf_counter()
     stats = cross_statistics(sg_m, sg_a, state_tensors(model), state_tensors(anchor), batches, cfg.tokens,
@@ -78,7 +79,17 @@ def align_to(model: nn.Module, anchor: nn.Module, batches: list[torch.Tensor], c
     t = time.perf_counter()
 
     def coupling(st, name: str) -> torch.Tensor:
-        return _record(solve(correlation_cost(st.correlation()), cfg.solver, cfg.softness), name, report).coupling
+        corr = st.correlation()
+        flat = max(st.degenerate[0] / st.n_a, st.degenerate[1] / st.n_b)
+        if flat > 0.5 and st.n_a == st.n_b:
+            # activations (nearly) constant over the calibration images carry no correlation to match on: keep
+            # this space in the anchor's order rather than let noise pick a matching
+            report.fallbacks.append(f"{name}: {flat:.0%} of its neurons barely vary over the calibration images; "
+                                    "kept in order (identity map)")
+            eye = torch.eye(st.n_a, dtype=torch.float64) / st.n_a
+            report.maps[name] = eye
+            return eye
+        return _record(solve(correlation_cost(corr), cfg.solver, cfg.softness), name, report).coupling
 
     maps = {}
     for space in sg_m.spaces:

@@ -16,29 +16,46 @@ from torch import nn
 from compress.alignment.hooks import evaluating, hooks
 
 
-def unit_stats(models: list[nn.Module], names: list[str], images: torch.Tensor) -> list[dict]:
-    """Per model, {layer name: (mean, std)} of each output unit (the last axis) over `images`."""
-    return [_stats(model, names, images) for model in models]
+def unit_stats(models: list[nn.Module], names: list[str], images: torch.Tensor, batch_size: int = 32) -> list[dict]:
+    """Per model, {layer name: (mean, std)} of each output unit (the last axis) over `images`, accumulated
+    batch by batch (memory: one batch's activations, whatever the number of images)."""
+    return [_stats(model, names, images, batch_size) for model in models]
 
 
-def _stats(model: nn.Module, names: list[str], images: torch.Tensor) -> dict:
-    # moments only, taken inside the hook: taps.hooked_outputs would hold every layer's full output at once
-    stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+def _stats(model: nn.Module, names: list[str], images: torch.Tensor, batch_size: int) -> dict:
+    # running sums only, taken inside the hook: taps.hooked_outputs would hold every layer's full output at once
+    sums: dict[str, list] = {}
 
     def keep(name):
         def hook(module, args, output):  # returns None: the output is left as it is
-            stats.setdefault(name, _moments(output))
+            if name in seen:  # a module called twice: its first call, as in `repair`
+                return
+            seen.add(name)
+            flat = output.detach().double().reshape(-1, output.shape[-1])
+            acc = sums.setdefault(name, [0, 0.0, 0.0])
+            acc[0] += flat.shape[0]
+            acc[1] = acc[1] + flat.sum(0)
+            acc[2] = acc[2] + flat.pow(2).sum(0)
         return hook
 
-    _run_hooked(model, names, keep, images)
-    return stats
+    for batch in images.split(batch_size):
+        seen: set[str] = set()
+        _run_hooked(model, names, keep, batch)
+    out = {}
+    for name, (n, s1, s2) in sums.items():
+        mean = s1 / n
+        var = (s2 / n - mean**2).clamp_min(0) * n / max(n - 1, 1)
+        out[name] = (mean.float(), var.sqrt().float())
+    return out
 
 
-def repair(fused: nn.Module, parents: list[nn.Module], images: torch.Tensor) -> int:
+def repair(fused: nn.Module, parents: list[nn.Module], images: torch.Tensor, correction_images: int = 64) -> int:
     """Rescale every hidden Linear layer of `fused` in place so that each output unit's mean and standard
-    deviation over `images` equal the average of the same unit in `parents` (models in the fused basis).
-    Layers are corrected in forward order within one pass, each seeing the corrected layers before it.
-    The classifiers are left alone. Returns the number of layers corrected.
+    deviation equal the average of the same unit in `parents` (models in the fused basis) over `images`.
+    Layers are corrected in forward order within one pass over the first `correction_images` images, each
+    seeing the corrected layers before it (a pass over all of them would hold a whole-set activation per
+    layer: 256 ViT-B images are several GiB, and the moments of 64 images x their tokens are already
+    settled). The classifiers are left alone. Returns the number of layers corrected.
 
     Example:
         >>> repair(fused, [parent_a_aligned, parent_b], calib_images)
@@ -66,7 +83,7 @@ def repair(fused: nn.Module, parents: list[nn.Module], images: torch.Tensor) -> 
 
         return hook
 
-    _run_hooked(fused, names, correct, images)
+    _run_hooked(fused, names, correct, images[:correction_images])
     return len(done)
 
 

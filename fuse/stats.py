@@ -52,9 +52,13 @@ class CrossStats:
         z = lambda *s: torch.zeros(*s, dtype=torch.float64)  # noqa: E731
         self.sa, self.sb, self.saa, self.sbb, self.sab = z(self.n_a), z(self.n_b), z(self.n_a), z(self.n_b), z(
             self.n_a, self.n_b)
+        self.shift_a, self.shift_b = torch.zeros(self.n_a), torch.zeros(self.n_b)
 
     def update(self, a: torch.Tensor, b: torch.Tensor) -> None:
         a, b = a.float(), b.float()
+        if self.count == 0:  # sums of shifted values: a large mean no longer swamps a small variance in float32
+            self.shift_a, self.shift_b = a.mean(0), b.mean(0)
+        a, b = a - self.shift_a, b - self.shift_b
         self.count += a.shape[0]
         self.sa += a.sum(0).double()
         self.sb += b.sum(0).double()
@@ -63,12 +67,22 @@ class CrossStats:
         self.sab += (a.T @ b).double()
 
     def correlation(self) -> torch.Tensor:
+        """Pearson correlation (n_a, n_b), in [-1, 1]. A neuron whose activation does not vary over the samples
+        (std below 1e-5 of its magnitude: float32 rounding of a constant) has no correlation to measure: its
+        row / column is 0, and `degenerate` counts such neurons on each side."""
         n = max(self.count, 1)
         ma, mb = self.sa / n, self.sb / n
-        va = (self.saa / n - ma**2).clamp_min(1e-12)
-        vb = (self.sbb / n - mb**2).clamp_min(1e-12)
+        va, vb = self.saa / n - ma**2, self.sbb / n - mb**2
+        scale_a = va + (self.shift_a.double() + ma) ** 2  # E[x^2] of the unshifted activations
+        scale_b = vb + (self.shift_b.double() + mb) ** 2
+        flat_a = va <= 1e-10 * scale_a + 1e-20
+        flat_b = vb <= 1e-10 * scale_b + 1e-20
         cov = self.sab / n - ma[:, None] * mb[None, :]
-        return (cov / (va.sqrt()[:, None] * vb.sqrt()[None, :])).float()
+        corr = cov / (va.clamp_min(1e-20).sqrt()[:, None] * vb.clamp_min(1e-20).sqrt()[None, :])
+        corr[flat_a, :] = 0.0
+        corr[:, flat_b] = 0.0
+        self.degenerate = (int(flat_a.sum()), int(flat_b.sum()))
+        return corr.clamp(-1, 1).float()
 
 
 @dataclass

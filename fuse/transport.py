@@ -125,9 +125,13 @@ def sinkhorn(c: torch.Tensor, softness: float = 0.1, sinkhorn_iter: int = 2000, 
 
 @SOLVERS.register("emd")
 def emd(c: torch.Tensor, max_iter: int = 1_000_000, **_) -> Solution:
-    """Exact optimal transport (network simplex)."""
+    """Exact optimal transport (network simplex). Between equal widths with uniform marginals a permutation
+    is optimal (Birkhoff), and the assignment solver finds one of the same cost several times faster (3072
+    neurons: a ViT-B MLP), so that case is solved as an assignment."""
     import ot
 
+    if c.shape[0] == c.shape[1]:
+        return Solution(hungarian(c).coupling, "emd")
     mu, nu = _marginals(c)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

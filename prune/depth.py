@@ -75,8 +75,8 @@ def unit_similarity(model: nn.Module, example: torch.Tensor, x: torch.Tensor, un
             model(x[i:i + batch_size])
             n += len(x[i:i + batch_size])
             for b, (inp, out) in seen.items():
-                if not isinstance(out, torch.Tensor) or out.numel() != inp.numel():
-                    continue  # a block that changes its shape cannot become a pass-through
+                if not isinstance(out, torch.Tensor) or not isinstance(inp, torch.Tensor) or out.numel() != inp.numel():
+                    continue  # a block that changes its shape (or reads a list: DenseNet) cannot become a pass-through
                 # Swin flattens its map to tokens between the branches
                 totals[b] = totals.get(b, 0.0) + _cos(inp, out.reshape(inp.shape)).item()
     return {b: v / n for b, v in totals.items()}

@@ -21,7 +21,7 @@ from torch import nn
 
 from compress.alignment import align
 
-from .config import BRIDGES, HESSIAN, METHODS, QuantConfig, parse_bits
+from .config import BRIDGES, GUARDED, HESSIAN, METHODS, QuantConfig, parse_bits
 from .engine import QuantizedModel, Site, discover
 from .methods import describe
 from .reconstruct import reconstruct_block
@@ -72,6 +72,7 @@ def calibrate(model: nn.Module, images: torch.Tensor, cfg: QuantConfig) -> tuple
 
     bridges = [b.name for b in blocks if b.kind == "bridge"]
     todo, bridge_sites = [s.name for s in sites], []
+    baselines: dict[str, dict] = {}
     while todo:
         qm.active = set(bridge_sites)  # bridges calibrated so far stay quantized; the rest records float
         recs = qm.record(_grad_input(images, grad_loss), todo, grad_loss)
@@ -86,6 +87,8 @@ def calibrate(model: nn.Module, images: torch.Tensor, cfg: QuantConfig) -> tuple
             for role, q in quant.items():
                 qm.quantizers[site.key(role)] = q
             info["sites"][name] = describe(quant)
+            if cfg.method in GUARDED:
+                baselines[name] = METHODS.get("minmax")(site, recs[name], w_bits, a_bits, cfg.search)
         todo = todo[len(chunk):]
         if nxt is not None:
             info["bridges"].append(nxt)
@@ -94,8 +97,34 @@ def calibrate(model: nn.Module, images: torch.Tensor, cfg: QuantConfig) -> tuple
             before, after = reconstruct_block(qm, nxt, images, cfg.recon_iters, cfg.recon_lr, seed=cfg.seed)
             info["reconstruction"][nxt] = {"mse_before": before, "mse_after": after}
     qm.active = None
+    reconstructed = set(bridge_sites)  # their weights now sit on the learned grid: theirs to keep
+    info["minmax_sites"] = keep_better(qm, {k: v for k, v in baselines.items() if k not in reconstructed},
+                                       images[:8])
     info["calib_seconds"] = time.perf_counter() - start
     return qm, info
+
+
+def keep_better(qm: QuantizedModel, baselines: dict[str, dict], images: torch.Tensor) -> list[str]:
+    """A method that extends min-max must never be worse than it: per site, the logits' SQNR with only that
+    site quantized, by the method's quantizers and by min-max's (`baselines`); min-max's are kept where they
+    are better (two forwards per site, on a few calibration images). Returns those sites."""
+    kept = []
+    with torch.no_grad():
+        qm.floating = True
+        ref = qm(images)
+        qm.floating = False
+        for name, base in baselines.items():
+            site = qm.sites[name]
+            ours = {role: qm.quantizers[site.key(role)] for role in base if site.key(role) in qm.quantizers}
+            qm.active = {name}
+            mine = sqnr(ref, qm(images))
+            qm.quantizers.update({site.key(role): q for role, q in base.items()})
+            if sqnr(ref, qm(images)) > mine:
+                kept.append(name)
+            else:
+                qm.quantizers.update({site.key(role): q for role, q in ours.items()})
+        qm.active = None
+    return kept
 
 
 def _grad_input(images: torch.Tensor, grad_loss) -> torch.Tensor:

@@ -18,6 +18,7 @@ from compress.steps import Step
 METHODS = Registry("quantization method",
                    lazy={name: "quantize.methods" for name in ("minmax", "percentile", "ptq4vit", "repq", "qhyvit")})
 HESSIAN = {"ptq4vit", "qhyvit"}  # methods whose search reads output gradients
+GUARDED = {"qhyvit"}  # the method we recommend: never worse than min-max at any site (calibrate.keep_better)
 BRIDGES = {"qhyvit"}  # methods that calibrate bridge blocks sequentially and reconstruct them
 
 
@@ -81,16 +82,18 @@ class QuantConfig:
 
 @dataclass
 class QuantizeRun(DataOptions, QuantConfig):
-    """`compress quantize`: calibrate (simulated PTQ), sensitivity, and optionally a real int8 program. It runs
-    on the CPU: the int8 program is a CPU backend's (x86 Inductor), and the simulation engine's quantizers
-    are not yet device-aware (no `--device` here yet).
+    """`compress quantize`: calibrate (simulated PTQ), sensitivity, and optionally a real int8 program
+    (PT2E / Inductor, ONNX Runtime, or the faster of the two). It runs on the CPU: both int8 backends are a
+    CPU's, and the simulation engine's quantizers are not yet device-aware (no `--device` here yet).
 
     Example:
         >>> ckpt, result = quantize.run("vit.pt", "digits", QuantizeRun(bits="w8a8", deploy="vit.int8.pt2"))
     """
 
-    deploy: str | None = option(None, "also write a real int8 program (PT2E, x86 Inductor) here (.pt2)",
-                                artifact="model.int8.pt2")
+    deploy: str | None = option(None, "also write a real int8 program: PATH.pt2 (PT2E, x86 Inductor), PATH.onnx "
+                                      "(ONNX Runtime, with PATH.fp32.onnx beside it), or auto / a path without those "
+                                      "suffixes: both measured, the fastest within a point of FP32 written",
+                                artifact="model.int8")
     sensitivity_plot: str | None = option(None, "per-site sensitivity (SQNR when alone quantized) as a PNG",
                                           artifact="sensitivity.png")
 

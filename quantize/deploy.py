@@ -22,10 +22,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from compress.checkpoint import atomic_write
 from compress.errors import CompressError
 from compress.measure import compare_latency
-from compress.programs import Program, compile_frozen, exported, load_program
+from compress.programs import Program, compile_frozen, exported, load_program, save_pt2
 
 __all__ = ["Deployed", "deploy", "quantize_pt2e", "save_program", "load_program", "fp32_size_bytes", "Program"]
 
@@ -134,14 +133,10 @@ def strip_unused(program: nn.Module) -> nn.Module:
     return program
 
 
-def save_program(program: nn.Module, example: torch.Tensor, path: str | os.PathLike) -> Path:
-    """Write the int8 program as a `torch.export` archive (.pt2), atomically."""
-    ep = exported(strip_unused(program), example)
-
-    def write(tmp: Path):
-        torch.export.save(ep, str(tmp))
-
-    return atomic_write(Path(path), write)
+def save_program(program: nn.Module, example: torch.Tensor, path: str | os.PathLike, metadata: dict | None = None
+                 ) -> Path:
+    """Write the int8 program as a `torch.export` archive (.pt2), atomically, with the checkpoint's description."""
+    return save_pt2(exported(strip_unused(program), example), path, metadata)
 
 
 def fp32_size_bytes(model: nn.Module, example: torch.Tensor) -> int:

@@ -282,10 +282,10 @@ class QuantizedModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.run(self.model, x)
 
-    def run(self, module: nn.Module, *args) -> torch.Tensor:
+    def run(self, module: nn.Module, *args, **kwargs) -> torch.Tensor:
         """Call `module` (the model or one of its submodules) with this model's site names and quantizers."""
         with _Hooked(_Intercept(self, _module_names(self.model))):
-            return module(*args)
+            return module(*args, **kwargs)
 
     def apply_site(self, name, op, func, inputs, extra, args, kwargs):
         site = self.sites.get(name)

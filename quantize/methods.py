@@ -120,6 +120,12 @@ def qhyvit(site: Site, rec: Record, w_bits: int, a_bits: int, cfg: SearchConfig)
         search(site, rec, quant, role, cfg)  # the winner refitted on the whole batch
     if "w" in quant and len(quant) > 1:
         search(site, rec, quant, "w", cfg)  # one more weight pass against the chosen activation quantizers
+    # the method extends min-max and must never be worse than it: min-max's own quantizers are the last
+    # candidate, compared by the same Hessian-weighted output error on the half of the batch the choice was scored on
+    baseline = minmax(site, rec, w_bits, a_bits, cfg)
+    judge = halves[1] if halves is not None else rec
+    if float(score(site, judge, baseline)) < float(score(site, judge, quant)):
+        return baseline
     return quant
 
 

@@ -9,9 +9,14 @@ Example:
 from __future__ import annotations
 
 import copy
+import shutil
+import tempfile
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+from torch import nn
 
 from compress.checkpoint import Checkpoint, as_checkpoints
 from compress.data import data_for, spec_of
@@ -59,6 +64,16 @@ def run(inputs, data, cfg: QuantizeRun, **_) -> tuple[Checkpoint, Result]:
     if info["skipped"]:
         notes.append(f"kept in float: {len(info['skipped'])} sites, e.g. "
                      + ", ".join(f"{k} ({v})" for k, v in list(info["skipped"].items())[:3]))
+    if info.get("minmax_sites"):
+        values["minmax_sites"] = info["minmax_sites"]
+        notes.append(f"{cfg.method}: min-max's quantizers kept at {len(info['minmax_sites'])} site(s) where they gave "
+                     f"the logits a higher SQNR, e.g. {info['minmax_sites'][0]}")
+    ruinous = {k: v for k, v in sens.items() if v < 10}
+    if ruinous:  # one site that alone takes the logits below 10 dB SQNR is the first thing a user must see
+        worst_site = min(ruinous, key=ruinous.get)
+        notes.append(f"{len(ruinous)} site(s) alone bring the logit SQNR below 10 dB; worst: {worst_site} "
+                     f"({ruinous[worst_site]:.1f} dB, quantizers {info['sites'].get(worst_site, '?')}): keep it in "
+                     f"float (--exclude) or use a method that chooses its granularity (qhyvit)")
     if cfg.sensitivity_plot:
         plot_sensitivity(sens, cfg.sensitivity_plot, f"{ckpt.arch} {cfg.method} {cfg.bits}")
     named = [("fp32", original), (f"{cfg.method} {cfg.bits} (simulated)", qm)]
@@ -66,19 +81,33 @@ def run(inputs, data, cfg: QuantizeRun, **_) -> tuple[Checkpoint, Result]:
     runtime = {named[1][0]: "simulated"}
     seconds = {named[1][0]: info["calib_seconds"]}
     sizes = {}
+    deployments = []
     if cfg.deploy:
-        dep, deployed = deploy_int8(original, images, qm, info, cfg.deploy, d.test)
-        values.update(deployed)
-        named += [("fp32 compiled (Inductor)", dep.fp32_compiled), ("int8 program (PT2E, Inductor)", dep.compiled)]
-        scores |= {"fp32 compiled (Inductor)": values["fp32_top1"], "int8 program (PT2E, Inductor)": values["int8_top1"]}
-        runtime |= {"fp32 compiled (Inductor)": "inductor", "int8 program (PT2E, Inductor)": "inductor"}
-        sizes = {"fp32 compiled (Inductor)": values["fp32_size_bytes"],
-                 "int8 program (PT2E, Inductor)": values["int8_size_bytes"]}
-        if values["int8_speedup"] < 1:
-            notes.append(f"the int8 program is {1 / values['int8_speedup']:.2f}x slower than FP32 on this backend "
-                         "with every variant tried: deploy the FP32 model here")
-    rows = measure_rows(named, d.test, d.num_classes, ckpt.input.size, d.task, len(ckpt.input.mean), seconds=seconds,
-                        scores=scores, sizes=sizes, runtime=runtime)
+        meta = ckpt.derive(original, "quantize", [ckpt], spec_of(data), cfg).metadata()
+        targets = deploy_targets(cfg.deploy)
+        with tempfile.TemporaryDirectory() as tmp:
+            for backend, final in targets.items():  # with several backends, candidates wait in a scratch folder
+                path = Path(tmp) / f"candidate{final.suffix}" if len(targets) > 1 else final
+                build = deploy_pt2e if backend == "pt2e" else deploy_onnxruntime
+                deployments.append(build(original, images, qm, info, path, d.test, meta))
+            for dep in deployments:
+                for which in ("fp32", "int8"):
+                    name = f"{which} ({dep.label})"
+                    named.append((name, getattr(dep, which)))
+                    scores[name], runtime[name] = getattr(dep, f"{which}_top1"), dep.runtime
+                    sizes[name] = getattr(dep, f"{which}_size")
+            rows = measure_rows(named, d.test, d.num_classes, ckpt.input.size, d.task, len(ckpt.input.mean),
+                                seconds=seconds, scores=scores, sizes=sizes, runtime=runtime)
+            by_name = {r.name: r for r in rows}
+            chosen = choose(deployments, by_name, notes)
+            if len(targets) == 1:  # the backend the user named: its file stays, the notes say what it missed
+                chosen = deployments[0]
+            elif chosen is not None:
+                keep(chosen, targets[chosen.backend])
+        values.update(deployed_values(deployments, by_name, chosen, targets))
+    else:
+        rows = measure_rows(named, d.test, d.num_classes, ckpt.input.size, d.task, len(ckpt.input.mean),
+                            seconds=seconds, scores=scores, sizes=sizes, runtime=runtime)
     op = {"op": "quantize", "method": cfg.method, "bits": cfg.bits, "sites": sites_to_json(list(qm.sites.values())),
           "quantizers": qm.specs()}
     out = ckpt.derive(qm, "quantize", [ckpt], spec_of(data), cfg,
@@ -90,11 +119,48 @@ def run(inputs, data, cfg: QuantizeRun, **_) -> tuple[Checkpoint, Result]:
     return out, Result("quantize", "top1", values["top1"], values, rows, notes, time.perf_counter() - t0, tables)
 
 
-def deploy_int8(original, images, qm, info, path: str, test) -> tuple:
-    """Write the int8 program to `path` and measure it against FP32 on the same backend (torch's threads)."""
-    from compress.alignment import align
+BACKENDS = {".pt2": "pt2e", ".onnx": "onnxruntime"}
 
-    from .deploy import deploy, fp32_size_bytes, load_program, save_program
+
+def deploy_targets(deploy: str) -> dict[str, Path]:
+    """Backend -> output path. A `.pt2` path names PT2E / Inductor, an `.onnx` path ONNX Runtime; any other path
+    is a base for both (`--deploy auto`): both are built and measured and the fastest int8 program that keeps
+    top-1 within a point of FP32 is written as `<base>.pt2` or `<base>.onnx`.
+
+    Example:
+        >>> deploy_targets("out/model.int8")
+        {'pt2e': PosixPath('out/model.int8.pt2'), 'onnxruntime': PosixPath('out/model.int8.onnx')}
+    """
+    path = Path(deploy)
+    if path.suffix in BACKENDS:
+        return {BACKENDS[path.suffix]: path}
+    return {backend: path.with_name(path.name + suffix) for suffix, backend in BACKENDS.items()}
+
+
+@dataclass
+class Deployment:
+    """One backend's int8 program beside its float model, both ready to run fast and scored."""
+
+    backend: str
+    label: str
+    runtime: str
+    path: Path
+    fp32: nn.Module
+    int8: nn.Module
+    fp32_top1: float
+    int8_top1: float
+    fp32_size: int
+    int8_size: int
+    extra: dict = field(default_factory=dict)
+
+
+def deploy_pt2e(original, images, qm, info, path: Path, test, metadata: dict) -> Deployment:
+    """PT2E / x86 Inductor: the variant search of `deploy.py`, the program written (with the checkpoint's
+    description) and reloaded from its file, as a user will run it."""
+    from compress.alignment import align
+    from compress.programs import fast, load_program
+
+    from .deploy import deploy, fp32_size_bytes, save_program
 
     blocks = align(original, images.shape[-1], images.shape[1]).blocks
     dense = [s for s in qm.sites.values() if s.op in ("conv", "linear")]
@@ -104,14 +170,81 @@ def deploy_int8(original, images, qm, info, path: str, test) -> tuple:
     groups = {"grouped convs": sorted(set(convs)), "bridge blocks": sorted(set(in_bridges))}
     units = {b.name: sorted({s.module for s in dense if s.inside(b.name)}) for b in blocks}
     dep = deploy(original, images, groups, base_float=excluded, units=units)
-    save_program(dep.program, images, path)
+    save_program(dep.program, images, path, metadata)
     program = load_program(path)
-    return dep, {"deploy": path, "deploy_choice": dep.choice, "deploy_variants": dep.variants,
-                 "float_modules": dep.float_modules, "fp32_latency_ms": round(dep.fp32_latency_ms, 3),
-                 "int8_latency_ms": round(dep.int8_latency_ms, 3),
-                 "int8_speedup": round(dep.fp32_latency_ms / dep.int8_latency_ms, 2),
-                 "fp32_size_bytes": fp32_size_bytes(original, images), "int8_size_bytes": file_size(path),
-                 "int8_top1": top1(program, test), "deploy_threads": torch.get_num_threads()}
+    return Deployment("pt2e", "PT2E, Inductor", "inductor", path, dep.fp32_compiled, fast(program),
+                      top1(original, test), top1(program, test), fp32_size_bytes(original, images), file_size(path),
+                      {"deploy_choice": dep.choice, "deploy_variants": dep.variants, "float_modules": dep.float_modules})
+
+
+def deploy_onnxruntime(original, images, qm, info, path: Path, test, metadata: dict) -> Deployment:
+    """ONNX Runtime: the float model exported (kept beside the int8 one as `<name>.fp32.onnx`) and statically
+    quantized on the same calibration images; both run in ONNX Runtime."""
+    from compress.programs import OrtProgram
+
+    from .ort import export_onnx, float_ops, quantize_onnx
+
+    fp32_path = path.with_name(path.name.removesuffix(path.suffix) + ".fp32.onnx")
+    export_onnx(original, images, fp32_path, metadata)
+    quantize_onnx(fp32_path, images, path, metadata)
+    fp32, int8 = OrtProgram(fp32_path), OrtProgram(path)
+    left = float_ops(path)
+    return Deployment("onnxruntime", "ONNX Runtime", "onnxruntime", path, fp32, int8, top1(fp32, test),
+                      top1(int8, test), file_size(fp32_path), file_size(path),
+                      {"fp32_path": str(fp32_path), "float_ops": left})
+
+
+def keep(chosen: Deployment, final: Path) -> None:
+    """Move the chosen candidate's files (the int8 program, and ONNX's float model beside it) to `final`."""
+    stem = final.name.removesuffix(final.suffix)
+    for src in chosen.path.parent.glob(f"candidate*{final.suffix}"):
+        shutil.move(src, final.with_name(stem + src.name.removeprefix("candidate")))
+    if "fp32_path" in chosen.extra:
+        chosen.extra["fp32_path"] = str(final.with_name(stem + ".fp32.onnx"))
+    chosen.path = final
+
+
+def choose(deployments: list[Deployment], rows: dict, notes: list[str]) -> Deployment | None:
+    """The fastest int8 program (batch 1, timed side by side) whose top-1 is within a point of FP32; notes
+    for every bound missed and for an int8 program slower than the fastest float one."""
+    ok = []
+    for dep in deployments:
+        if dep.int8_top1 < dep.fp32_top1 - 1:
+            notes.append(f"{dep.label}: int8 top-1 {dep.int8_top1:.2f} is more than a point under FP32 "
+                         f"{dep.fp32_top1:.2f}")
+        else:
+            ok.append(dep)
+        if dep.extra.get("float_ops"):
+            notes.append(f"{dep.label}: {len(dep.extra['float_ops'])} compute ops stayed float "
+                         f"(e.g. {', '.join(dep.extra['float_ops'][:3])})")
+    if not ok:
+        return None
+    ms = {d.backend: rows[f"int8 ({d.label})"].latency_ms for d in ok}
+    best = min(ok, key=lambda d: ms[d.backend])
+    floats = {d.label: rows[f"fp32 ({d.label})"].latency_ms for d in deployments}
+    fastest_float = min(floats, key=floats.get)
+    if ms[best.backend] > floats[fastest_float]:
+        notes.append(f"the fastest int8 program ({best.label}, {ms[best.backend]:.2f} ms) is slower than FP32 in "
+                     f"{fastest_float} ({floats[fastest_float]:.2f} ms) at batch 1: deploy that FP32 model here")
+    return best
+
+
+def deployed_values(deployments: list[Deployment], rows: dict, chosen: Deployment | None, targets: dict) -> dict:
+    """The JSON of the deployment: every backend measured, and the chosen one's numbers at the top level."""
+    per = {}
+    for dep in deployments:
+        f, q = rows[f"fp32 ({dep.label})"], rows[f"int8 ({dep.label})"]
+        per[dep.backend] = {"fp32_top1": dep.fp32_top1, "int8_top1": dep.int8_top1, "fp32_latency_ms": f.latency_ms,
+                            "int8_latency_ms": q.latency_ms, "fp32_latency_ms_batch32": f.latency_ms_b32,
+                            "int8_latency_ms_batch32": q.latency_ms_b32, "fp32_size_bytes": dep.fp32_size,
+                            "int8_size_bytes": dep.int8_size,
+                            "int8_speedup": round(f.latency_ms / q.latency_ms, 2), **dep.extra}
+    out = {"deployments": per, "deploy_threads": torch.get_num_threads(),
+           "deploy_backend": chosen.backend if chosen else None,
+           "deploy": str(targets[chosen.backend]) if chosen else None}
+    if chosen:
+        out.update({k: v for k, v in per[chosen.backend].items() if k not in ("fp32_path",)})
+    return out
 
 
 def plot_sensitivity(sens: dict, path: str, title: str) -> None:

@@ -48,27 +48,35 @@ class AdaRound(nn.Module):
         return (1 - (2 * self.h() - 1).abs().pow(beta)).sum()
 
 
-def capture(qm: QuantizedModel, module: nn.Module, x: torch.Tensor, floating: bool) -> tuple[tuple, torch.Tensor]:
-    """The positional inputs and the output of `module` when the whole model runs on `x`."""
+def capture(qm: QuantizedModel, module: nn.Module, x: torch.Tensor, floating: bool) -> tuple[tuple, dict, torch.Tensor]:
+    """The positional and keyword inputs (CoaT passes `size=` to its blocks) and the output of `module` when
+    the whole model runs on `x`."""
     seen = {}
 
-    def hook(mod, args, out):
-        seen["args"], seen["out"] = tuple(a.detach() if torch.is_tensor(a) else a for a in args), out.detach()
+    def hook(mod, args, kwargs, out):
+        seen["args"] = tuple(a.detach() if torch.is_tensor(a) else a for a in args)
+        seen["kwargs"] = {k: v.detach() if torch.is_tensor(v) else v for k, v in kwargs.items()}
+        seen["out"] = out.detach()
 
     name = next(n for n, m in qm.model.named_modules() if m is module)
     was = qm.floating
     qm.floating = floating
     try:
-        with hooks(qm.model, post={name: hook}), torch.no_grad():
+        with hooks(qm.model, post={name: hook}, with_kwargs=True), torch.no_grad():
             qm(x)
     finally:
         qm.floating = was
-    return seen["args"], seen["out"]
+    return seen["args"], seen["kwargs"], seen["out"]
 
 
-def block_error(qm: QuantizedModel, module: nn.Module, args: tuple, target: torch.Tensor) -> float:
+def block_error(qm: QuantizedModel, module: nn.Module, args: tuple, kwargs: dict, target: torch.Tensor) -> float:
     with torch.no_grad():
-        return float((qm.run(module, *args) - target).pow(2).mean())
+        return float((qm.run(module, *args, **kwargs) - target).pow(2).mean())
+
+
+def _rows(a, idx: torch.Tensor, n: int):
+    """The sampled rows of a batch-major tensor argument; any other argument as it is."""
+    return a[idx] if torch.is_tensor(a) and a.shape[:1] == (n,) else a
 
 
 def reconstruct_block(qm: QuantizedModel, name: str, x: torch.Tensor, iters: int = 200, lr: float = 1e-3,
@@ -76,9 +84,9 @@ def reconstruct_block(qm: QuantizedModel, name: str, x: torch.Tensor, iters: int
     """Learn the rounding of every quantized weight in block `name`; returns the block's output MSE before and
     after (quantized input, float target, as BRECQ)."""
     block = qm.model.get_submodule(name)
-    args, _ = capture(qm, block, x, floating=False)
-    _, target = capture(qm, block, x, floating=True)
-    before = block_error(qm, block, args, target)
+    args, kwargs, _ = capture(qm, block, x, floating=False)
+    _, _, target = capture(qm, block, x, floating=True)
+    before = block_error(qm, block, args, kwargs, target)
     weights = {s.key("w"): s.weight_of(qm.model) for s in qm.sites.values()
                if s.inside(name) and s.key("w") in qm.quantizers and isinstance(qm.quantizers[s.key("w")], Uniform)
                and qm.quantizers[s.key("w")].calibrated}
@@ -96,7 +104,7 @@ def reconstruct_block(qm: QuantizedModel, name: str, x: torch.Tensor, iters: int
     try:
         for it in range(iters):
             idx = torch.randperm(n, generator=g)[:batch]
-            out = qm.run(block, *(a[idx] if torch.is_tensor(a) and a.shape[:1] == (n,) else a for a in args))
+            out = qm.run(block, *(_rows(a, idx, n) for a in args), **{k: _rows(v, idx, n) for k, v in kwargs.items()})
             rec = (out - target[idx]).pow(2).flatten(1).sum(1).mean()
             loss = rec
             if it >= warm:
@@ -112,7 +120,7 @@ def reconstruct_block(qm: QuantizedModel, name: str, x: torch.Tensor, iters: int
     finally:
         for k in keys:
             qm.quantizers[k] = original[k]
-    after = block_error(qm, block, args, target)
+    after = block_error(qm, block, args, kwargs, target)
     if after > before:  # a short schedule can end worse than nearest rounding: then keep nearest
         with torch.no_grad():
             for k in keys:

@@ -71,7 +71,9 @@ def search(site: Site, rec: Record, quant: dict[str, Quantizer], role: str, cfg:
     lo, hi = channel_minmax(x, q.axis)
     if q.symmetric:
         lo, hi = -torch.maximum(lo.abs(), hi.abs()), torch.maximum(lo.abs(), hi.abs())
-    mults = torch.linspace(cfg.alpha, cfg.beta, cfg.points + 1)
+    # the min-max range (1.0) is tried first and kept on ties: a channel whose Hessian-weighted error is flat
+    # (zero gradient on the calibration images) must not fall to the grid's floor (alpha, 1% of its range)
+    mults = torch.cat([torch.ones(1), torch.linspace(cfg.alpha, cfg.beta, cfg.points + 1)])
     per_channel = role == "w" and q.axis == 0
     best, best_m = None, None
     for m in mults:

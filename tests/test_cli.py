@@ -57,6 +57,7 @@ def test_arch_args_and_custom_builder(tmp_path):
     (["train", "--arch", "mobilevitt", "--out", "x.pt"], "unknown architecture 'mobilevitt'"),
     (["train", "--arch", "vit", "--data", "/no/such/folder", "--out", "x.pt"], "does not exist"),
     (["eval", "/no/such.pt"], "not found"),
+    (["quantize", "/no/such.pt", "--bits", "w8a8"], "quantize needs --out"),  # nothing to write: refused first
 ])
 def test_bad_input_is_one_line(argv, message, capsys):
     assert main(argv) == 2
@@ -128,3 +129,14 @@ def test_a_registered_criterion_is_a_cli_choice_at_once(tmp_path):
         assert torch.equal(kept, load(src).state_dict["blocks.0.mlp.fc1.weight"][:192])
     finally:
         CRITERIA._items.pop("reverse-index")
+
+
+def test_inspect_an_architecture_reports_what_the_alignment_did_not_understand(tmp_path, capsys):
+    """`compress inspect NAME` needs no checkpoint and says what fusion / pruning would leave alone."""
+    js = tmp_path / "i.json"
+    assert main(["inspect", "vit", "--json", str(js)]) == 0
+    gaps = json.loads(js.read_text())["gaps"]
+    assert gaps["unknown_ops"] == [] and gaps["stages_without_blocks"] == [] and gaps["coverage"] > 0.9
+    assert 0 <= gaps["pinned_share"] < 0.1  # the patch embedding's input channels and the classifier rows
+    out = capsys.readouterr().out
+    assert "ops without a rule: none" in out and "stages where no block was found: none" in out

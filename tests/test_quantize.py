@@ -216,6 +216,30 @@ def test_cli_quantize_reloads_with_eval_and_writes_an_int8_program(tmp_path):
     assert main(["eval", str(out), "--latency-runs", "2", "--json", str(ev)]) == 0
     assert abs(json.loads(ev.read_text())["top1"] - r["top1"]) < 1e-9
     assert load(out).structure[-1]["op"] == "quantize"
+    assert main(["eval", str(pt2), "--latency-runs", "2", "--json", str(ev)]) == 0  # a fresh process could too
+    assert abs(json.loads(ev.read_text())["top1"] - r["int8_top1"]) < 1e-9
+
+
+@pytest.mark.slow
+def test_onnx_runtime_deployment_writes_both_models_and_they_evaluate(tmp_path):
+    """--deploy X.onnx: the float model exported beside the int8 QDQ model, both run in ONNX Runtime, the int8
+    one close to float, and `compress eval` reads each file's own description (no checkpoint needed, so none is
+    asked for: --deploy without --out writes the programs only)."""
+    src = tmp_path / "resnet.pt"
+    assert main(["train", "--arch", "resnet", "--arch-args", "channels=16x32x64x128", "--epochs", "3",
+                 "--out", str(src)]) == 0
+    onnx_path, js, ev = tmp_path / "q.onnx", tmp_path / "q.json", tmp_path / "e.json"
+    assert main(["quantize", str(src), "--method", "minmax", "--calib", "16", "--deploy", str(onnx_path),
+                 "--json", str(js)]) == 0
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["resnet.pt"]
+    r = json.loads(js.read_text())
+    ort = r["deployments"]["onnxruntime"]
+    assert r["deploy_backend"] == "onnxruntime" and (tmp_path / "q.fp32.onnx").exists()
+    assert ort["int8_size_bytes"] < 0.5 * ort["fp32_size_bytes"]  # int8 weights
+    assert abs(ort["int8_top1"] - ort["fp32_top1"]) <= 1 and abs(ort["fp32_top1"] - r["fp32_top1"]) < 1e-9
+    for path, key in ((onnx_path, "int8_top1"), (tmp_path / "q.fp32.onnx", "fp32_top1")):
+        assert main(["eval", str(path), "--latency-runs", "2", "--json", str(ev)]) == 0
+        assert abs(json.loads(ev.read_text())["top1"] - ort[key]) < 1e-9
 
 
 def test_cli_quantize_bad_input(tmp_path, capsys):

@@ -80,6 +80,30 @@ class Alignment:
         """The blocks that are the stage module or lie inside it (ViT's stage `blocks.3` is one block)."""
         return [b for b in self.blocks if b.name == stage.module or b.name.startswith(stage.module + ".")]
 
+    def gaps(self) -> dict:
+        """What the alignment layer could not understand in this model, for a user to see before running a
+        pipeline: ops without a spaces rule (their axes are pinned), spaces dropped because permuting them
+        changed the model's outputs (a rule wrong for this model), parameter tensors with no free axis
+        (fusion and width pruning leave them as they are), canonical stages in which no block was found
+        (depth pruning and Q-HyViT's bridges see nothing there).
+
+        Example:
+            >>> align(create_model("vit"), 32).gaps()["stages_without_blocks"]
+            []
+        """
+        from .axes import leaves
+
+        state = dict(self.model.named_parameters())
+        pinned = [(n, state[n].numel()) for n, atoms in self.spaces.tensor_axes.items()
+                  if n in state and state[n].numel() > 1 and not any(leaves(a) for a in atoms)]
+        total = sum(t.numel() for t in state.values()) or 1
+        return {"unknown_ops": self.spaces.unknown_ops, "rejected_spaces": self.spaces.rejected,
+                "pinned_tensors": [n for n, _ in sorted(pinned, key=lambda p: -p[1])],
+                "pinned_share": round(sum(k for _, k in pinned) / total, 4),
+                "stages_without_blocks": [s.module for s in self.stages if not self._blocks_in(s)
+                                          and not any(s.module.startswith(b.name + ".") for b in self.blocks)],
+                "coverage": round(self.spaces.coverage(self.model.state_dict()), 4)}
+
     def features(self, x: torch.Tensor, stages: list[Stage] | None = None) -> list[torch.Tensor]:
         """NCHW outputs of `stages` (default: the canonical stages)."""
         return stage_features(self.model, x, stages or self.stages)

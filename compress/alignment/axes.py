@@ -154,6 +154,17 @@ def regroup(atoms: list[Atom], sizes: list[int]) -> list[Atom]:
                 p *= f.size
                 continue
             need = s // p
+            if f.kind == "sum" and not s % p and _equal_segments(f, need):
+                # a concatenation of `need` equal parts viewed as (need, rest): BEiT / EVA's qkv bias,
+                # cat(q_bias, k_bias, v_bias). The parts share one neuron order (a coarser but exact symmetry);
+                # the part index is read by position.
+                rest = find(f.children[0])
+                for c in f.children[1:]:
+                    unify(rest, c)
+                group.append(fresh(need))
+                queue.insert(0, find(rest))
+                p *= need
+                continue
             if s % p or f.size % need or f.kind == "sum":
                 return _opaque(atoms, sizes)
             head, tail = _refine(f, "prod", [need, f.size // need])
@@ -164,6 +175,11 @@ def regroup(atoms: list[Atom], sizes: list[int]) -> list[Atom]:
             return _opaque(atoms, sizes)
         out.append(group[0] if len(group) == 1 else _product(group))
     return out
+
+
+def _equal_segments(a: Atom, n: int) -> bool:
+    r = find(a)
+    return r.kind == "sum" and len(r.children) == n and len({c.size for c in r.children}) == 1
 
 
 def _clone(a: Atom, copies: dict[int, Atom]) -> Atom:
@@ -262,7 +278,11 @@ def transport(t: torch.Tensor, axis: int, atom: Atom, maps: dict) -> torch.Tenso
     if r.kind == "leaf":
         if r.id not in maps:
             return t
-        return (t.movedim(axis, -1) @ maps[r.id].to(t.dtype)).movedim(-1, axis)
+        m = maps[r.id]
+        idx = permutation_index(m)
+        if idx is not None:  # a permutation map: gather, exact and O(n) instead of a dense product
+            return t.index_select(axis, idx.to(t.device))
+        return (t.movedim(axis, -1) @ m.to(t.dtype)).movedim(-1, axis)
     if r.kind == "sum":
         parts = t.split([c.size for c in r.children], dim=axis)
         return torch.cat([transport(p, axis, c, maps) for p, c in zip(parts, r.children)], dim=axis)
@@ -274,6 +294,17 @@ def transport(t: torch.Tensor, axis: int, atom: Atom, maps: dict) -> torch.Tenso
     for k, c in enumerate(r.children):
         t = transport(t, axis + k, c, maps)
     return t.reshape(shape[:axis] + [-1] + shape[axis + 1:])
+
+
+def permutation_index(m: torch.Tensor) -> torch.Tensor | None:
+    """For a square 0/1 matrix with one 1 per column, the row of each column's 1 (so that old @ m ==
+    old[..., idx]); None for any other map."""
+    if m.ndim != 2 or m.shape[0] != m.shape[1]:
+        return None
+    nonzero = m != 0
+    if not (nonzero.sum(0) == 1).all() or not (m[nonzero] == 1).all():
+        return None
+    return nonzero.float().argmax(0)
 
 
 def paired_views(ta: torch.Tensor, a: Atom, tb: torch.Tensor, b: Atom, axis: int):

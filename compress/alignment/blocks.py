@@ -72,6 +72,7 @@ def block_modules(model: nn.Module) -> list[str]:
     is not a block. A block's own internals (MobileViT's inner transformer) are never descended into.
     """
     stem = embedding_module(model)
+    head = _head(model, stem)
     out: list[str] = []
 
     def expand(path: str, container: nn.Module) -> None:
@@ -87,7 +88,7 @@ def block_modules(model: nn.Module) -> list[str]:
             return expand(path, module)
         for name, child in module.named_children():
             p = f"{path}.{name}" if path else name
-            if not path and name == stem:
+            if not path and name in (stem, head):
                 continue
             if _is_container(child):
                 expand(p, child)
@@ -95,16 +96,63 @@ def block_modules(model: nn.Module) -> list[str]:
                 visit(p, child)
 
     visit("", model)
-    return out
+    # Stages (feature_info taps) that hold their blocks as plain attributes (RegNet's `s1.b1`, `s1.b2`) or sit
+    # inside what looked like the stem (DenseNet's `features.denseblock1`): their composite children are blocks.
+    modules = dict(model.named_modules(remove_duplicate=False))
+    taps = [str(f.get("module", "")) for f in (getattr(model, "feature_info", None) or [])]
+    for tap in list(taps):  # a stage's siblings of its class are stages too (DenseNet's last dense block)
+        parent, _, _ = tap.rpartition(".")
+        if tap in modules and tap != stem:
+            siblings = modules[parent].named_children() if parent in modules else model.named_children()
+            taps += [f"{parent}.{n}" if parent else n for n, c in siblings if type(c) is type(modules[tap])]
+    for tap in dict.fromkeys(taps):
+        stage = modules.get(tap)
+        if stage is None or tap in (stem, head) or _is_leafy(stage) or any(b == tap or b.startswith(tap + ".") or tap.startswith(b + ".")
+                                                    for b in out):
+            continue
+        out += [f"{tap}.{n}" for n, c in stage.named_children() if not _is_leafy(c)]
+    order = {name: i for i, name in enumerate(modules)}
+    return sorted(set(out), key=order.__getitem__)
+
+
+def _is_leafy(m: nn.Module) -> bool:
+    """At most one module inside holds parameters (a conv, a norm with its activation): not a block."""
+    return sum(1 for x in m.modules() if any(True for _ in x.parameters(recurse=False))) <= 1
+
+
+def _head(model: nn.Module, stem: str) -> str | None:
+    """The top-level child holding the classifier (a MetaFormer's `head` Sequential): not blocks."""
+    get = getattr(model, "get_classifier", None)
+    try:
+        found = get() if callable(get) else None
+    except Exception:  # noqa: BLE001 (a model whose get_classifier needs arguments has no head to exclude here)
+        return None
+    heads = [m for m in (found if isinstance(found, (tuple, list)) else [found]) if isinstance(m, nn.Module)]
+    for name, module in model.named_modules():
+        if name and any(module is h for h in heads) and not isinstance(module, nn.Identity):
+            top = name.split(".")[0]
+            taps = [str(f.get("module", "")) for f in (getattr(model, "feature_info", None) or [])]
+            holds_stage = any(t == top or t.startswith(top + ".") for t in taps)
+            return top if top != stem and not holds_stage else None
+    return None
 
 
 def _is_container(m) -> bool:
-    return isinstance(m, (nn.Sequential, nn.ModuleList)) and _holds_blocks(m)
+    return isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)) and _holds_blocks(m)
 
 
 def _holds_blocks(container: nn.Module) -> bool:
     # A container of blocks holds composite children (several leaf modules each), not a conv + norm stem.
     return any(sum(1 for m in child.modules() if not list(m.children())) > 1 for child in container.children())
+
+
+def _mixes_tokens(name: str, args: tuple) -> bool:
+    """A product of two activations (batched operands, neither a parameter): attention without a softmax
+    (linear attention: EfficientViT's ReLU attention, XCiT's cross-covariance after its normalisation)."""
+    if name not in ("matmul", "__matmul__", "__rmatmul__", "bmm", "baddbmm"):
+        return False
+    ops = [a for a in args[:3] if isinstance(a, torch.Tensor)][-2:]
+    return len(ops) == 2 and all(t.ndim >= 3 and not isinstance(t, nn.Parameter) for t in ops)
 
 
 class _Calls(TorchFunctionMode):
@@ -118,6 +166,8 @@ class _Calls(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", "")
         kind = "attn" if name in _ATTN else "mm" if name in _MM else "conv" if name in _CONV else None
+        if kind == "mm" and _mixes_tokens(name, args):
+            kind = "attn"
         if kind:
             for path in self.active:
                 self.seen[path].add(kind)
@@ -132,7 +182,7 @@ def find_blocks(model: nn.Module, example: torch.Tensor) -> list[Block]:
         ['conv', 'bridge', 'bridge']
     """
     names = block_modules(model)
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules(remove_duplicate=False))
     children = {n: [f"{n}.{c}" for c, _ in modules[n].named_children()] for n in names}
     ranks: dict[str, tuple[int, int]] = {}
     order: dict[str, list[str]] = {n: [] for n in names}  # children of each block in call order
@@ -152,8 +202,13 @@ def find_blocks(model: nn.Module, example: torch.Tensor) -> list[Block]:
         def fn(module, args, output):
             calls.active.remove(path)
             outputs.setdefault(path, output)
-            if path in order and args and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor):
-                ranks[path] = (args[0].ndim, output.ndim)
+            first = args[0] if args else None
+            if isinstance(first, (list, tuple)) and first and isinstance(first[0], torch.Tensor):
+                first = first[0]  # a dense layer reads the list of the features before it
+            if isinstance(output, (list, tuple)) and output and isinstance(output[0], torch.Tensor):
+                output = output[0]  # a block that also returns a state (EfficientViM's (x, h))
+            if path in order and isinstance(first, torch.Tensor) and isinstance(output, torch.Tensor):
+                ranks[path] = (first.ndim, output.ndim)
         return fn
 
     pre = {n: enter(n) for n in names}

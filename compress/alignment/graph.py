@@ -13,6 +13,8 @@ from torch import fx, nn
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._pytree import tree_flatten
 
+from .hooks import drop_eval_caches
+
 
 @dataclass
 class TracedGraph:
@@ -30,6 +32,12 @@ def state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers(remove_duplicate=False))}
 
 
+def non_persistent(model: nn.Module) -> set[str]:
+    """Buffers a state dict does not carry (the model computes them): a permutation cannot reach them."""
+    return {f"{name}.{b}" if name else b for name, m in model.named_modules(remove_duplicate=False)
+            for b in m._non_persistent_buffers_set}
+
+
 def trace(model: nn.Module, *example_inputs: torch.Tensor) -> TracedGraph:
     """Trace `model` in eval mode on `example_inputs`.
 
@@ -45,11 +53,29 @@ def trace(model: nn.Module, *example_inputs: torch.Tensor) -> TracedGraph:
     def call(state, *xs):
         return torch.func.functional_call(model, state, xs, tie_weights=False, strict=False)
 
+    # functional_call swaps fake tensors in and back out per name; a tensor registered under two names (a shared
+    # parameter) is restored once and the second swap leaves a fake behind. Put every original back ourselves:
+    # tracing must never change the model it reads.
     try:
         with torch.no_grad():
+            # one real forward first: a model that builds a cache on its first call (ConViT's relative indices,
+            # EfficientFormer's attention-bias gather) traces its steady-state graph, the same for any two copies
+            model(*example_inputs)
+            drop_eval_caches(model)  # a cache held outside buffers (EfficientFormer's bias gather) is rebuilt in the trace
+            state = state_tensors(model)
+            held = [(slots, k, t) for m in model.modules() for slots in (m._parameters, m._buffers)
+                    for k, t in slots.items()]
             gm = make_fx(call, tracing_mode="fake")(state, *example_inputs)
     finally:
+        for slots, k, t in locals().get("held", []):
+            if slots.get(k) is not t:
+                slots[k] = t
+        drop_eval_caches(model)  # and one built from fake tensors during the trace is not left behind
         model.train(was_training)
+    for node in gm.graph.nodes:  # a view traced on fake strides can fail on real ones (a conv's memory format)
+        if node.target is torch.ops.aten.view.default:
+            node.target = torch.ops.aten.reshape.default
+    gm.recompile()
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     names = list(state)
     flat, _ = tree_flatten((state, *example_inputs))

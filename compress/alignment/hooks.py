@@ -24,7 +24,7 @@ def hooks(model: nn.Module, pre: dict[str, Callable] | None = None, post: dict[s
     the named submodules ("" is the model itself); with `with_kwargs`, keyword arguments come after args
     (`(module, args, kwargs)` and `(module, args, kwargs, output)`). A name that is not a submodule is a
     clear error."""
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules(remove_duplicate=False))  # a module shared by two parents has two names
     pre, post = pre or {}, post or {}
     missing = [n for n in [*pre, *post] if n not in modules]
     if missing:

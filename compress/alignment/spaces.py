@@ -16,7 +16,7 @@ from torch import fx, nn
 
 from . import axes as ax
 from .axes import Atom, find, fresh, pin, unify
-from .graph import TracedGraph, state_tensors, trace
+from .graph import TracedGraph, non_persistent, state_tensors, trace
 
 
 @dataclass
@@ -60,6 +60,7 @@ class SpaceGraph:
     traced: TracedGraph | None = None
     node_axes: dict = field(default_factory=dict)  # fx.Node -> its axes (list[Atom]) for tensor-valued nodes
     roles: dict = field(default_factory=dict)  # (tensor, axis) -> "in" | "out"
+    rejected: list[str] = field(default_factory=list)  # spaces whose permutation changed the function (dropped)
 
     def permute_state(self, state: dict[str, torch.Tensor], perms: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Apply one permutation per space id to a state dict (new[i] = old[perm[i]] on every member axis).
@@ -121,8 +122,12 @@ class SpaceGraph:
         return covered / max(total, 1)
 
 
-def find_spaces(model: nn.Module, *example_inputs: torch.Tensor) -> SpaceGraph:
-    """Derive the spaces of `model` from its aten graph on `example_inputs`.
+def find_spaces(model: nn.Module, *example_inputs: torch.Tensor, verify: bool = True) -> SpaceGraph:
+    """Derive the spaces of `model` from its aten graph on `example_inputs`. With `verify` (the default) the
+    result is checked on the model itself: a random permutation of every space, on a weight-perturbed copy,
+    must leave its outputs unchanged. Where it does not (an op whose rule is wrong for this model), each
+    space is checked alone and the ones that change the function are dropped (`SpaceGraph.rejected`), so
+    fusion and pruning leave those axes as they are instead of computing a wrong model.
 
     Example:
         >>> sg = find_spaces(timm.create_model("vit_tiny_patch16_224", img_size=32), torch.randn(1, 3, 32, 32))
@@ -130,14 +135,77 @@ def find_spaces(model: nn.Module, *example_inputs: torch.Tensor) -> SpaceGraph:
         ['cls_token:2']
     """
     g = trace(model, *example_inputs)
-    return _propagate(g, state_tensors(model))
+    sg = _propagate(g, state_tensors(model), non_persistent(model))
+    if verify and sg.spaces:
+        _verify(model, sg, example_inputs)
+    return sg
+
+
+def _verify(model: nn.Module, sg: SpaceGraph, inputs: tuple, tol: float = 1e-4) -> None:
+    """Drop the spaces whose permutation changes the model's outputs (relative to their scale)."""
+    import copy
+
+    from .hooks import drop_eval_caches
+
+    probe = copy.deepcopy(model).eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # break symmetric inits (norms at 1, zero biases) that could hide a wrong space
+        for name, t in probe.state_dict().items():
+            if name.endswith("running_var"):  # a variance stays positive
+                t.mul_(1 + 0.5 * torch.rand(t.shape, generator=gen).to(t.device, t.dtype))
+            elif t.dtype.is_floating_point and t.numel() > 1:
+                noise = torch.randn(t.shape, generator=gen).to(t.device, t.dtype)
+                t.add_(0.2 * (t.float().std().clamp_min(1e-3)).to(t.dtype) * noise)
+            elif t.dtype.is_floating_point:
+                t.add_(0.1)
+        state = probe.state_dict()
+        ref = probe(*inputs)
+    if not isinstance(ref, torch.Tensor) or not torch.isfinite(ref).all():
+        return  # nothing to compare against (a model whose perturbed copy overflows)
+    twin = copy.deepcopy(probe)
+
+    def changes(perms: dict[int, torch.Tensor]) -> bool:
+        twin.load_state_dict(sg.permute_state(state, perms))
+        drop_eval_caches(twin)  # timm caches attention-bias gathers in eval mode
+        with torch.no_grad():
+            out = twin(*inputs)
+        return not torch.isfinite(out).all() or (out - ref).abs().max().item() > tol * max(1.0, ref.abs().max().item())
+
+    if not changes(sg.random_permutations(torch.Generator().manual_seed(1))):
+        return
+    bad = [s for s in sg.spaces if changes({s.id: torch.randperm(s.size, generator=torch.Generator().manual_seed(2))})]
+    for s in bad:
+        for atoms in sg.tensor_axes.values():
+            for a in atoms:
+                for leaf in ax.leaves(a):
+                    if leaf.id == s.id:
+                        pin(leaf)
+    sg.rejected = [s.name for s in bad]
+    sg.spaces = [s for s in sg.spaces if s not in bad]
+    if changes(sg.random_permutations(torch.Generator().manual_seed(3))):  # spaces wrong only jointly: none kept
+        for s in sg.spaces:
+            for atoms in sg.tensor_axes.values():
+                for a in atoms:
+                    for leaf in ax.leaves(a):
+                        if leaf.id == s.id:
+                            pin(leaf)
+        sg.rejected += [s.name for s in sg.spaces]
+        sg.spaces = []
 
 
 def _val(n):
     return n.meta.get("val") if isinstance(n, fx.Node) else None
 
 
-def _propagate(g: TracedGraph, state: dict[str, torch.Tensor]) -> SpaceGraph:
+def _fixed_axes(t: torch.Tensor) -> list[bool]:
+    """Per axis of a buffer the state dict does not carry: True when its values differ along that axis (a
+    permutation would have to move them, and cannot); a zero k_bias, constant along its axis, stays free."""
+    if t.ndim == 0 or not t.numel():
+        return [True] * t.ndim
+    return [t.shape[d] > 1 and not torch.equal(t, t.narrow(d, 0, 1).expand_as(t)) for d in range(t.ndim)]
+
+
+def _propagate(g: TracedGraph, state: dict[str, torch.Tensor], computed: set[str] = frozenset()) -> SpaceGraph:
     env: dict[fx.Node, object] = {}  # node -> list[Atom] (a tensor) or a list of those (a tuple)
     tensor_axes: dict[str, list[Atom]] = {}
     unknown: set[str] = set()
@@ -147,6 +215,8 @@ def _propagate(g: TracedGraph, state: dict[str, torch.Tensor]) -> SpaceGraph:
             free = node in g.tensors
             node.meta["compress_dynamic"] = not free
             atoms = [Atom(s, pinned=not free) for s in shape]
+            if free and g.tensors[node] in computed:
+                atoms = [Atom(s, pinned=fixed) for s, fixed in zip(shape, _fixed_axes(state[g.tensors[node]]))]
             if free:
                 tensor_axes[g.tensors[node]] = atoms
             env[node] = atoms
@@ -311,8 +381,49 @@ def _sdpa(node, args, env):
         unify(k[i], v[i])
     unify(q[-1], k[-1])
     unify(k[-2], v[-2])
+    mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
+    if isinstance(mask, fx.Node) and isinstance(env.get(mask), list):
+        # an additive mask is added to the scores (batch, heads, queries, keys): a per-head relative-position
+        # bias (MaxViT, Swin V2 CR) must move with the heads it is added to
+        scores = q[:-1] + [k[-2]]
+        m = env[mask]
+        for atom, target in zip(m[::-1], scores[::-1]):
+            if atom.size > 1 and target.size == atom.size:
+                unify(atom, target)
     out = q[:-1] + [v[-1]]
-    return [out, [fresh(s) for s in _val(node)[1].shape]] + [None] * (len(_val(node)) - 2)
+    val = _val(node)
+    if isinstance(val, torch.Tensor):  # the math kernel returns the output alone
+        return out
+    return [out] + [[fresh(s) for s in t.shape] if isinstance(t, torch.Tensor) else None for t in val[1:]]
+
+
+def _stack(node, args, env):
+    parts = [p for p in args[0] if p is not None]
+    dim = (node.args[1] if len(node.args) > 1 else 0) % (len(parts[0]) + 1)
+    out = list(parts[0])
+    for p in parts[1:]:
+        for i in range(len(out)):
+            if out[i].size > 1 and p[i].size > 1:
+                unify(out[i], p[i])
+    return out[:dim] + [fresh(len(parts))] + out[dim:]
+
+
+def _along(node, args, env):
+    """An op that reads one axis by position (cumsum, cumprod, sort along a dim): that axis is pinned."""
+    x = args[0]
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    pin(x[dim % len(x)])
+    return x
+
+
+def _vector_norm(node, args, env):
+    """linalg_vector_norm(x, ord, dim, keepdim): a reduction with its dims in third place."""
+    x = args[0]
+    dims = node.args[2] if len(node.args) > 2 and node.args[2] is not None else node.kwargs.get("dim")
+    dims = list(range(len(x))) if dims is None else [dims] if isinstance(dims, int) else dims
+    dims = {d % len(x) for d in dims}
+    keep = node.args[3] if len(node.args) > 3 else node.kwargs.get("keepdim", False)
+    return [fresh(1) if i in dims else a for i, a in enumerate(x) if keep or i not in dims]
 
 
 def _conv(node, args, env):
@@ -495,19 +606,26 @@ def _new(node, args, env):
 _ADDS = {torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor}  # an add of two activations = residual
 _RULES = {}
 for _op in ("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "addcmul", "where", "maximum", "minimum",
-            "rsub", "pow", "eq", "ne", "lt", "gt", "le", "ge", "masked_fill", "lerp"):
+            "rsub", "pow", "eq", "ne", "lt", "gt", "le", "ge", "masked_fill", "lerp", "bitwise_and", "bitwise_or",
+            "logical_and", "logical_or", "atan2", "fmod", "remainder", "floor_divide", "copysign", "hypot"):
     _RULES[_op] = _broadcast
 for _op in ("alias", "clone", "contiguous", "relu", "relu_", "gelu", "silu", "silu_", "sigmoid", "tanh", "hardswish",
             "hardswish_", "hardsigmoid", "hardtanh", "hardtanh_", "leaky_relu", "elu", "exp", "neg", "sqrt", "rsqrt",
             "abs", "erf", "detach", "_to_copy", "to", "dropout", "native_dropout", "_softmax", "_log_softmax",
             "softmax", "log_softmax", "clamp", "clamp_min", "clamp_max", "sign", "reciprocal", "mish", "lift_fresh_copy",
-            "lift_fresh"):
+            "lift_fresh", "_safe_softmax", "sin", "cos", "log", "log1p", "expm1", "floor", "ceil", "round", "trunc",
+            "bitwise_not", "logical_not", "sgn", "square", "gelu_", "relu6", "softplus", "logit", "fill", "zeros_like",
+            "ones_like", "full_like", "empty_like", "isnan", "isinf", "nan_to_num", "frac", "erfinv", "_conj",
+            "hardsigmoid_", "sigmoid_", "tanh_", "elu_", "leaky_relu_", "threshold", "celu", "selu", "silu_"):
     _RULES[_op] = _same
 _RULES.update({
     "view": _reshape, "_unsafe_view": _reshape, "reshape": _reshape, "flatten": _reshape, "unflatten": _reshape,
     "squeeze": _reshape, "permute": _permute, "transpose": _transpose, "t": _t, "unsqueeze": _unsqueeze,
     "expand": _expand, "mm": _mm, "addmm": _addmm, "bmm": _bmm,
-    "_scaled_dot_product_flash_attention_for_cpu": _sdpa, "convolution": _conv,
+    "_scaled_dot_product_flash_attention_for_cpu": _sdpa, "_scaled_dot_product_flash_attention": _sdpa,
+    "_scaled_dot_product_efficient_attention": _sdpa, "_scaled_dot_product_attention_math": _sdpa,
+    "_scaled_dot_product_cudnn_attention": _sdpa, "convolution": _conv, "stack": _stack, "cumsum": _along,
+    "cumprod": _along, "linalg_vector_norm": _vector_norm, "prod": _reduce, "amin": _reduce,
     "native_layer_norm": _layer_norm, "native_batch_norm": _batch_norm,
     "_native_batch_norm_legit_no_training": _batch_norm, "native_group_norm": _group_norm,
     "mean": _reduce, "sum": _reduce, "amax": _reduce, "var": _reduce, "avg_pool2d": _spatial,

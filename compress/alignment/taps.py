@@ -100,8 +100,15 @@ def stage_features(model: nn.Module, x: torch.Tensor, stages: list[Stage]) -> li
     if raw is None or len(raw) != len(stages):
         with hooked_outputs(model, [s.module for s in stages]) as outs:
             model(x)
-        raw = [outs[s.module] for s in stages]
+        raw = [_first(outs[s.module]) for s in stages]
     return [to_nchw(t, s.channels, _grid(x, s.reduction)) for t, s in zip(raw, stages)]
+
+
+def _first(out):
+    """A stage that returns (map, extras) (CoaT's blocks, Twins' stages): its map."""
+    while isinstance(out, (tuple, list)) and out:
+        out = out[0]
+    return out
 
 
 def channel_axis(t: torch.Tensor) -> int:
@@ -120,10 +127,11 @@ def logits_and_features(model: nn.Module, x: torch.Tensor, stages: list[Stage], 
         >>> logits, feats, _ = logits_and_features(model, x, canonical_stages(model))
     """
     inputs: dict[str, torch.Tensor] = {}
-    with hooks(model, pre={e: lambda m, a, e=e: inputs.__setitem__(e, a[0]) for e in entries}), \
+    with hooks(model, pre={called(model, e, first=True): lambda m, a, e=e: inputs.__setitem__(e, a[0])
+                           for e in entries}), \
             hooked_outputs(model, [s.module for s in stages]) as outs:
         logits = model(x)
-    feats = [to_nchw(outs[s.module], s.channels, _grid(x, s.reduction)) for s in stages]
+    feats = [to_nchw(_first(outs[s.module]), s.channels, _grid(x, s.reduction)) for s in stages]
     # an entry's grid is its own (a token sequence is taken as square): (0, 0) lets to_nchw infer it
     embeds = [to_nchw(t, t.shape[channel_axis(t)], (0, 0)) for t in (inputs[e] for e in entries)]
     return logits, feats, embeds
@@ -133,8 +141,19 @@ def logits_and_features(model: nn.Module, x: torch.Tensor, stages: list[Stage], 
 def hooked_outputs(model: nn.Module, names: list[str]):
     """Collect the outputs of the named submodules during forwards inside the context; hooks removed after."""
     outs: dict[str, torch.Tensor] = {}
-    with hooks(model, post={n: lambda m, a, out, n=n: outs.__setitem__(n, out) for n in names}):
+    with hooks(model, post={called(model, n): lambda m, a, out, n=n: outs.__setitem__(n, out) for n in names}):
         yield outs
+
+
+def called(model: nn.Module, name: str, first: bool = False) -> str:
+    """The module that produces `name`'s output (or, `first`, reads its input): itself, or for a ModuleList /
+    ModuleDict that the parent iterates (never called itself: CoaT's `serial_blocks1`), its last (first)
+    member."""
+    module = model.get_submodule(name) if name else model
+    while type(module).forward in (nn.ModuleList.forward, nn.ModuleDict.forward) and len(module):
+        key = list(module.named_children())[0 if first else -1][0]
+        name, module = f"{name}.{key}", module[int(key)] if isinstance(module, nn.ModuleList) else module[key]
+    return name
 
 
 def embedding_module(model: nn.Module) -> str:

@@ -1,0 +1,78 @@
+"""int8 for ONNX Runtime: the float model exported to ONNX, then ONNX Runtime's static quantization (QDQ,
+weights int8 per output channel, activations uint8 per tensor) calibrated on the same images as our PTQ, both
+run and timed in ONNX Runtime side by side.
+
+ONNX Runtime quantizes the ops it has int8 kernels for and leaves the others in float; `float_ops` lists the
+compute ops that stayed float, and the report says so.
+
+Example:
+    >>> fp32, int8 = export_onnx(model, images, "m.fp32.onnx", meta), quantize_onnx("m.fp32.onnx", images, "m.onnx", meta)
+    >>> top1(OrtProgram("m.onnx"), data.test)
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from compress.errors import CompressError
+from compress.programs import save_onnx
+
+COMPUTE_OPS = {"Conv", "MatMul", "Gemm", "ConvTranspose"}
+
+
+def export_onnx(model: nn.Module, images: torch.Tensor, path: str | os.PathLike, metadata: dict | None = None,
+                opset: int = 17) -> Path:
+    """The float model as ONNX with a dynamic batch (TorchScript-based exporter, opset 17); an op the
+    exporter cannot write is a one-line error."""
+    import onnx
+
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d) / "model.onnx"
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(model.eval(), (images[:2].clone(),), str(tmp), input_names=["input"],
+                                  output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                                  opset_version=opset, dynamo=False)
+        except Exception as e:  # noqa: BLE001 - the exporter raises many types; the message is what matters
+            raise CompressError("cannot export the model to ONNX", expected=f"ops that ONNX opset {opset} has",
+                                found=str(e).splitlines()[0][:200]) from None
+        return save_onnx(onnx.load(str(tmp)), path, metadata)
+
+
+def quantize_onnx(fp32_path: str | os.PathLike, images: torch.Tensor, path: str | os.PathLike,
+                  metadata: dict | None = None) -> Path:
+    """ONNX Runtime static int8 quantization (QDQ, per-channel weights) calibrated on `images`, one by one."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Images(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"input": x.numpy()} for x in images.split(1)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    with tempfile.TemporaryDirectory() as d:
+        pre, out = Path(d) / "pre.onnx", Path(d) / "int8.onnx"
+        quant_pre_process(str(fp32_path), str(pre))  # shape inference + graph optimisation, as ORT advises
+        quantize_static(str(pre), str(out), Images(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        return save_onnx(onnx.load(str(out)), path, metadata)
+
+
+def float_ops(path: str | os.PathLike) -> list[str]:
+    """Compute nodes (Conv, MatMul, Gemm) of a QDQ model whose inputs are not dequantized: left in float."""
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    return [f"{n.op_type} {n.name}" for n in graph.node
+            if n.op_type in COMPUTE_OPS and not any(i in dequantized for i in n.input[:1])]
