@@ -18,7 +18,7 @@ from torch import nn
 from compress.alignment import axes as ax
 from compress.alignment.blocks import find_blocks
 from compress.alignment.graph import state_tensors
-from compress.alignment.spaces import SpaceGraph, find_spaces
+from compress.alignment.spaces import Space, SpaceGraph, find_spaces
 from compress.errors import CompressError
 
 from .config import FuseConfig
@@ -79,24 +79,29 @@ def align_to(model: nn.Module, anchor: nn.Module, batches: list[torch.Tensor], c
     t = time.perf_counter()
 
     def coupling(st, name: str) -> torch.Tensor:
-        corr = st.correlation()
-        flat = max(st.degenerate[0] / st.n_a, st.degenerate[1] / st.n_b)
-        if flat > 0.5 and st.n_a == st.n_b:
-            # activations (nearly) constant over the calibration images carry no correlation to match on: keep
-            # this space in the anchor's order rather than let noise pick a matching
-            report.fallbacks.append(f"{name}: {flat:.0%} of its neurons barely vary over the calibration images; "
-                                    "kept in order (identity map)")
-            eye = torch.eye(st.n_a, dtype=torch.float64) / st.n_a
-            report.maps[name] = eye
-            return eye
-        return _record(solve(correlation_cost(corr), cfg.solver, cfg.softness), name, report).coupling
+        return _record(solve(correlation_cost(st.correlation()), cfg.solver, cfg.softness), name, report).coupling
 
+    state_m, state_a = state_tensors(model), state_tensors(anchor)
+    anchor_spaces = {s.name: s for s in sg_a.spaces}
     maps = {}
-    for space in sg_m.spaces:
+    for space in sg_m.spaces:  # in forward order: a weight cost sees the maps of the spaces before it
         if space.id not in stats.spaces:
             report.unmatched.append(space.name)
             continue
-        maps[space.id] = weight_maps(coupling(stats.spaces[space.id][1], space.name))
+        st = stats.spaces[space.id][1]
+        st.correlation()
+        flat = max(st.degenerate[0] / st.n_a, st.degenerate[1] / st.n_b)
+        width = max(st.n_a, st.n_b)
+        if (st.count < width or flat > 0.5) and space.name in anchor_spaces:
+            # activations cannot tell these neurons apart (fewer samples than neurons: a pooled head layer; or
+            # most of them constant over the calibration images): match them on their weights instead
+            why = (f"{st.count} samples for {width} neurons" if st.count < width
+                   else f"{flat:.0%} of its neurons constant over the calibration images")
+            report.fallbacks.append(f"{space.name}: {why}; matched on weights")
+            cost = weight_cost(sg_m, sg_a, space, anchor_spaces[space.name], state_m, state_a, maps)
+            maps[space.id] = _record(solve(cost, cfg.solver, cfg.softness), space.name, report).maps()
+            continue
+        maps[space.id] = weight_maps(coupling(st, space.name))
     report.spaces += len(maps)
     maps.update(_attention_maps(sg_m, stats, coupling))
     per_axis = {}
@@ -154,26 +159,33 @@ def weight_matching(sg_m: SpaceGraph, sg_a: SpaceGraph, state_m: dict, state_a: 
     t = time.perf_counter()
     for _ in range(cfg.sweeps):
         for sm, sa in pairs:
-            others = {k: v for k, v in maps.items() if k != sm.id}
-            tensors = {m.tensor for m in sm.members}
-            moved = sg_m.transport_state({k: state_m[k] for k in tensors}, others)
-            gram = torch.zeros(sm.size, sa.size, dtype=torch.float64)
-            sq_m, sq_a = torch.zeros(sm.size, dtype=torch.float64), torch.zeros(sa.size, dtype=torch.float64)
-            for member in sm.members:
-                name, axis = member.tensor, member.axis
-                views = ax.paired_views(moved[name].float(), sg_m.tensor_axes[name][axis], state_a[name].float(),
-                                        sg_a.tensor_axes[name][axis], axis)
-                for lm, _, rm, ra in views:
-                    if lm.id == sm.id:
-                        gram += (rm.T @ ra).double()
-                        sq_m += (rm * rm).sum(0).double()
-                        sq_a += (ra * ra).sum(0).double()
-            dist = (sq_m[:, None] + sq_a[None, :] - 2 * gram).clamp_min(0).sqrt()
-            sol = solve((dist / dist.max().clamp_min(1e-12)).float(), cfg.solver, cfg.softness)
-            maps[sm.id] = _record(sol, sm.name, report).maps()
+            cost = weight_cost(sg_m, sg_a, sm, sa, state_m, state_a, maps)
+            maps[sm.id] = _record(solve(cost, cfg.solver, cfg.softness), sm.name, report).maps()
     report.seconds_solve += time.perf_counter() - t
     report.spaces += len(maps)
     return maps
+
+
+def weight_cost(sg_m: SpaceGraph, sg_a: SpaceGraph, sm: Space, sa: Space, state_m: dict, state_a: dict,
+                maps: dict) -> torch.Tensor:
+    """Distance between neuron i of space `sm` (model) and j of `sa` (anchor) through every tensor carrying
+    the space, the model's other axes first moved by `maps`; scaled to max 1."""
+    others = {k: v for k, v in maps.items() if k != sm.id}
+    tensors = {m.tensor for m in sm.members}
+    moved = sg_m.transport_state({k: state_m[k] for k in tensors}, others)
+    gram = torch.zeros(sm.size, sa.size, dtype=torch.float64)
+    sq_m, sq_a = torch.zeros(sm.size, dtype=torch.float64), torch.zeros(sa.size, dtype=torch.float64)
+    for member in sm.members:
+        name, axis = member.tensor, member.axis
+        views = ax.paired_views(moved[name].float(), sg_m.tensor_axes[name][axis], state_a[name].float(),
+                                sg_a.tensor_axes[name][axis], axis)
+        for lm, _, rm, ra in views:
+            if lm.id == sm.id:
+                gram += (rm.T @ ra).double()
+                sq_m += (rm * rm).sum(0).double()
+                sq_a += (ra * ra).sum(0).double()
+    dist = (sq_m[:, None] + sq_a[None, :] - 2 * gram).clamp_min(0).sqrt()
+    return (dist / dist.max().clamp_min(1e-12)).float()
 
 
 def average(states: list[dict[str, torch.Tensor]], like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
