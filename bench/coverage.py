@@ -365,8 +365,9 @@ def main() -> None:
             partial = RESULTS / f"{f}.partial.json"
             r = json.loads(partial.read_text()) if partial.exists() else {"family": f, "model": FAMILIES[f][0],
                                                                           "cells": {}}
-            late = next(c for c in CHECKS if c not in r["cells"])
-            r["cells"][late] = f"FAIL: the family's checks ran over {args.timeout} s here"
+            late = next((c for c in CHECKS if c not in r["cells"]), None)
+            if late is not None:  # (None: every check finished just before the limit)
+                r["cells"][late] = f"FAIL: the family's checks ran over {args.timeout} s here"
         (RESULTS / f"{f}.partial.json").unlink(missing_ok=True)
         r["wall_s"] = round(time.perf_counter() - t0, 1)
         (RESULTS / f"{f}.json").write_text(json.dumps(r, indent=1))
