@@ -173,24 +173,22 @@ def _verify(model: nn.Module, sg: SpaceGraph, inputs: tuple, tol: float = 1e-4) 
 
     if not changes(sg.random_permutations(torch.Generator().manual_seed(1))):
         return
-    bad = [s for s in sg.spaces if changes({s.id: torch.randperm(s.size, generator=torch.Generator().manual_seed(2))})]
-    for s in bad:
-        for atoms in sg.tensor_axes.values():
-            for a in atoms:
-                for leaf in ax.leaves(a):
-                    if leaf.id == s.id:
-                        pin(leaf)
-    sg.rejected = [s.name for s in bad]
-    sg.spaces = [s for s in sg.spaces if s not in bad]
+    _reject(sg, [s for s in sg.spaces
+                 if changes({s.id: torch.randperm(s.size, generator=torch.Generator().manual_seed(2))})])
     if changes(sg.random_permutations(torch.Generator().manual_seed(3))):  # spaces wrong only jointly: none kept
-        for s in sg.spaces:
-            for atoms in sg.tensor_axes.values():
-                for a in atoms:
-                    for leaf in ax.leaves(a):
-                        if leaf.id == s.id:
-                            pin(leaf)
-        sg.rejected += [s.name for s in sg.spaces]
-        sg.spaces = []
+        _reject(sg, list(sg.spaces))
+
+
+def _reject(sg: SpaceGraph, bad: list[Space]) -> None:
+    """Pin the spaces `bad` on every tensor axis that carries them and record them as rejected."""
+    ids = {s.id for s in bad}
+    for atoms in sg.tensor_axes.values():
+        for a in atoms:
+            for leaf in ax.leaves(a):
+                if leaf.id in ids:
+                    pin(leaf)
+    sg.rejected += [s.name for s in bad]
+    sg.spaces = [s for s in sg.spaces if s.id not in ids]
 
 
 def _val(n):
@@ -418,12 +416,8 @@ def _along(node, args, env):
 
 def _vector_norm(node, args, env):
     """linalg_vector_norm(x, ord, dim, keepdim): a reduction with its dims in third place."""
-    x = args[0]
     dims = node.args[2] if len(node.args) > 2 and node.args[2] is not None else node.kwargs.get("dim")
-    dims = list(range(len(x))) if dims is None else [dims] if isinstance(dims, int) else dims
-    dims = {d % len(x) for d in dims}
-    keep = node.args[3] if len(node.args) > 3 else node.kwargs.get("keepdim", False)
-    return [fresh(1) if i in dims else a for i, a in enumerate(x) if keep or i not in dims]
+    return _reduced(args[0], dims, node.args[3] if len(node.args) > 3 else node.kwargs.get("keepdim", False))
 
 
 def _conv(node, args, env):
@@ -483,10 +477,14 @@ def _group_norm(node, args, env):
 
 
 def _reduce(node, args, env):
-    x = args[0]
-    dims = node.args[1] if len(node.args) > 1 and node.args[1] is not None else list(range(len(x)))
-    dims = {d % len(x) for d in ([dims] if isinstance(dims, int) else dims)}
-    keep = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
+    dims = node.args[1] if len(node.args) > 1 else None
+    return _reduced(args[0], dims, node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False))
+
+
+def _reduced(x: list, dims, keep: bool) -> list:
+    """The axes of `x` reduced over `dims` (None: all; an int or a list), kept as size-1 axes with `keep`."""
+    dims = range(len(x)) if dims is None else [dims] if isinstance(dims, int) else dims
+    dims = {d % len(x) for d in dims}
     return [fresh(1) if i in dims else a for i, a in enumerate(x) if keep or i not in dims]
 
 
