@@ -198,7 +198,7 @@ def cmd_step(args) -> dict:
     if step.inputs == "many" and len(inputs) < 2:
         raise CompressError(f"{args.command} needs {step.input_flag} with two or more checkpoints",
                             found=str(len(inputs)))
-    if step.inputs == "one" and not inputs:
+    if step.inputs == "one" and not inputs and getattr(cfg, "takes_input", lambda: True)():
         raise CompressError(f"{args.command} needs an input checkpoint", expected=step.input_flag or "a path")
     if getattr(cfg, "deploy", None) == "auto":  # the program goes beside --out: <out>.int8.pt2 or .onnx
         if not out:

@@ -332,8 +332,23 @@ class TrainRun(DataOptions, TrainConfig):
                                                "(.safetensors / .pth: what users behind a firewall do)")
     head_only: bool = option(False, "train only the classifier (the rest frozen): a linear probe of pretrained "
                                     "features")
+    objective: str = option("supervised", "supervised: cross-entropy on the labels; mim: masked-image-modelling "
+                                          "pretraining (MAE: random patches removed, pixels of the masked ones "
+                                          "reconstructed by a light decoder; the classifier stays untrained)",
+                            choices=("supervised", "mim"))
+    mask_ratio: float = option(0.75, "mim: share of patches masked (MAE's 0.75)")
+    decoder_dim: int = option(64, "mim: width of the light decoder")
+    decoder_depth: int = option(2, "mim: transformer blocks of the light decoder")
 
     def __post_init__(self):
         super().__post_init__()
         self.check_subset()
         self.arch_args = parse_arch_args(self.arch_args)
+        validate_choices(self)
+        if not 0 < self.mask_ratio < 1 or self.decoder_dim < 1 or self.decoder_depth < 0:
+            raise CompressError("invalid MIM settings", expected="0 < mask_ratio < 1, decoder_dim >= 1, "
+                                "decoder_depth >= 0", found=f"mask_ratio={self.mask_ratio}, decoder_dim="
+                                f"{self.decoder_dim}, decoder_depth={self.decoder_depth}")
+        if self.objective == "mim" and self.head_only:
+            raise CompressError("--head-only trains a classifier; --objective mim trains none",
+                                expected="one of them")

@@ -62,7 +62,9 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, loss_fn=None, state
           resume: bool = False, description: str = "train") -> nn.Module:
     """Train `model` in place on `data` (on `cfg.device`, in `cfg.precision`) and return it, on that device.
 
-    `loss_fn(model, x, y) -> loss` replaces cross-entropy (distillation passes its own). With `state_path`,
+    `loss_fn(model, x, y) -> loss` replaces cross-entropy (distillation passes its own). A model may define
+    `param_groups(lr)` (parts trained at their own rates) and `set_epoch(epoch, epochs)` (called before each
+    epoch, resumed runs included). With `state_path`,
     a resumable state is written after each epoch and removed at the end. Batches come from pinned memory
     with `cfg.workers` loading processes and move to the device once each.
 
@@ -86,10 +88,13 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, loss_fn=None, state
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                         else None)
-    params = [p for p in net.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * len(loader),
-                                                pct_start=0.15)
+    # a model that trains parts at their own rates (collaborative peers) names its parameter groups; AdamW is
+    # per parameter, so groups with their own learning rates are independent optimizers in one object
+    groups = model.param_groups(cfg.lr) if hasattr(model, "param_groups") else [
+        {"params": [p for p in net.parameters() if p.requires_grad], "lr": cfg.lr}]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in groups],
+                                                total_steps=cfg.epochs * len(loader), pct_start=0.15)
     scaler = grad_scaler(device, precision)
     loss_fn = loss_fn or (lambda m, x, y: F.cross_entropy(m(x), y, label_smoothing=cfg.label_smoothing))
     start = 0
@@ -112,6 +117,8 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, loss_fn=None, state
             shuffle_gen.manual_seed(cfg.seed * 100_003 + epoch)
             if sampler is not None:
                 sampler.set_epoch(epoch)
+            if hasattr(model, "set_epoch"):  # schedules that follow the epoch (Hybrid Distill's token masking)
+                model.set_epoch(epoch, cfg.epochs)
             for step, (x, y) in enumerate(loader):
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 x, y = random_shift(x, y, shift, gen)
@@ -193,6 +200,8 @@ def run(inputs, data, cfg: TrainRun, *, state: str | Path | None = None,
     model = base.build().train()
     if cfg.head_only:  # a linear probe: the features stay as they are
         only_classifier_trains(model)
+    if cfg.objective == "mim":
+        return _pretrain_mim(model, base, init, d, data, cfg, state, resume, notes)
     start = time.perf_counter()
     train(model, d.train, cfg, state_path=f"{state}.resume.pt" if state else None, resume=resume,
           description=f"train {base.arch}")
@@ -210,3 +219,28 @@ def run(inputs, data, cfg: TrainRun, *, state: str | Path | None = None,
                         ) if rank() == 0 else []
     ckpt = base.derive(model, "train", init, spec_of(data), cfg, values)
     return ckpt, Result("train", metric, test, values, rows, notes, seconds)
+
+
+def _pretrain_mim(model, base, init, d, data, cfg: TrainRun, state, resume, notes) -> tuple[Checkpoint, Result]:
+    """`--objective mim`: MAE pretraining of `model`; the checkpoint is the encoder (its classifier untouched)."""
+    from .measure import param_count
+    from .mim import MaskedAutoencoder, reconstruction_loss
+
+    if d.task != "classification":
+        raise CompressError("--objective mim pretrains a classifier backbone", expected="classification data",
+                            found=d.task)
+    mae = MaskedAutoencoder(model, cfg.mask_ratio, cfg.decoder_dim, cfg.decoder_depth)
+    start = time.perf_counter()
+    train(mae, d.train, cfg, loss_fn=lambda net, x, y: net(x), state_path=f"{state}.resume.pt" if state else None,
+          resume=resume, description=f"mim {base.arch}")
+    seconds = time.perf_counter() - start
+    loss = reconstruction_loss(mae, d.test, seed=cfg.seed)
+    model = mae.encoder.requires_grad_(True).eval()
+    values = {"arch": base.arch, "data": d.name, "objective": "mim", "mim_loss": round(loss, 5),
+              "mask_ratio": cfg.mask_ratio, "params": param_count(model), "decoder_params": param_count(mae) -
+              param_count(model), "epochs": cfg.epochs, "seed": cfg.seed, "train_seconds": round(seconds, 2),
+              "subset": cfg.subset, "train_images": len(d.train)}
+    notes.append("masked-image-modelling pretraining: the classifier is untrained (a teacher for --method hybrid's "
+                 "--mim-teacher, or finetune with compress train --init)")
+    ckpt = base.derive(model, "train", init, spec_of(data), cfg, values)
+    return ckpt, Result("train", "mim_loss", round(loss, 5), values, [], notes, seconds)

@@ -13,9 +13,12 @@ from compress.errors import CompressError
 from compress.registry import Registry, parse_arch_args
 from compress.steps import Step
 
-METHODS = Registry("distillation method",
-                   lazy={name: "distill.methods" for name in ("scratch", "kd", "fitnet", "ofa", "transkd")})
+METHODS = Registry("distillation method", lazy={
+    **{name: "distill.methods" for name in ("scratch", "kd", "fitnet", "ofa", "transkd")},
+    "fd": "distill.hybrid", "hybrid": "distill.hybrid", "collab": "distill.collab", "dml": "distill.collab"})
 TRANSKD_VARIANTS = ("base", "gl", "ea")
+PEER_METHODS = ("collab", "dml")  # online: two peers trained together, no teacher
+PIXEL_RULES = ("correct_and_confident", "correct", "confident")
 
 
 def register_method(name: str):
@@ -49,6 +52,26 @@ class DistillConfig:
     transkd_variant: str = option("base", "TransKD: CSF + HCL + PEA, plus the GL-Mixer or the embedding assistant",
                                   choices=TRANSKD_VARIANTS)
     transkd_weight: float = option(1.0, "TransKD: weight of its feature terms")
+    feat_weight: float = option(1.0, "hybrid / fd: weight of the final-feature term (the paper's alpha)")
+    relation_weight: float = option(1.0, "hybrid: weight of the token-relation term (the paper's beta)")
+    relation_layers: list[int] = option([], "hybrid: 1-based student blocks whose attention imitates the MIM "
+                                            "teacher's (default: blocks 8-11 of 12, at the same relative depth)")
+    mask_max: float = option(0.5, "hybrid: final share of the student's patch tokens removed (rises linearly from "
+                                  "0 over the epochs; 0 turns the masking off)")
+    mask_full_share: float = option(0.2, "hybrid: share of the last epochs trained on every token (the masking "
+                                         "rises over the epochs before): the student is used on full images, as "
+                                         "the paper's finetune after masked pre-training is")
+    mask_score: str = option("auto", "hybrid: whose CLS attention picks the redundant tokens (auto: the "
+                                     "discriminative teacher's when it has one on the student's grid, else the MIM "
+                                     "teacher's)", choices=("auto", "teacher", "mim", "random"))
+    ce_weight: float = option(1.0, "hybrid / fd: weight of the student's cross-entropy (0: the paper's label-free "
+                                   "pretraining; finetune after with compress train --init)")
+    hfd_weight: float = option(1.0, "collab: weight of the low-stage feature mimicry (HFD)")
+    region_weight: float = option(1.0, "collab: weight of the region-wise selective feature term (BSD)")
+    pixel_weight: float = option(1.0, "collab: weight of the pixel-wise (per-sample) selective KL term (BSD)")
+    region_grid: int = option(8, "collab: regions per side of the stage map (capped by the map's side)")
+    pixel_rule: str = option("correct_and_confident", "collab: when a peer's prediction is transferred",
+                             choices=PIXEL_RULES)
 
     def __post_init__(self):
         validate_choices(self)
@@ -57,8 +80,14 @@ class DistillConfig:
                                 expected="temperatures > 0 and 0 <= kd_alpha <= 1",
                                 found=f"temperature={self.temperature}, kd_temperature={self.kd_temperature}, "
                                       f"kd_alpha={self.kd_alpha}")
-        if min(self.gamma, self.ofa_weight, self.hint_weight, self.transkd_weight) < 0:
+        if min(self.gamma, self.ofa_weight, self.hint_weight, self.transkd_weight, self.feat_weight,
+               self.relation_weight, self.ce_weight, self.hfd_weight, self.region_weight, self.pixel_weight) < 0:
             raise CompressError("negative loss weight", expected="gamma and every weight >= 0")
+        if not 0 <= self.mask_max < 1 or not 0 <= self.mask_full_share <= 1 or self.region_grid < 1:
+            raise CompressError("invalid hybrid / collab settings",
+                                expected="0 <= mask_max < 1, 0 <= mask_full_share <= 1, region_grid >= 1",
+                                found=f"mask_max={self.mask_max}, mask_full_share={self.mask_full_share}, "
+                                      f"region_grid={self.region_grid}")
 
 
 @dataclass
@@ -71,6 +100,14 @@ class DistillRun(Hardware, DataOptions, DistillConfig):
 
     student: str | None = option(None, "student architecture name, or a checkpoint to start from")
     student_args: dict = option({}, "student architecture kwargs, e.g. embed_dim=64,depth=4")
+    mim_teacher: str | None = option(None, "hybrid: the masked-image-modelling teacher checkpoint (compress train "
+                                           "--objective mim makes one)")
+    peer: str | None = option(None, "collab / dml: the second peer's architecture (a ViT beside a CNN --student), "
+                                    "trained together with the student; no teacher")
+    peer_args: dict = option({}, "collab / dml: the peer's architecture kwargs")
+    peer_lr: float | None = option(None, "collab / dml: the peer's own peak learning rate (default: --lr)")
+    peer_out: str | None = option(None, "collab / dml: where the trained peer is saved (default: beside --out, "
+                                        "NAME.peer.pt)", artifact="peer.pt")
     epochs: int = option(10, "student training epochs")
     batch_size: int = option(64, "batch size")
     lr: float = option(2e-3, "peak learning rate")
@@ -94,12 +131,29 @@ class DistillRun(Hardware, DataOptions, DistillConfig):
         self.check_hardware()
         self.check_subset()
         self.student_args, self.teacher_args = parse_arch_args(self.student_args), parse_arch_args(self.teacher_args)
+        self.peer_args = parse_arch_args(self.peer_args)
+        online = self.method in PEER_METHODS
+        if online != bool(self.peer):
+            raise CompressError(f"--peer is for the online methods ({', '.join(PEER_METHODS)})",
+                                expected="--method collab --student CNN --peer VIT" if online else "no --peer",
+                                found=f"--method {self.method}" + (f" --peer {self.peer}" if self.peer else ""))
+        if self.mim_teacher and self.method != "hybrid":
+            raise CompressError("--mim-teacher is hybrid's second teacher", expected="--method hybrid")
+        if self.method == "hybrid" and not self.mim_teacher:
+            raise CompressError("--method hybrid needs a masked-image-modelling teacher",
+                                expected="--mim-teacher CHECKPOINT (make one: compress train --objective mim)")
+        if self.peer_lr is not None and self.peer_lr <= 0:
+            raise CompressError("invalid --peer-lr", expected="> 0", found=str(self.peer_lr))
         if self.teacher_args and not (self.train_teacher or self.pretrained or self.pretrained_file):
             raise CompressError("--teacher-args shapes a teacher that --train-teacher trains",
                                 expected="--train-teacher with an architecture name")
         self.training()
         if self.train_teacher:
             self.teacher_training()
+
+    def takes_input(self) -> bool:
+        """Whether the command reads a teacher (the online methods train two peers from scratch)."""
+        return self.method not in PEER_METHODS
 
     def training(self) -> TrainConfig:
         """The student's training config (the random shifts are off with a teacher cache: images recur)."""
@@ -113,4 +167,5 @@ class DistillRun(Hardware, DataOptions, DistillConfig):
 
 
 STEP = Step("distill", DistillRun, "distill.pipeline:run", "one", "--teacher",
-            "train a student from a teacher of any architecture (OFA-KD, KD, hints, TransKD)")
+            "train a student from a teacher of any architecture (OFA-KD, KD, hints, TransKD, Hybrid Distill), or "
+            "two peers together (collab)")

@@ -55,7 +55,8 @@ class Distiller(nn.Module):
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None, cfg: DistillConfig, student_spec: InputSpec,
-                 teacher_spec: InputSpec | None, num_classes: int, cache_teacher: bool = False):
+                 teacher_spec: InputSpec | None, num_classes: int, cache_teacher: bool = False,
+                 mim_teacher: nn.Module | None = None, mim_spec: InputSpec | None = None):
         super().__init__()
         self.cfg = cfg
         self.method = method(cfg.method)
@@ -72,6 +73,10 @@ class Distiller(nn.Module):
         s_taps = _Taps(student, student_spec, self.method.student_features, self.method.embeddings)
         self.student_taps = s_taps
         object.__setattr__(self, "teacher", teacher)  # a plain attribute: frozen, not saved, not synchronised
+        object.__setattr__(self, "mim_teacher", mim_teacher)  # Hybrid Distill's second teacher, likewise
+        self.mim_input = TeacherInput(student_spec, mim_spec) if mim_teacher is not None else None
+        if mim_teacher is not None:
+            mim_teacher.eval().requires_grad_(False)
         self.teacher_input = TeacherInput(student_spec, teacher_spec) if teacher is not None else None
         self.teacher_taps = None
         if cfg.method != "scratch":
@@ -104,25 +109,35 @@ class Distiller(nn.Module):
                 t_dim = getattr(teacher, "num_features", t_logits.shape[1])
         self.shapes = Shapes(_shapes(s_feats), s_taps.families, _shapes(t_feats), s_dim, t_dim, num_classes,
                              _shapes(s_embeds), _shapes(t_embeds), x.shape[-1])
-        self.helpers = self.method.build(self.shapes, cfg)
+        # a method that needs more than the stage shapes (token layouts, attention modules) sets itself up
+        self.helpers = self.method.setup(self) if hasattr(self.method, "setup") else self.method.build(self.shapes, cfg)
+
+    def set_epoch(self, epoch: int, epochs: int) -> None:
+        """Called by the training loop before each epoch: schedules that follow it (Hybrid's masking)."""
+        if hasattr(self.method, "set_epoch"):
+            self.method.set_epoch(epoch, epochs, self.cfg)
 
     def train(self, mode: bool = True):
         super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()  # always: dropout off, BatchNorm statistics frozen
+        for t in (self.teacher, self.mim_teacher):
+            if t is not None:
+                t.eval()  # always: dropout off, BatchNorm statistics frozen
         return self
 
     def _apply(self, fn, recurse: bool = True):
         """`.to(device)` and friends move the teacher too (it is not a submodule, so that it is neither trained,
         synchronised nor saved)."""
         super()._apply(fn, recurse)
-        if self.teacher is not None:
-            self.teacher._apply(fn, recurse)
+        for t in (self.teacher, self.mim_teacher):
+            if t is not None:
+                t._apply(fn, recurse)
         return self
 
     def forward(self, x, y=None):
         if y is None:
             return self.student(x)
+        if hasattr(self.method, "step"):  # a method that runs the models itself (Hybrid: masking, attention)
+            return self.method.step(self, x, y)
         # the teacher runs first: its activations are freed before the student's autograd graph is built
         # (lower peak memory, and the student's saved tensors do not crowd the teacher out of the caches)
         t_logits, t_feats, t_embeds = None, [], []

@@ -25,7 +25,7 @@ from compress.result import Result, batch_of, measure_rows
 from compress.train import only_classifier_trains, rank, train
 
 from .cka import cka_matrix
-from .config import METHODS, DistillConfig, DistillRun
+from .config import METHODS, PEER_METHODS, DistillConfig, DistillRun
 from .distiller import Distiller
 
 __all__ = ["run", "DistillRun"]
@@ -43,6 +43,10 @@ def run(inputs, data, cfg: DistillRun, *, state: str | Path | None = None,
     """
     if not cfg.student:
         raise CompressError("distill needs a student", expected="--student ARCH (or a checkpoint to start from)")
+    if cfg.method in PEER_METHODS:
+        from .collab import run_collab
+
+        return run_collab(inputs, data, cfg, state=state, resume=resume)
     task = task_of(data)
     if Path(cfg.student).is_file():
         base = load(cfg.student)
@@ -59,6 +63,8 @@ def run(inputs, data, cfg: DistillRun, *, state: str | Path | None = None,
                             found=f"teacher {teacher_ckpt.task}, student {base.task}")
     base.num_classes = d.num_classes
     teacher = teacher_ckpt.build()
+    mim_ckpt = load(cfg.mim_teacher) if cfg.mim_teacher else None
+    mim = mim_ckpt.build().eval() if mim_ckpt else None
     notes = []
     if cfg.method == "transkd" and teacher_ckpt.arch != base.arch:
         notes.append(f"TransKD pairs one family at two sizes in the paper (MiT-B2 -> B0); across families "
@@ -74,7 +80,9 @@ def run(inputs, data, cfg: DistillRun, *, state: str | Path | None = None,
         student = base.build() if base.state_dict else base.instantiate()
         dc = DistillConfig(**{k: getattr(cfg, k) for k in DistillConfig.__dataclass_fields__} | {"method": method})
         dist = Distiller(student, teacher, dc, base.input, teacher_ckpt.input, d.num_classes,
-                         cache_teacher=cfg.cache_teacher and method != "scratch")
+                         cache_teacher=cfg.cache_teacher and method != "scratch",
+                         mim_teacher=mim if method == "hybrid" else None,
+                         mim_spec=mim_ckpt.input if mim_ckpt else None)
         t = time.perf_counter()
         train(dist, d.train, tcfg, loss_fn=lambda net, x, y: net(x, y),
               state_path=f"{state}.{method}.resume.pt" if state else None, resume=resume,
@@ -96,13 +104,16 @@ def run(inputs, data, cfg: DistillRun, *, state: str | Path | None = None,
               "reconciled": main.teacher_input.changes, "families": main.shapes.families, "gamma": cfg.gamma,
               "paper_form": cfg.paper_form, "cache_teacher": cfg.cache_teacher}
     notes += [f"teacher input reconciled: {c}" for c in main.teacher_input.changes]
-    baselines = [m for m in ("scratch", "kd") if m != cfg.method and d.task in METHODS.get(m).tasks] \
+    candidates = ("scratch", "kd", "fd") if cfg.method == "hybrid" else ("scratch", "kd")
+    baselines = [m for m in candidates if m != cfg.method and d.task in METHODS.get(m).tasks] \
         if cfg.baselines else []
     models = [(f"teacher {teacher_ckpt.arch}", teacher)]
     scores = {f"teacher {teacher_ckpt.arch}": values[f"teacher_{metric}"]}
     times = {}
+    trained = {}
     for m in baselines:
         dist, sec = fit(m)
+        trained[m] = dist
         values[f"{m}_{metric}"] = test(dist.student.eval())
         values[f"{m}_seconds"] = round(sec, 2)
         models.append((f"student {base.arch}: {m}", dist.student))
@@ -115,6 +126,11 @@ def run(inputs, data, cfg: DistillRun, *, state: str | Path | None = None,
                      f"({alone:.1f}%): it can only hold the student back; train the teacher longer or use a "
                      "stronger one")
     x = batch_of(d.test, 256).to(device_of(student))
+    if cfg.method == "hybrid":
+        values.update(_hybrid_values(main, trained.get("fd"), mim, x[:64], base, cfg))
+        notes.append(f"hybrid: masking removed up to {cfg.mask_max:.0%} of the student's tokens, "
+                     f"{values['masking_flops_saving']:.0%} of its training forward FLOPs over the schedule; "
+                     f"redundancy scored by the {values['mask_score']} CLS attention")
     nets = [getattr(m, "backbone", m) for m in (teacher, student)]  # a segmentation network's backbone
     with torch.no_grad():
         t_feats = align(nets[0], teacher_ckpt.input.size).features(main.teacher_input(x))
@@ -137,6 +153,26 @@ def run(inputs, data, cfg: DistillRun, *, state: str | Path | None = None,
     cka = {"linear CKA, teacher stages (rows) vs student stages": [
         {"teacher stage": i, **{f"student {j}": v for j, v in enumerate(row)}} for i, row in enumerate(values["cka"])]}
     return ckpt, Result("distill", metric, values[metric], values, rows, notes, time.perf_counter() - t0, cka)
+
+
+def _hybrid_values(main: Distiller, fd: Distiller | None, mim: nn.Module, x: torch.Tensor, base: Checkpoint,
+                   cfg: DistillRun) -> dict:
+    """Hybrid's own measurements: the masking's FLOPs saving and the mean attention distance per head at the
+    relation layers (student, features-only student, MIM teacher): the diversity the paper claims."""
+    from .hybrid import attention_distances, masking_flops_saving
+
+    method = main.method
+    pairs = method.relation_pairs
+    s_layers, t_layers = [s for s, _ in pairs], [t for _, t in pairs]
+    dist = {"student": attention_distances(main.student, s_layers, x),
+            "mim_teacher": attention_distances(mim, t_layers, main.mim_input(x))}
+    if fd is not None:
+        dist["fd_student"] = attention_distances(fd.student, s_layers, x)
+    return {"masking_flops_saving": round(masking_flops_saving(main.student, method.student, base.input.size,
+                                                               len(base.input.mean), cfg.epochs, cfg.mask_max,
+                                                               cfg.mask_full_share), 4),
+            "mask_score": method.score_from, "relation_layers": [list(p) for p in pairs],
+            "attention_distance": dist}
 
 
 def _teacher(inputs, data, d, student: Checkpoint, cfg: DistillRun, state, resume: bool) -> Checkpoint:

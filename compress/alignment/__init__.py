@@ -4,7 +4,9 @@ Every pipeline asks an `Alignment` and none pokes at timm internals by itself:
 
 - *taps* (`stages`, `features`, `embedding`, `attention_maps`): where to read representations, as NCHW;
 - *spaces* (`spaces`): which parameter axes share one neuron basis, derived from the traced graph;
-- *blocks* (`blocks`): the ordered residual units with their kind (conv / attention / mlp / bridge).
+- *blocks* (`blocks`): the ordered residual units with their kind (conv / attention / mlp / bridge);
+- *tokens* (`tokens`, `keep_tokens`): a transformer's patch grid, prefix tokens and readable attention, and
+  its token sequence shortened to chosen patches.
 
 Example:
     >>> al = align(create_model("vit"), input_size=32)
@@ -33,9 +35,10 @@ from .taps import (
     logits_and_features,
     stage_features,
 )
+from .tokens import TokenLayout, gather_tokens, keep_tokens, token_layout
 
 __all__ = ["Alignment", "align", "Block", "Space", "SpaceGraph", "Member", "Stage", "attention_maps",
-           "logits_and_features"]
+           "logits_and_features", "TokenLayout", "token_layout", "keep_tokens", "gather_tokens"]
 
 
 class Alignment:
@@ -103,6 +106,11 @@ class Alignment:
                 "stages_without_blocks": [s.module for s in self.stages if not self._blocks_in(s)
                                           and not any(s.module.startswith(b.name + ".") for b in self.blocks)],
                 "coverage": round(self.spaces.coverage(self.model.state_dict()), 4)}
+
+    @cached_property
+    def tokens(self) -> TokenLayout:
+        """The patch grid, prefix tokens and readable attention modules (a one-line error for a model without)."""
+        return token_layout(self.model)
 
     def features(self, x: torch.Tensor, stages: list[Stage] | None = None) -> list[torch.Tensor]:
         """NCHW outputs of `stages` (default: the canonical stages)."""

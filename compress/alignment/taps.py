@@ -47,8 +47,8 @@ def canonical_stages(model: nn.Module, max_stages: int = 4) -> list[Stage]:
     stages = all_stages(model)
     reductions = sorted({s.reduction for s in stages})
     if len(reductions) == 1:
-        n = len(stages)
-        picks = sorted({max(0, round((i + 1) * n / max_stages) - 1) for i in range(min(max_stages, n))})
+        n, k = len(stages), min(max_stages, len(stages))  # a model shallower than max_stages: every block
+        picks = sorted({max(0, round((i + 1) * n / k) - 1) for i in range(k)})
         return [stages[i] for i in picks]
     last = {s.reduction: s for s in stages}  # feature_info is ordered: the last one per stride wins
     return [last[r] for r in reductions[-max_stages:]]
@@ -185,20 +185,38 @@ def embedding_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def attention_maps(model: nn.Module):
+def attention_maps(model: nn.Module, only: list[str] | None = None, detach: bool = True):
     """Collect post-softmax attention maps (B, heads, N, N) keyed by attention module, during forwards.
 
-    Fused attention never materialises the map, so it is switched off inside the context and restored
-    after. Modules read through their `attn_drop` dropout, which timm applies to the softmaxed map.
+    Fused attention never materialises the map, so it is switched off inside the context, for the modules
+    read (`only`, or all) and no others, and restored after: a forward that needs no map stays fused.
+    Modules are read through their `attn_drop` dropout, which timm applies to the softmaxed map. With
+    `detach=False` the maps keep their autograd graph (a loss on a student's attention).
+
+    Example:
+        >>> with attention_maps(vit, only=["blocks.3.attn"]) as maps:
+        ...     vit(x)
+        >>> maps["blocks.3.attn"].shape
+        torch.Size([8, 3, 65, 65])
     """
+    from .tokens import readable_attention
+
     maps: dict[str, torch.Tensor] = {}
-    fused = [(name, mod, mod.fused_attn) for name, mod in model.named_modules()
-             if hasattr(mod, "fused_attn") and isinstance(getattr(mod, "attn_drop", None), nn.Module)]
+    readable = dict(readable_attention(model))
+    names = list(readable) if only is None else list(only)
+    missing = [n for n in names if n not in readable]
+    if missing:
+        raise CompressError("no readable attention map there", expected=f"one of {list(readable)[:6]}",
+                            found=", ".join(missing))
+    fused = [(name, readable[name], readable[name].fused_attn) for name in names]
     for _, mod, _ in fused:
         mod.fused_attn = False
+
+    def keep(name):
+        return lambda m, a, out: maps.__setitem__(name, out.detach() if detach else out)
+
     try:
-        with hooks(model, post={f"{name}.attn_drop": lambda m, a, out, name=name: maps.__setitem__(name, out.detach())
-                                for name, _, _ in fused}):
+        with hooks(model, post={f"{name}.attn_drop": keep(name) for name, _, _ in fused}):
             yield maps
     finally:
         for _, mod, flag in fused:

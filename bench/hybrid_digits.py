@@ -1,0 +1,122 @@
+"""Hybrid Distill and CNN-ViT collaborative learning on the embedded data, mean of 3 seeds, the same budget
+for every row of a table.
+
+hybrid (digits): a supervised ViT teacher (bench/results/vit-s0.pt from bench/train_digits.py) and an MAE
+teacher of the same shape (trained here once: compress train --objective mim) into a ViT student of the same
+shape. Rows: alone, KD, features only (fd), hybrid without masking, hybrid with progressive masking; the
+mean attention distance per head at the relation layers; the masking's training-time and FLOPs saving.
+
+collab (digits and digit-scenes): a slim ResNet-18 (0.7 M) and the small ViT trained together from
+scratch. Rows: each alone, plain mutual learning (dml), collab; the share of regions / positions
+transferred in each direction.
+
+Run: .venv/bin/python bench/hybrid_digits.py [--only hybrid|collab] [--collab-data digits digit-scenes]   (writes bench/results/hybrid_digits.json)
+"""
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from cli import main  # noqa: E402
+
+R = Path("bench/results")
+SLIM = ["--student-args", "channels=16x32x64x128"]
+
+
+def run(tag: str, argv: list[str]) -> dict:
+    js = R / f"{tag}.json"
+    if main([*argv, "--threads", "2", "--out", str(R / f"{tag}.pt"), "--json", str(js)]):
+        raise SystemExit(f"{tag} failed")
+    return json.loads(js.read_text())
+
+
+def mim_teacher(epochs: int) -> Path:
+    path = R / f"mim-vit-e{epochs}.pt"
+    if not path.exists():
+        run(path.stem, ["train", "--arch", "vit", "--objective", "mim", "--epochs", str(epochs), "--data", "digits"])
+    return path
+
+
+def mean(runs: list[dict], key: str) -> float:
+    return round(statistics.mean(r[key] for r in runs), 3)
+
+
+def hybrid(seeds: list[int], epochs: int, mim_epochs: int) -> dict:
+    teacher, mim = R / "vit-s0.pt", mim_teacher(mim_epochs)
+    if not teacher.exists():
+        raise SystemExit("needs bench/results/vit-s0.pt: run bench/train_digits.py first")
+    base = ["distill", "--teacher", str(teacher), "--mim-teacher", str(mim), "--student", "vit", "--method",
+            "hybrid", "--epochs", str(epochs), "--data", "digits"]
+    masked, plain = [], []
+    for s in seeds:
+        masked.append(run(f"hybrid-e{epochs}-s{s}", [*base, "--seed", str(s)]))
+        plain.append(run(f"hybrid-nomask-e{epochs}-s{s}", [*base, "--seed", str(s), "--mask-max", "0",
+                                                           "--no-baselines"]))
+    out = {k: mean(masked, k) for k in ("teacher_top1", "scratch_top1", "kd_top1", "fd_top1", "top1",
+                                        "scratch_seconds", "fd_seconds", "train_seconds", "masking_flops_saving")}
+    out.update(nomask_top1=mean(plain, "top1"), nomask_seconds=mean(plain, "train_seconds"), epochs=epochs,
+               mim_epochs=mim_epochs, seeds=seeds)
+    out["time_saving"] = round(1 - out["train_seconds"] / out["nomask_seconds"], 4)
+    dist = {}
+    for who in ("student", "fd_student", "mim_teacher"):
+        per_head = [sum(v for layer in r["attention_distance"][who].values() for v in layer) /
+                    sum(len(layer) for layer in r["attention_distance"][who].values()) for r in masked]
+        spread = [statistics.pstdev([v for layer in r["attention_distance"][who].values() for v in layer])
+                  for r in masked]
+        dist[who] = {"mean": round(statistics.mean(per_head), 3), "spread_across_heads": round(
+            statistics.mean(spread), 3)}
+    dist["nomask_student"] = {"mean": round(statistics.mean(
+        statistics.mean(v for layer in r["attention_distance"]["student"].values() for v in layer) for r in plain), 3)}
+    out["attention_distance"] = dist
+    out["runs"] = masked + plain
+    return out
+
+
+def collab(seeds: list[int], data: str, epochs: int) -> dict:
+    peer = ["--peer", "vit"] + (["--peer-args", "img_size=64"] if data == "digit-scenes" else [])
+    runs = [run(f"collab-{data}-e{epochs}-s{s}", ["distill", "--method", "collab", "--student", "resnet", *SLIM,
+                                                   *peer, "--epochs", str(epochs), "--data", data, "--seed", str(s)])
+            for s in seeds]
+    m = runs[0]["metric"]
+    keys = [f"solo_{m}", f"dml_{m}", m, f"peer_solo_{m}", f"peer_dml_{m}", f"peer_{m}", "train_seconds",
+            "solo_seconds", "peer_solo_seconds", "dml_seconds"]
+    out = {k: mean(runs, k) for k in keys}
+    out.update(metric=m, epochs=epochs, seeds=seeds, transfers=[r["transfers"] for r in runs], runs=runs)
+    return out
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--only", choices=["hybrid", "collab"], default=None)
+    ap.add_argument("--hybrid-epochs", type=int, default=10)
+    ap.add_argument("--mim-epochs", type=int, default=30)
+    ap.add_argument("--collab-epochs", type=int, default=10)
+    ap.add_argument("--scenes-epochs", type=int, default=10)
+    ap.add_argument("--collab-data", nargs="+", choices=["digits", "digit-scenes"], default=["digits", "digit-scenes"])
+    args = ap.parse_args()
+    path = R / "hybrid_digits.json"
+    res = json.loads(path.read_text()) if path.exists() else {}
+    if args.only in (None, "hybrid"):
+        res["hybrid"] = hybrid(args.seeds, args.hybrid_epochs, args.mim_epochs)
+        path.write_text(json.dumps(res, indent=1))
+    if args.only in (None, "collab"):
+        for data in args.collab_data:
+            epochs = args.scenes_epochs if data == "digit-scenes" else args.collab_epochs
+            res[f"collab {data}"] = collab(args.seeds, data, epochs)
+            path.write_text(json.dumps(res, indent=1))
+    if "hybrid" in res:
+        h = res["hybrid"]
+        print("| teacher | alone | KD | features only | hybrid, no masking | hybrid | masking: time / FLOPs saved |")
+        print("|---|---|---|---|---|---|---|")
+        print(f"| {h['teacher_top1']:.2f} | {h['scratch_top1']:.2f} | {h['kd_top1']:.2f} | {h['fd_top1']:.2f} | "
+              f"{h['nomask_top1']:.2f} | {h['top1']:.2f} | {h['time_saving']:.0%} / {h['masking_flops_saving']:.0%} |")
+        print("attention distance (patches), mean / spread across heads:", h["attention_distance"])
+    for key in ("collab digits", "collab digit-scenes"):
+        if key in res:
+            c, m = res[key], res[key]["metric"]
+            print(f"{key}: student alone {c[f'solo_{m}']:.2f} dml {c[f'dml_{m}']:.2f} collab {c[m]:.2f} | "
+                  f"peer alone {c[f'peer_solo_{m}']:.2f} dml {c[f'peer_dml_{m}']:.2f} collab {c[f'peer_{m}']:.2f}")

@@ -1,0 +1,107 @@
+"""Token structure of transformer models: the patch grid, the prefix tokens, the attention modules whose
+maps can be read, and shortening the token sequence (the input of every block) to chosen patches.
+
+Dropping tokens uses the slot timm's ViTs (ViT, DeiT, EVA, BEiT, ...) keep for PatchDropout: `patch_drop`
+runs right after the position embedding, so the kept tokens carry their own positions and every block runs
+on the shorter sequence (the forward really costs less).
+
+Example:
+    >>> layout = token_layout(model)                       # grid (8, 8), 1 prefix token, 4 attention modules
+    >>> with keep_tokens(model, torch.tensor([[0, 5, 9]])):   # the CLS token + patches 0, 5, 9
+    ...     logits = model(x)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import CompressError
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """`grid`: patch rows x columns; `prefix`: tokens before the patches (CLS, distillation, registers);
+    `attention`: attention modules whose maps `attention_maps` reads, in forward order; `heads` per module;
+    `droppable`: whether `keep_tokens` can shorten the sequence."""
+
+    grid: tuple[int, int]
+    prefix: int
+    attention: list[str]
+    heads: list[int]
+    droppable: bool
+
+    @property
+    def patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+
+def readable_attention(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of the attention modules whose post-softmax map the alignment layer can read: those
+    with timm's `fused_attn` switch and an `attn_drop` applied to the softmaxed map."""
+    return [(name, m) for name, m in model.named_modules()
+            if hasattr(m, "fused_attn") and isinstance(getattr(m, "attn_drop", None), nn.Module)]
+
+
+def token_layout(model: nn.Module, what: str = "model") -> TokenLayout:
+    """The token structure of a ViT-like model, or a one-line error saying why it has none.
+
+    Example:
+        >>> token_layout(create_model("vit")).grid
+        (8, 8)
+    """
+    name = type(model).__name__
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    attn = readable_attention(model)
+    if grid is None or not attn:
+        raise CompressError(f"the {what} has no readable token attention", found=name,
+                            expected="a ViT-like model: a patch embedding with a fixed grid and attention whose maps "
+                                     "can be read (timm ViT, DeiT, EVA, BEiT, ...)")
+    return TokenLayout((int(grid[0]), int(grid[1])), int(getattr(model, "num_prefix_tokens", 0)),
+                       [n for n, _ in attn], [int(getattr(m, "num_heads", 1)) for _, m in attn],
+                       isinstance(getattr(model, "patch_drop", None), nn.Module))
+
+
+class _Keep(nn.Module):
+    """Keeps the prefix tokens and the patches `index` (B, K) of a (B, prefix + N, C) sequence, in order."""
+
+    def __init__(self, index: torch.Tensor, prefix: int):
+        super().__init__()
+        self.index, self.prefix = index, prefix
+
+    def forward(self, x):
+        patches = x[:, self.prefix:]
+        idx = self.index.to(x.device).unsqueeze(-1).expand(-1, -1, x.shape[-1])
+        return torch.cat([x[:, :self.prefix], patches.gather(1, idx)], dim=1)
+
+
+@contextlib.contextmanager
+def keep_tokens(model: nn.Module, index: torch.Tensor):
+    """Inside the context, `model` runs on its prefix tokens plus the patches `index` (B, K; positions in
+    the patch grid, row-major) only: the rest are removed from the sequence every block sees.
+
+    Example:
+        >>> with keep_tokens(vit, torch.arange(16).expand(8, -1)):   # the first 16 of 64 patches
+        ...     vit(x)
+    """
+    layout = token_layout(model)
+    if not layout.droppable:
+        raise CompressError(f"{type(model).__name__} cannot shorten its token sequence",
+                            expected="a timm ViT-like model with a patch_drop slot after its position embedding")
+    if index.ndim != 2 or index.numel() and (index.min() < 0 or index.max() >= layout.patches):
+        raise CompressError("token indices out of range", expected=f"(batch, K) positions in [0, {layout.patches})",
+                            found=f"shape {tuple(index.shape)}")
+    original = model.patch_drop
+    model.patch_drop = _Keep(index, layout.prefix)
+    try:
+        yield
+    finally:
+        model.patch_drop = original
+
+
+def gather_tokens(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows `index` (B, K) of a (B, N, C) tensor."""
+    return t.gather(1, index.unsqueeze(-1).expand(-1, -1, t.shape[-1]))

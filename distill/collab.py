@@ -1,0 +1,341 @@
+"""CNN-ViT online collaborative distillation (Zhu et al., "A Good Student is Cooperative and Reliable",
+ICCV 2023): a CNN and a ViT trained together from scratch, each teaching the other where it is better.
+
+- HFD (heterogeneous feature distillation): each peer's first-stage map, through a 1x1 adapter, mimics the
+  other peer's (MSE, the target detached), in both directions.
+- BSD region-wise: the second-stage maps are cut into a grid of regions; in each region the peer with the
+  lower loss there teaches the other (adapter + MSE on that region), decided per region and per step.
+- BSD pixel-wise (per sample for classification): the learner imitates the peer's prediction (KL) only where
+  the peer is reliable: right, and more confident in the true class than the learner.
+- `dml` is plain mutual learning (Zhang et al. 2018): symmetric KL between the peers, no selection.
+
+Only the abstract could be read (../shared/research/hybrid.md): the loss forms, stages, region rule and
+reliability rule are our reconstruction, each a config field, listed in docs/ARCHITECTURE.md. For
+classification, a region's loss is that of a per-cell linear probe on the detached stage map (each cell
+predicts the image's label): a measuring instrument that never trains the peer.
+
+Example:
+    >>> ckpt, result = distill.run(None, "digits", DistillRun(student="resnet", peer="vit", method="collab"))
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compress.checkpoint import Checkpoint, InputSpec, save
+from compress.data import as_data, spec_of, task_of
+from compress.device import device_of, hardware
+from compress.errors import CompressError
+from compress.measure import param_count, score
+from compress.registry import default_img_size
+from compress.result import Result, measure_rows
+from compress.train import rank, train
+
+from .config import DistillRun, register_method
+from .distiller import TeacherInput, _Taps
+from .methods import Method
+
+IGNORE = 255
+
+
+def region_teachers(e_a: torch.Tensor, e_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per region, which peer teaches: (a teaches b, b teaches a) where its loss is strictly lower; a tie
+    transfers nothing.
+
+    Example:
+        >>> region_teachers(torch.tensor([[1.0, 2.0]]), torch.tensor([[2.0, 2.0]]))
+        (tensor([[ True, False]]), tensor([[False, False]]))
+    """
+    return e_a < e_b, e_b < e_a
+
+
+def reliable(p_teacher: torch.Tensor, p_learner: torch.Tensor, y: torch.Tensor, rule: str) -> torch.Tensor:
+    """Where the teacher's prediction is transferred: probabilities (B, C, ...) and labels (B, ...) give a
+    mask (B, ...). Rules: `correct` (the teacher's argmax is the label), `confident` (the teacher is more
+    confident in the label than the learner), `correct_and_confident` (both). Ignored labels never transfer.
+
+    Example:
+        >>> p_t = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7]])
+        >>> p_l = torch.tensor([[0.5, 0.5], [0.7, 0.3], [0.5, 0.5]])
+        >>> reliable(p_t, p_l, torch.tensor([0, 0, 0]), "correct_and_confident")
+        tensor([ True, False, False])
+    """
+    valid = y != IGNORE
+    yy = y.clamp(0, p_teacher.shape[1] - 1).unsqueeze(1)
+    correct = p_teacher.argmax(1) == y
+    confident = p_teacher.gather(1, yy).squeeze(1) > p_learner.gather(1, yy).squeeze(1)
+    mask = {"correct": correct, "confident": confident, "correct_and_confident": correct & confident}[rule]
+    return mask & valid
+
+
+def pixel_kl(z_learner: torch.Tensor, z_teacher: torch.Tensor, mask: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+    """tau^2 * mean over positions of mask * KL(softmax(z_teacher / tau) || softmax(z_learner / tau)), the
+    teacher detached; positions are samples (B, C) or pixels (B, C, H, W)."""
+    log_l = F.log_softmax(z_learner / tau, 1)
+    p_t = F.softmax(z_teacher.detach() / tau, 1)
+    kl = (p_t * (p_t.clamp_min(1e-8).log() - log_l)).sum(1)
+    return tau * tau * (kl * mask).mean()
+
+
+def _resize(t: torch.Tensor, side: int) -> torch.Tensor:
+    if t.shape[-1] == side and t.shape[-2] == side:
+        return t
+    if t.shape[-1] >= side:
+        return F.adaptive_avg_pool2d(t, side)
+    return F.interpolate(t, size=(side, side), mode="bilinear", align_corners=False)
+
+
+def _whiten(t: torch.Tensor) -> torch.Tensor:
+    """A detached target map normalised over channels at each position (LayerNorm without affine, FD's
+    target normalisation): the peers' features have unrelated scales."""
+    t = t.detach()
+    return F.layer_norm(t.movedim(1, -1), t.shape[1:2]).movedim(-1, 1)
+
+
+def _adapter(c_in: int, c_out: int) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out))
+
+
+class Peers(nn.Module):
+    """Two models trained together: `forward(x)` is the student's logits, `forward(x, y)` the sum of both
+    peers' losses (every cross-term detaches its target, so each peer's gradient is its own loss's).
+
+    Example:
+        >>> peers = Peers(cnn, vit, cnn_spec, vit_spec, DistillRun(student="resnet", peer="vit", method="collab"),
+        ...               num_classes=10, task="classification")
+        >>> train(peers, data.train, cfg, loss_fn=lambda net, x, y: net(x, y))
+    """
+
+    def __init__(self, a: nn.Module, b: nn.Module, a_spec: InputSpec, b_spec: InputSpec, cfg: DistillRun,
+                 num_classes: int, task: str):
+        super().__init__()
+        self.a, self.b, self.cfg, self.task, self.mode = a, b, cfg, task, cfg.method
+        self.b_input = TeacherInput(a_spec, b_spec)
+        self.taps = [_Taps(a, a_spec, True, False), _Taps(b, b_spec, True, False)]
+        for who, t, arch in zip(("student", "peer"), self.taps, (cfg.student, cfg.peer)):
+            if len(t.all) < 2:
+                raise CompressError(f"the {who} ({arch}) and its peer's stages cannot be paired",
+                                    expected="two or more canonical stages in each (HFD on the first, regions on the "
+                                             "second)", found=f"{len(t.all)} in {t.name}")
+            t.stages = t.all[:2]
+        x = torch.zeros(2, len(a_spec.mean), a_spec.size, a_spec.size, device=device_of(a))
+        with torch.no_grad():
+            a.eval(), b.eval()
+            _, fa, _ = self.taps[0](a, x)
+            _, fb, _ = self.taps[1](b, self.b_input(x))
+            a.train(), b.train()
+        ca, cb = [f.shape[1] for f in fa], [f.shape[1] for f in fb]
+        self.side = min(fa[1].shape[-1], fb[1].shape[-1])
+        self.grid = min(cfg.region_grid, self.side)
+        if self.mode == "collab":
+            self.a_side = nn.ModuleDict({"hfd": _adapter(ca[0], cb[0]), "region": _adapter(ca[1], cb[1])})
+            self.b_side = nn.ModuleDict({"hfd": _adapter(cb[0], ca[0]), "region": _adapter(cb[1], ca[1])})
+            if task == "classification":  # per-cell probes that score each region (detached: never train a peer)
+                self.a_side["probe"] = nn.Conv2d(ca[1], num_classes, 1)
+                self.b_side["probe"] = nn.Conv2d(cb[1], num_classes, 1)
+        # transfers counted on the device, read once per epoch: regions b->a, a->b, positions b->a, a->b, totals
+        self.register_buffer("counts", torch.zeros(6), persistent=False)
+        self.history: list[dict] = []
+
+    def param_groups(self, lr: float) -> list[dict]:
+        """Each peer (with its own adapters and probe) at its own learning rate: two optimizers in one AdamW."""
+        own_a = list(self.a.parameters()) + (list(self.a_side.parameters()) if hasattr(self, "a_side") else [])
+        own_b = list(self.b.parameters()) + (list(self.b_side.parameters()) if hasattr(self, "b_side") else [])
+        return [{"params": own_a, "lr": lr}, {"params": own_b, "lr": self.cfg.peer_lr or lr}]
+
+    def set_epoch(self, epoch: int, epochs: int) -> None:
+        self.record(epoch - 1)
+
+    def record(self, epoch: int) -> None:
+        """Close an epoch's transfer counts (shares of regions and positions, in each direction)."""
+        c = self.counts.tolist()
+        if c[4] or c[5]:
+            self.history.append({"epoch": epoch + 1, "regions_b_to_a": round(c[0] / max(c[4], 1), 4),
+                                 "regions_a_to_b": round(c[1] / max(c[4], 1), 4),
+                                 "positions_b_to_a": round(c[2] / max(c[5], 1), 4),
+                                 "positions_a_to_b": round(c[3] / max(c[5], 1), 4)})
+        self.counts.zero_()
+
+    def forward(self, x, y=None):
+        if y is None:
+            return self.a(x)
+        za, fa, _ = self.taps[0](self.a, x)
+        zb, fb, _ = self.taps[1](self.b, self.b_input(x))
+        if self.task == "segmentation" and zb.shape[-2:] != za.shape[-2:]:
+            zb = F.interpolate(zb, size=za.shape[-2:], mode="bilinear", align_corners=False)
+        ls = self.cfg.label_smoothing
+        ce_a = F.cross_entropy(za, y, ignore_index=IGNORE, label_smoothing=ls)
+        ce_b = F.cross_entropy(zb, y, ignore_index=IGNORE, label_smoothing=ls)
+        if self.mode == "dml":
+            every = (y != IGNORE).float()
+            return ce_a + ce_b + pixel_kl(za, zb, every) + pixel_kl(zb, za, every)
+        cfg = self.cfg
+        # HFD: first-stage maps, each through its adapter at the other's grid and width
+        hfd_a = F.mse_loss(_resize(self.a_side["hfd"](fa[0]), fb[0].shape[-1]), _whiten(fb[0]))
+        hfd_b = F.mse_loss(_resize(self.b_side["hfd"](fb[0]), fa[0].shape[-1]), _whiten(fa[0]))
+        # BSD region-wise on the second-stage maps at a common grid
+        ma, mb = _resize(fa[1], self.side), _resize(fb[1], self.side)
+        e_a, e_b, probes = self._region_losses(ma, mb, za, zb, y)
+        a_teaches, b_teaches = region_teachers(e_a, e_b)
+        sq_a = (self.a_side["region"](ma) - _whiten(mb)).pow(2).mean(1, keepdim=True)  # a learning from b
+        sq_b = (self.b_side["region"](mb) - _whiten(ma)).pow(2).mean(1, keepdim=True)
+        reg_a = (F.adaptive_avg_pool2d(sq_a, self.grid).squeeze(1) * b_teaches).mean()
+        reg_b = (F.adaptive_avg_pool2d(sq_b, self.grid).squeeze(1) * a_teaches).mean()
+        # BSD pixel-wise (per sample for classification)
+        with torch.no_grad():
+            pa, pb = F.softmax(za, 1), F.softmax(zb, 1)
+            b_to_a = reliable(pb, pa, y, cfg.pixel_rule)
+            a_to_b = reliable(pa, pb, y, cfg.pixel_rule)
+        pix_a, pix_b = pixel_kl(za, zb, b_to_a), pixel_kl(zb, za, a_to_b)
+        with torch.no_grad():
+            self.counts += torch.stack([b_teaches.sum(), a_teaches.sum(), b_to_a.sum(), a_to_b.sum(),
+                                        torch.tensor(float(b_teaches.numel()), device=x.device),
+                                        (y != IGNORE).sum()]).float()
+        loss_a = ce_a + cfg.hfd_weight * hfd_a + cfg.region_weight * reg_a + cfg.pixel_weight * pix_a
+        loss_b = ce_b + cfg.hfd_weight * hfd_b + cfg.region_weight * reg_b + cfg.pixel_weight * pix_b
+        return loss_a + loss_b + probes
+
+    def _region_losses(self, ma, mb, za, zb, y):
+        """Per region (B, R, R): each peer's loss there, and the probes' own training loss (classification)."""
+        if self.task == "segmentation":
+            valid = (y != IGNORE).float().unsqueeze(1)
+            out = []
+            for z in (za, zb):
+                ce = F.cross_entropy(z.detach(), y, ignore_index=IGNORE, reduction="none").unsqueeze(1)
+                total = F.adaptive_avg_pool2d(ce * valid, self.grid)
+                out.append((total / F.adaptive_avg_pool2d(valid, self.grid).clamp_min(1e-6)).squeeze(1))
+            return out[0], out[1], 0.0
+        cells = []
+        for m, side in ((ma, self.a_side), (mb, self.b_side)):
+            z = side["probe"](m.detach())  # (B, classes, S, S): each cell predicts the image's label
+            target = y.view(-1, 1, 1).expand(-1, z.shape[-2], z.shape[-1])
+            cells.append(F.cross_entropy(z, target, reduction="none"))
+        probes = cells[0].mean() + cells[1].mean()
+        e = [F.adaptive_avg_pool2d(c.detach().unsqueeze(1), self.grid).squeeze(1) for c in cells]
+        return e[0], e[1], probes
+
+
+def run_collab(inputs, data, cfg: DistillRun, *, state=None, resume: bool = False) -> tuple[Checkpoint, Result]:
+    """`compress distill --method collab|dml --student CNN --peer VIT`: both peers trained together from
+    scratch, and, with `cfg.baselines`, each alone and both by plain mutual learning on the same budget.
+    Returns the student's checkpoint; the peer's is saved to `cfg.peer_out` (or `<state>.peer.pt`).
+
+    Example:
+        >>> ckpt, result = run_collab(None, "digits", DistillRun(student="resnet", peer="vit", method="collab"))
+        >>> result["top1"], result["peer_top1"], result["solo_top1"], result["dml_top1"]
+    """
+    if inputs:
+        raise CompressError(f"--method {cfg.method} trains two peers from scratch: it takes no teacher",
+                            found=f"--teacher {inputs[0] if isinstance(inputs, (list, tuple)) else inputs}")
+    task = task_of(data)
+    specs = [InputSpec(size=default_img_size(arch, args)) for arch, args in
+             ((cfg.student, cfg.student_args), (cfg.peer, cfg.peer_args))]
+    if task == "segmentation":  # a CNN backbone works at any size, a ViT's is fixed: both at the larger one
+        specs = [max(specs, key=lambda sp: sp.size)] * 2
+    bases = [Checkpoint(arch, args, task=task, input=spec)
+             for arch, args, spec in ((cfg.student, cfg.student_args, specs[0]), (cfg.peer, cfg.peer_args, specs[1]))]
+    d = as_data(data, specs[0], task, cfg.subset)
+    for b in bases:
+        b.num_classes = d.num_classes
+    metric = "miou" if task == "segmentation" else "top1"
+    tcfg = cfg.training()
+    hardware(cfg)
+    t0 = time.perf_counter()
+
+    def test(model, spec_in=None):
+        net = model if spec_in is None else nn.Sequential(spec_in, model)
+        return score(net.eval(), d.test, d.num_classes, task)
+
+    def fit(mode: str) -> tuple[Peers, float]:
+        torch.manual_seed(cfg.seed)
+        a, b = bases[0].instantiate(), bases[1].instantiate()
+        peers = Peers(a, b, specs[0], specs[1], _with_method(cfg, mode), d.num_classes, task)
+        t = time.perf_counter()
+        train(peers, d.train, tcfg, loss_fn=lambda net, x, y: net(x, y),
+              state_path=f"{state}.{mode}.resume.pt" if state else None, resume=resume,
+              description=f"{mode} {cfg.student} + {cfg.peer}")
+        peers.record(cfg.epochs - 1)
+        return peers, time.perf_counter() - t
+
+    def solo(i: int) -> tuple[nn.Module, float]:
+        torch.manual_seed(cfg.seed)
+        model = bases[i].instantiate()
+        c = cfg.training()
+        c.lr = cfg.lr if i == 0 else (cfg.peer_lr or cfg.lr)
+        t = time.perf_counter()
+        train(model, as_data(data, specs[i], task, cfg.subset).train, c,
+              state_path=f"{state}.solo{i}.resume.pt" if state else None, resume=resume,
+              description=f"alone {bases[i].arch}")
+        return model.eval(), time.perf_counter() - t
+
+    main, seconds = fit(cfg.method)
+    a, b = main.a.eval(), main.b.eval()
+    values = {"method": cfg.method, "student": cfg.student, "peer": cfg.peer, "data": d.name, "metric": metric,
+              "epochs": cfg.epochs, metric: test(a), f"peer_{metric}": test(b, main.b_input),
+              "train_seconds": round(seconds, 2), "student_params": param_count(a), "peer_params": param_count(b),
+              "transfers": main.history}
+    models = [(f"student {cfg.student}: {cfg.method}", a), (f"peer {cfg.peer}: {cfg.method}", b)]
+    scores = {models[0][0]: values[metric], models[1][0]: values[f"peer_{metric}"]}
+    times = {models[0][0]: seconds, models[1][0]: seconds}
+    if cfg.baselines:
+        for i, who in enumerate(("", "peer_")):
+            model, sec = solo(i)
+            values[f"{who}solo_{metric}"], values[f"{who}solo_seconds"] = test(model), round(sec, 2)
+            name = f"{('student', 'peer')[i]} {bases[i].arch}: alone"
+            models.append((name, model))
+            scores[name], times[name] = values[f"{who}solo_{metric}"], sec
+        if cfg.method != "dml":
+            dml, sec = fit("dml")
+            values[f"dml_{metric}"], values[f"peer_dml_{metric}"] = test(dml.a), test(dml.b, dml.b_input)
+            values["dml_seconds"] = round(sec, 2)
+    notes = []
+    for who, key in (("student", ""), ("peer", "peer_")):
+        alone = values.get(f"{key}solo_{metric}")
+        if alone is not None and values[f"{key}{metric}"] < alone:
+            notes.append(f"the {who} trained with its peer ({values[f'{key}{metric}']:.1f}) ends below the same model "
+                         f"trained alone ({alone:.1f})")
+    rows = []
+    if rank() == 0:
+        device = device_of(a)
+        rows = (measure_rows([m for m in models if m[0].startswith("student")], d.test, d.num_classes,
+                             specs[0].size, task, scores=scores, seconds=times, device=device)
+                + measure_rows([m for m in models if m[0].startswith("peer")],
+                               as_data(data, specs[1], task, cfg.subset).test, d.num_classes, specs[1].size, task,
+                               scores=scores, seconds=times, device=device))
+    keys = (metric, f"peer_{metric}", f"solo_{metric}", f"peer_solo_{metric}", f"dml_{metric}", f"peer_dml_{metric}")
+    summary = {k: values.get(k) for k in keys}
+    ckpt = bases[0].derive(a, "distill", [], spec_of(data), cfg, summary, num_classes=d.num_classes)
+    peer_path = cfg.peer_out or (f"{Path(str(state)).with_suffix('')}.peer.pt" if state else None)
+    if peer_path and rank() == 0:
+        save(bases[1].derive(b, "distill", [], spec_of(data), cfg, summary, num_classes=d.num_classes), peer_path)
+        values["peer_out"] = str(peer_path)
+        notes.append(f"peer saved: {peer_path}")
+    transfers = {"share of regions / positions taught, per epoch (b = peer, a = student)": main.history}
+    return ckpt, Result("distill", metric, values[metric], values, rows, notes, time.perf_counter() - t0, transfers)
+
+
+def _with_method(cfg: DistillRun, method: str) -> DistillRun:
+    from dataclasses import replace
+
+    return replace(cfg, method=method)
+
+
+@register_method("collab")
+class Collab(Method):
+    """CNN-ViT collaborative learning (HFD + BSD): an online method, run by `Peers` (no teacher)."""
+
+    tasks = ("classification", "segmentation")
+    online = True
+
+    def loss(self, *args, **kwargs):
+        raise CompressError("collab trains two peers together", expected="distill.run with --peer (run_collab)")
+
+
+@register_method("dml")
+class DML(Collab):
+    """Deep mutual learning: the two peers' symmetric KL, no selection (collab's baseline)."""

@@ -1,0 +1,293 @@
+"""Hybrid Distill (Shi et al., ICLR 2024): a ViT student learns the final token features of a
+discriminative teacher (through a projector) and the token relations (per-head attention maps) of a
+masked-image-modelling teacher at intermediate layers, L = alpha * L_feat + beta * L_rel (alpha = beta = 1),
+while the tokens the CLS token attends least are removed from its input, a share rising over training.
+
+Only the abstract and reviews of the paper could be read (../shared/research/hybrid.md): the loss forms,
+the layer set, the masking score and schedule are our reconstruction, each a config field, each listed in
+docs/ARCHITECTURE.md. `fd` is the same student with the feature term alone (the features-only baseline).
+
+Example:
+    >>> ckpt, result = distill.run("sup.pt", "digits", DistillRun(student="vit", method="hybrid",
+    ...                                                           mim_teacher="mim.pt"))
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compress.alignment import attention_maps, gather_tokens, keep_tokens, token_layout
+from compress.alignment.taps import hooked_outputs
+from compress.errors import CompressError
+
+from .config import register_method
+from .methods import Method
+
+
+def mask_ratio(epoch: int, epochs: int, r_max: float, full_share: float = 0.0) -> float:
+    """Progressive masking: 0 at the first epoch rising linearly to `r_max` at the last masked epoch; the
+    last `full_share` of the epochs see every token again.
+
+    Example:
+        >>> [mask_ratio(e, 5, 0.5) for e in range(5)]
+        [0.0, 0.125, 0.25, 0.375, 0.5]
+        >>> [mask_ratio(e, 5, 0.5, full_share=0.2) for e in range(5)]
+        [0.0, 0.16666666666666666, 0.3333333333333333, 0.5, 0.0]
+    """
+    masked = epochs - round(full_share * epochs)
+    if epoch >= masked:
+        return 0.0
+    return r_max if masked <= 1 else r_max * epoch / (masked - 1)
+
+
+def kept_count(patches: int, ratio: float) -> int:
+    """Patches kept at a masking ratio (at least one)."""
+    return max(1, patches - round(ratio * patches))
+
+
+def least_attended_dropped(cls_attention: torch.Tensor, keep: int) -> torch.Tensor:
+    """(B, keep) sorted positions of the patches the CLS token attends most (the rest are redundant).
+
+    Example:
+        >>> least_attended_dropped(torch.tensor([[0.1, 0.5, 0.2, 0.2]]), 2)
+        tensor([[1, 2]])
+    """
+    return cls_attention.topk(keep, dim=1).indices.sort(dim=1).values
+
+
+def select_relations(a: torch.Tensor, keep: torch.Tensor, prefix: int) -> torch.Tensor:
+    """Rows and columns of the prefix tokens and the kept patches of full attention maps (B, H, P+N, P+N),
+    each row renormalised over the kept keys."""
+    b, h = a.shape[:2]
+    idx = torch.cat([torch.arange(prefix, device=a.device).expand(b, -1), keep.to(a.device) + prefix], 1)
+    n = idx.shape[1]
+    a = a.gather(2, idx[:, None, :, None].expand(-1, h, -1, a.shape[-1]))
+    a = a.gather(3, idx[:, None, None, :].expand(-1, h, n, -1))
+    return a / a.sum(-1, keepdim=True).clamp_min(1e-12)
+
+
+def match_heads(teacher: torch.Tensor, student: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Equal head counts pass; when one count divides the other, the larger side's heads are averaged in
+    consecutive groups; otherwise both are averaged over all heads."""
+    ht, hs = teacher.shape[1], student.shape[1]
+    if ht == hs:
+        return teacher, student
+    if ht % hs == 0:
+        return teacher.unflatten(1, (hs, ht // hs)).mean(2), student
+    if hs % ht == 0:
+        return teacher, student.unflatten(1, (ht, hs // ht)).mean(2)
+    return teacher.mean(1, keepdim=True), student.mean(1, keepdim=True)
+
+
+def relation_loss(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) between attention distributions (B, H, N, N), averaged over rows, heads, batch.
+
+    Example:
+        >>> a = torch.softmax(torch.randn(2, 3, 5, 5), -1)
+        >>> relation_loss(a, a).item()
+        0.0
+    """
+    teacher, student = match_heads(teacher, student)
+    t = teacher.clamp_min(1e-8)
+    return (t * (t.log() - student.clamp_min(1e-8).log())).sum(-1).mean()
+
+
+def feature_loss(student_tokens: torch.Tensor, teacher_tokens: torch.Tensor) -> torch.Tensor:
+    """Smooth-L1 between projected student tokens and the teacher's tokens whitened by a LayerNorm without
+    affine (FD's target normalisation)."""
+    target = F.layer_norm(teacher_tokens, teacher_tokens.shape[-1:])
+    return F.smooth_l1_loss(student_tokens, target)
+
+
+def teacher_tokens(feature_map: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """A teacher's final NCHW map at the student's patch grid, as tokens (B, N, C): averaged down when finer,
+    bilinear up when coarser (a CNN teacher's stride-32 map)."""
+    if tuple(feature_map.shape[-2:]) != tuple(grid):
+        if feature_map.shape[-2] >= grid[0] and feature_map.shape[-1] >= grid[1]:
+            feature_map = F.adaptive_avg_pool2d(feature_map, grid)
+        else:
+            feature_map = F.interpolate(feature_map, size=grid, mode="bilinear", align_corners=False)
+    return feature_map.flatten(2).transpose(1, 2)
+
+
+def mean_attention_distance(a: torch.Tensor, grid: tuple[int, int], prefix: int) -> torch.Tensor:
+    """Per head, the attention-weighted distance (in patches) from each patch query to the patch keys,
+    averaged over queries and images (Dosovitskiy et al.'s measure; Hybrid Distill's diversity measure).
+
+    Example:
+        >>> a = torch.eye(5).expand(1, 2, 5, 5)          # every patch attends only to itself
+        >>> mean_attention_distance(a, (2, 2), 1).tolist()
+        [0.0, 0.0]
+    """
+    rows, cols = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij")
+    pos = torch.stack([rows.flatten(), cols.flatten()], 1).float().to(a.device)
+    dist = torch.cdist(pos, pos)  # (N, N)
+    p = a[:, :, prefix:, prefix:]
+    p = p / p.sum(-1, keepdim=True).clamp_min(1e-12)
+    return (p * dist).sum(-1).mean((0, 2))
+
+
+@register_method("fd")
+class FeatureDistill(Method):
+    """The discriminative teacher's final token features through a linear projector (smooth-L1 against the
+    whitened teacher), plus cross-entropy on the labels: Hybrid Distill without its relation term and without
+    masking (the features-only baseline)."""
+
+    teacher_features = True
+    relations = False
+
+    def setup(self, d) -> nn.ModuleDict:
+        cfg = d.cfg
+        self.student = token_layout(d.student, "student of --method " + cfg.method)
+        self.last = d.student_taps.all[-1].module  # the last block: its output tokens are the student's features
+        self.ratio = 0.0
+        self.relation_pairs: list[tuple[str, str]] = []
+        self.score_from = None
+        if self.relations:
+            self._relations(d)
+        width = int(getattr(d.student, "num_features", d.student_taps.all[-1].channels))
+        return nn.ModuleDict({"proj": nn.Linear(width, d.shapes.teacher[-1][0])})
+
+    def _relations(self, d) -> None:
+        cfg, s = d.cfg, self.student
+        if d.mim_teacher is None:
+            raise CompressError("--method hybrid needs a masked-image-modelling teacher",
+                                expected="--mim-teacher CHECKPOINT (make one: compress train --objective mim)")
+        m = token_layout(d.mim_teacher, "MIM teacher")
+        if m.grid != s.grid or m.prefix != s.prefix:
+            raise CompressError("the MIM teacher's token grid cannot be matched to the student's",
+                                expected=f"a {s.grid[0]}x{s.grid[1]} patch grid with {s.prefix} prefix tokens at the "
+                                         "student's input", found=f"{m.grid[0]}x{m.grid[1]} with {m.prefix}")
+        if cfg.mask_max > 0 and not s.droppable:
+            raise CompressError("the student cannot drop tokens from its sequence",
+                                expected="a timm ViT-like student, or --mask-max 0")
+        n_s, n_t = len(s.attention), len(m.attention)
+        layers = cfg.relation_layers or auto_relation_layers(n_s)
+        if not all(1 <= v <= n_s for v in layers):
+            raise CompressError("relation layer out of range", expected=f"1-based indices in 1..{n_s}",
+                                found=str(list(layers)))
+        self.relation_pairs = [(s.attention[v - 1], m.attention[max(1, round(v * n_t / n_s)) - 1]) for v in layers]
+        self.mim_last = m.attention[-1]
+        self.score_from = cfg.mask_score
+        if self.score_from == "auto":  # the discriminative teacher's CLS attention when it has one on this grid
+            try:
+                t = token_layout(d.teacher, "teacher")
+                ok = t.grid == s.grid and t.prefix >= 1 and t.prefix == s.prefix
+            except CompressError:
+                ok = False
+            self.score_from = "teacher" if ok else "mim"
+        if self.score_from == "teacher":
+            t = token_layout(d.teacher, "teacher")
+            if t.grid != s.grid or t.prefix < 1 or t.prefix != s.prefix:
+                raise CompressError("--mask-score teacher needs the teacher's CLS attention on the student's grid",
+                                    expected=f"{s.grid} with a CLS token", found=f"{t.grid}, {t.prefix} prefix tokens")
+            self.teacher_last = t.attention[-1]
+
+    def set_epoch(self, epoch: int, epochs: int, cfg) -> None:
+        self.ratio = mask_ratio(epoch, epochs, cfg.mask_max, cfg.mask_full_share) if self.relations else 0.0
+
+    def step(self, d, x, y):
+        cfg, grid, n = d.cfg, self.student.grid, self.student.patches
+        keep_n = kept_count(n, self.ratio)
+        with torch.no_grad():
+            t_in = d.teacher_input(x)
+            reads = [self.teacher_last] if self.score_from == "teacher" else []
+            with attention_maps(d.teacher, only=reads) as t_maps:
+                _, t_feats, _ = d.teacher_taps(d.teacher, t_in)
+            t_maps = dict(t_maps)
+            m_maps = {}
+            if self.relations:
+                reads = [t for _, t in self.relation_pairs] + ([self.mim_last] if self.score_from == "mim" else [])
+                with attention_maps(d.mim_teacher, only=sorted(set(reads))) as got:
+                    d.mim_teacher(d.mim_input(x))
+                m_maps = dict(got)
+            keep = self.keep(x.shape[0], n, keep_n, t_maps, m_maps, x.device)
+            target = teacher_tokens(t_feats[-1], grid)
+            if keep is not None:
+                target = gather_tokens(target, keep)
+        student_reads = [s for s, _ in self.relation_pairs]
+        ctx = keep_tokens(d.student, keep) if keep is not None else contextlib.nullcontext()
+        with ctx, attention_maps(d.student, only=student_reads, detach=False) as s_maps, \
+                hooked_outputs(d.student, [self.last]) as outs:
+            logits = d.student(x)
+        tokens = _first(outs[self.last])[:, self.student.prefix:]
+        loss = cfg.ce_weight * F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+        loss = loss + cfg.feat_weight * feature_loss(d.helpers["proj"](tokens), target)
+        if self.relation_pairs:
+            full = torch.arange(n, device=x.device).expand(x.shape[0], -1) if keep is None else keep
+            rel = sum(relation_loss(select_relations(m_maps[t], full, self.student.prefix), s_maps[s])
+                      for s, t in self.relation_pairs)
+            loss = loss + cfg.relation_weight * rel / len(self.relation_pairs)
+        return loss
+
+    def keep(self, b, n, keep_n, t_maps, m_maps, device):
+        """The patches the student sees this step (None: all of them)."""
+        if keep_n >= n:
+            return None
+        if self.score_from == "random":
+            return torch.rand(b, n, device=device).argsort(1)[:, :keep_n].sort(1).values
+        a = t_maps[self.teacher_last] if self.score_from == "teacher" else m_maps[self.mim_last]
+        prefix = self.student.prefix
+        return least_attended_dropped(a[:, :, 0, prefix:].mean(1), keep_n)
+
+
+@register_method("hybrid")
+class Hybrid(FeatureDistill):
+    """Hybrid Distill: `fd`'s feature term + the MIM teacher's token relations (KL between per-head attention
+    maps) at intermediate layers + progressive removal of the tokens the CLS token attends least."""
+
+    relations = True
+
+
+def auto_relation_layers(depth: int) -> list[int]:
+    """The default relation layers: blocks 8-11 of 12 (1-based; the intermediate layers below the last one)
+    at the same relative depth for `depth` blocks.
+
+    Example:
+        >>> auto_relation_layers(12), auto_relation_layers(4), auto_relation_layers(6)
+        ([8, 9, 10, 11], [3], [4, 5])
+    """
+    layers = [v for v in range(1, depth + 1) if 8 / 12 <= v / depth <= 11 / 12 + 1e-9]
+    return layers or [max(1, depth - 1)]
+
+
+def masking_flops_saving(student: nn.Module, layout, input_size: int, in_chans: int, epochs: int,
+                         r_max: float, full_share: float = 0.0) -> float:
+    """1 - (mean over the schedule's epochs of the student's forward FLOPs at the kept tokens) / (its FLOPs on
+    every token): the compute the masking saves in the student (its backward scales the same way)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from compress.device import device_of
+
+    x = torch.zeros(1, in_chans, input_size, input_size, device=device_of(student))
+
+    def flops(keep: int) -> int:
+        idx = torch.arange(keep, device=x.device).unsqueeze(0)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter, keep_tokens(student, idx):
+            student(x)
+        return counter.get_total_flops()
+
+    n = layout.patches
+    cache: dict[int, int] = {}
+    per_epoch = [cache.setdefault(k, flops(k)) for k in
+                 (kept_count(n, mask_ratio(e, epochs, r_max, full_share)) for e in range(epochs))]
+    return 1 - sum(per_epoch) / (epochs * (cache.get(n) or flops(n)))
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+
+@torch.no_grad()
+def attention_distances(model: nn.Module, layers: list[str], x: torch.Tensor) -> dict[str, list[float]]:
+    """Per attention module in `layers`, the mean attention distance of each head (in patches) on `x`."""
+    layout = token_layout(model)
+    with attention_maps(model, only=layers) as maps:
+        model(x)
+    return {name: [round(v, 4) for v in mean_attention_distance(maps[name], layout.grid, layout.prefix).tolist()]
+            for name in layers}

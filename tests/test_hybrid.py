@@ -1,0 +1,276 @@
+"""Hybrid Distill, MIM pretraining and CNN-ViT collaborative learning: losses and masks by hand, the token
+masking's schedule, one step for several family pairs, bad input, the CLI end to end."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cli import main
+from compress import Checkpoint, InputSpec, load
+from compress.alignment import attention_maps, keep_tokens, token_layout
+from compress.alignment.taps import hooked_outputs
+from compress.errors import CompressError
+from compress.mim import MaskedAutoencoder, patchify, reconstruction_loss
+from compress.registry import create_model, default_img_size
+from distill import DistillConfig, Distiller
+from distill.collab import Peers, pixel_kl, region_teachers, reliable
+from distill.config import DistillRun
+from distill.hybrid import (
+    auto_relation_layers,
+    kept_count,
+    least_attended_dropped,
+    mask_ratio,
+    match_heads,
+    mean_attention_distance,
+    relation_loss,
+    select_relations,
+)
+from tests.helpers import SLIM_RESNET, SLIM_RESNET_ARGS
+
+VIT2 = {"depth": 2}
+
+
+def test_relation_loss_is_zero_for_equal_maps_and_positive_otherwise():
+    a = torch.softmax(torch.randn(2, 3, 9, 9), -1)
+    b = torch.softmax(torch.randn(2, 3, 9, 9), -1)
+    assert relation_loss(a, a).abs().item() < 1e-6
+    assert relation_loss(a, b).item() > 0.01
+    t6 = torch.softmax(torch.randn(2, 6, 9, 9), -1)  # 6 teacher heads onto 3 student heads: pairs averaged
+    grouped, _ = match_heads(t6, a)
+    assert torch.allclose(grouped[:, 1], (t6[:, 2] + t6[:, 3]) / 2)
+    assert relation_loss(t6, grouped).abs().item() < 1e-6  # a student equal to the grouped teacher: zero
+    assert relation_loss(t6, a).item() > 0.01
+
+
+def test_relations_of_kept_tokens_are_renormalised_rows_and_columns():
+    a = torch.softmax(torch.randn(1, 2, 5, 5), -1)  # 1 prefix + 4 patches
+    keep = torch.tensor([[1, 3]])
+    sel = select_relations(a, keep, prefix=1)
+    idx = [0, 2, 4]
+    ref = a[:, :, idx][:, :, :, idx]
+    assert torch.allclose(sel, ref / ref.sum(-1, keepdim=True)) and torch.allclose(sel.sum(-1), torch.ones(1, 2, 3))
+
+
+def test_masking_schedule_keeps_cls_and_removes_exactly_the_scheduled_tokens():
+    assert [mask_ratio(e, 5, 0.5) for e in range(5)] == [0.0, 0.125, 0.25, 0.375, 0.5]
+    assert [kept_count(64, mask_ratio(e, 5, 0.5)) for e in range(5)] == [64, 56, 48, 40, 32]
+    assert [kept_count(64, mask_ratio(e, 6, 0.5, 1 / 3)) for e in range(6)] == [64, 53, 43, 32, 64, 64]
+    assert least_attended_dropped(torch.tensor([[0.1, 0.5, 0.2, 0.3]]), 2).tolist() == [[1, 3]]
+    assert auto_relation_layers(12) == [8, 9, 10, 11] and auto_relation_layers(4) == [3]
+    torch.manual_seed(0)
+    d = _hybrid_distiller()
+    seen = []
+    d.student.blocks[0].register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1]))
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    for epoch in range(5):
+        d.set_epoch(epoch, 5)
+        d.train()
+        with torch.no_grad():
+            d(x, y)
+        assert seen[-1] == 1 + kept_count(64, mask_ratio(epoch, 5, 0.5, 0.2))  # CLS + the kept patches
+    assert seen == [65, 54, 44, 33, 65]
+    assert type(d.student.patch_drop).__name__ != "_Keep"  # the student is left as it was
+    # the kept sequence is the CLS token followed by exactly the chosen patches, with their positions
+    m = d.student.eval()
+    with hooked_outputs(m, ["patch_drop"]) as full:
+        m(x)
+    keep = torch.tensor([[0, 7, 63]] * 4)
+    with keep_tokens(m, keep), hooked_outputs(m, ["patch_drop"]) as short:
+        m(x)
+    assert torch.equal(short["patch_drop"], full["patch_drop"][:, [0, 1, 8, 64]])
+
+
+def test_attention_maps_unfuse_only_what_they_read_and_keep_gradients():
+    m = create_model("vit", **VIT2).train()
+    with attention_maps(m, only=["blocks.1.attn"], detach=False) as maps:
+        assert m.blocks[0].attn.fused_attn and not m.blocks[1].attn.fused_attn
+        m(torch.randn(2, 3, 32, 32))
+    assert set(maps) == {"blocks.1.attn"} and maps["blocks.1.attn"].requires_grad
+    assert m.blocks[1].attn.fused_attn
+    with pytest.raises(CompressError, match="no readable attention"):
+        with attention_maps(m, only=["blocks.9.attn"]):
+            pass
+
+
+def test_mean_attention_distance_by_hand():
+    a = torch.zeros(1, 1, 5, 5)
+    a[0, 0, 1:, 1] = 1.0  # every patch of a 2x2 grid attends to patch (0, 0)
+    d = mean_attention_distance(a, (2, 2), prefix=1)
+    assert torch.allclose(d, torch.tensor([(0 + 1 + 1 + 2 ** 0.5) / 4]))
+
+
+def _hybrid_distiller(method="hybrid", teacher="vit", student="vit", mim_args=None, **cfg):
+    t_args = SLIM_RESNET if teacher == "resnet" else VIT2
+    t = create_model(teacher, num_classes=10, **t_args).eval()
+    mim = create_model("vit", num_classes=10, **{**VIT2, **(mim_args or {})}).eval()
+    s = create_model(student, num_classes=10, **(VIT2 if student in ("vit", "deit") else {}))
+    size = default_img_size(student)
+    return Distiller(s, t, DistillConfig(method, **cfg), InputSpec(size), InputSpec(default_img_size(teacher)), 10,
+                     mim_teacher=mim if method == "hybrid" else None, mim_spec=InputSpec(32))
+
+
+@pytest.mark.parametrize("method,teacher,student", [("hybrid", "vit", "vit"), ("hybrid", "resnet", "deit"),
+                                                    ("fd", "resnet", "vit"), ("hybrid", "vit", "deit")])
+def test_hybrid_one_step(method, teacher, student):
+    torch.manual_seed(0)
+    d = _hybrid_distiller(method, teacher, student)
+    d.set_epoch(3, 4)
+    d.train()
+    opt = torch.optim.SGD([p for p in d.parameters() if p.requires_grad], lr=0.05)
+    before = {k: v.clone() for k, v in d.student.state_dict().items()}
+    loss = d(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss)
+    assert any(not torch.equal(before[k], v) for k, v in d.student.state_dict().items())
+    assert not any(k.startswith(("teacher.", "mim_teacher.")) for k in d.state_dict())
+    if method == "hybrid":
+        assert d.method.score_from == ("teacher" if teacher == "vit" else "mim")
+
+
+def test_hybrid_bad_input():
+    with pytest.raises(CompressError, match="no readable token attention"):
+        _hybrid_distiller("hybrid", "vit", "resnet")
+    with pytest.raises(CompressError, match="token grid cannot be matched"):
+        _hybrid_distiller("hybrid", "vit", "vit", mim_args={"patch_size": 8})
+    with pytest.raises(CompressError, match="--mim-teacher"):
+        DistillRun(student="vit", method="hybrid")
+    with pytest.raises(CompressError, match="relation layer out of range"):
+        _hybrid_distiller("hybrid", relation_layers=[7])
+
+
+def test_mim_pretraining_learns_to_reconstruct():
+    assert patchify(torch.arange(16.).view(1, 1, 4, 4), 2)[0, 1].tolist() == [2, 3, 6, 7]
+    from compress.data import load_data
+    from compress.train import TrainConfig, train
+
+    d = load_data("digits", InputSpec(32))
+    torch.manual_seed(0)
+    mae = MaskedAutoencoder(create_model("vit", num_classes=10, **VIT2))
+    assert mae.kept() == 16  # 25% of 64 patches reach the encoder
+    before = reconstruction_loss(mae, d.test)
+    train(mae, d.train, TrainConfig(epochs=3, lr=2e-3), loss_fn=lambda net, x, y: net(x))
+    after = reconstruction_loss(mae, d.test)
+    assert after < 0.8 * before, (before, after)
+    with pytest.raises(CompressError, match="readable token attention"):
+        MaskedAutoencoder(create_model("resnet", num_classes=10, **SLIM_RESNET))
+
+
+def test_bsd_masks_by_hand():
+    e_a = torch.tensor([[[0.2, 0.9], [0.5, 0.5]]])
+    e_b = torch.tensor([[[0.4, 0.1], [0.5, 0.7]]])
+    a_teaches, b_teaches = region_teachers(e_a, e_b)
+    assert a_teaches.tolist() == [[[True, False], [False, True]]]
+    assert b_teaches.tolist() == [[[False, True], [False, False]]]
+    # per pixel: (B=1, C=3, H=1, W=4); labels with one ignored pixel
+    p_t = torch.tensor([[0.7, 0.2, 0.6, 0.1], [0.2, 0.7, 0.3, 0.1], [0.1, 0.1, 0.1, 0.8]]).view(1, 3, 1, 4)
+    p_l = torch.tensor([[0.5, 0.1, 0.8, 0.3], [0.3, 0.8, 0.1, 0.3], [0.2, 0.1, 0.1, 0.4]]).view(1, 3, 1, 4)
+    y = torch.tensor([[[0, 1, 0, 255]]])
+    assert reliable(p_t, p_l, y, "correct_and_confident").tolist() == [[[True, False, False, False]]]
+    assert reliable(p_t, p_l, y, "correct").tolist() == [[[True, True, True, False]]]
+    assert reliable(p_t, p_l, y, "confident").tolist() == [[[True, False, False, False]]]
+    z = torch.randn(2, 5)
+    assert pixel_kl(z, z, torch.ones(2)).abs().item() < 1e-6
+    assert pixel_kl(z, torch.randn(2, 5), torch.zeros(2)).item() == 0
+
+
+@pytest.mark.parametrize("task,student,peer", [("classification", "resnet", "vit"),
+                                               ("classification", "convnext", "swin"),
+                                               ("segmentation", "resnet", "vit")])
+@pytest.mark.parametrize("method", ["collab", "dml"])
+def test_peers_one_step(task, student, peer, method):
+    torch.manual_seed(0)
+    cfg = DistillRun(student=student, peer=peer, method=method)
+    size = 32
+    classes = 11 if task == "segmentation" else 10
+    a_ck = Checkpoint(student, dict(SLIM_RESNET) if student == "resnet" else {}, classes, task, InputSpec(size))
+    b_ck = Checkpoint(peer, {"depth": 2} if peer == "vit" else {}, classes, task, InputSpec(size))
+    peers = Peers(a_ck.instantiate(), b_ck.instantiate(), a_ck.input, b_ck.input, cfg, classes, task).train()
+    groups = peers.param_groups(1e-3)
+    assert len(groups) == 2 and sum(len(g["params"]) for g in groups) == len(list(peers.parameters()))
+    opt = torch.optim.AdamW(groups)
+    before = [{k: v.clone() for k, v in m.state_dict().items()} for m in (peers.a, peers.b)]
+    y = torch.randint(0, classes, (4, size, size) if task == "segmentation" else (4,))
+    loss = peers(torch.randn(4, 3, size, size), y)
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss)
+    for m, b in zip((peers.a, peers.b), before):
+        assert any(not torch.equal(b[k], v) for k, v in m.state_dict().items())
+    if method == "collab":
+        peers.record(0)
+        h = peers.history[-1]
+        assert 0 <= h["regions_a_to_b"] + h["regions_b_to_a"] <= 1
+
+
+def test_peers_gradients_stay_with_their_own_peer():
+    """Every cross term detaches its target: the student's loss alone never reaches the peer."""
+    torch.manual_seed(0)
+    cfg = DistillRun(student="resnet", peer="vit", method="collab")
+    a = Checkpoint("resnet", dict(SLIM_RESNET), 10, "classification", InputSpec(32)).instantiate()
+    b = create_model("vit", num_classes=10, **VIT2)
+    peers = Peers(a, b, InputSpec(32), InputSpec(32), cfg, 10, "classification").train()
+    peers.a.requires_grad_(False)  # only the peer's parameters collect gradients
+    loss = peers(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))
+    loss.backward()
+    zb = peers.b(torch.randn(1, 3, 32, 32))
+    assert zb.shape == (1, 10) and all(p.grad is None for p in peers.a.parameters())
+
+
+def test_collab_bad_input(tmp_path, capsys):
+    with pytest.raises(CompressError, match="--peer"):
+        DistillRun(student="resnet", method="collab")
+    with pytest.raises(CompressError, match="--peer"):
+        DistillRun(student="resnet", peer="vit", method="ofa")
+    from tests.tiny_arch import tiny_cnn
+
+    one_stage = tiny_cnn()
+    one_stage.feature_info = one_stage.feature_info[:1]
+    with pytest.raises(CompressError, match="cannot be paired"):
+        Peers(one_stage, create_model("vit", **VIT2), InputSpec(32), InputSpec(32),
+              DistillRun(student="tests.tiny_arch:tiny_cnn", peer="vit", method="collab"), 10, "classification")
+    assert main(["distill", "--teacher", "x.pt", "--method", "collab", "--student", "resnet", "--peer", "vit",
+                 "--out", str(tmp_path / "c.pt")]) == 2
+    assert "takes no teacher" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_mim_then_hybrid_then_collab(tmp_path):
+    sup, mim, out, js = (tmp_path / n for n in ("sup.pt", "mim.pt", "h.pt", "h.json"))
+    assert main(["train", "--arch", "vit", "--arch-args", "depth=2", "--epochs", "2", "--out", str(sup)]) == 0
+    assert main(["train", "--arch", "vit", "--arch-args", "depth=2", "--objective", "mim", "--epochs", "1",
+                 "--out", str(mim), "--json", str(tmp_path / "m.json")]) == 0
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert m["metric"] == "mim_loss" and m["score"] > 0 and load(mim).arch == "vit"
+    assert main(["distill", "--teacher", str(sup), "--mim-teacher", str(mim), "--student", "vit", "--student-args",
+                 "depth=2", "--method", "hybrid", "--epochs", "2", "--out", str(out), "--json", str(js)]) == 0
+    r = json.loads(js.read_text())
+    assert {"top1", "fd_top1", "scratch_top1", "kd_top1"} <= set(r)
+    assert 0 < r["masking_flops_saving"] < 0.5 and r["mask_score"] == "teacher"
+    assert set(r["attention_distance"]) == {"student", "fd_student", "mim_teacher"}
+    assert set(load(out).state_dict) == set(create_model("vit", num_classes=10, **VIT2).state_dict())
+    out, js = tmp_path / "c.pt", tmp_path / "c.json"
+    assert main(["distill", "--method", "collab", "--student", "resnet", "--student-args", SLIM_RESNET_ARGS,
+                 "--peer", "vit", "--peer-args", "depth=2", "--epochs", "2", "--out", str(out), "--json",
+                 str(js)]) == 0
+    r = json.loads(js.read_text())
+    assert r["top1"] > 30 and {"peer_top1", "solo_top1", "peer_solo_top1", "dml_top1", "peer_dml_top1"} <= set(r)
+    assert len(r["transfers"]) == 2 and (tmp_path / "c.peer.pt").exists()
+    assert load(tmp_path / "c.peer.pt").arch == "vit" and load(out).arch == "resnet"
+    assert main(["eval", str(tmp_path / "c.peer.pt"), "--latency-runs", "2"]) == 0
+
+
+def test_token_layout_and_keep_tokens_errors():
+    lay = token_layout(create_model("vit", **VIT2))
+    assert lay.grid == (8, 8) and lay.prefix == 1 and lay.droppable and len(lay.attention) == 2
+    with pytest.raises(CompressError, match="out of range"):
+        with keep_tokens(create_model("vit", **VIT2), torch.tensor([[64]])):
+            pass
+    x = torch.randn(2, 3, 32, 32)
+    m = create_model("vit", **VIT2).eval()
+    with keep_tokens(m, torch.arange(64).expand(2, -1)):
+        same = m(x)
+    assert torch.allclose(same, m(x), atol=1e-5)  # keeping every patch is the plain forward
+    assert F.mse_loss(same, m(x)) < 1e-10
