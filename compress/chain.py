@@ -108,7 +108,13 @@ def load_recipe(path: str | Path, out_dir: str | Path | None = None, overrides: 
         if getattr(config, "train_teacher", False):
             raise CompressError(f"{where}: key 'train-teacher' is not for chains", expected="a train step for the "
                                 "teacher, then distill from it")
-        sources = _sources(s.get("from"), steps, step, where)
+        if getattr(config, "takes_input", lambda: True)():
+            sources = _sources(s.get("from"), steps, step, where)
+        elif s.get("from") is not None:  # collaborative peers train from scratch
+            raise CompressError(f"{where}: key 'from' is not for this step", expected="no input: it trains from "
+                                "scratch", found=f"from: {s['from']}")
+        else:
+            sources = []
         data = s.get("data", doc.get("data", "digits"))
         if not isinstance(data, str):
             raise CompressError(f"{where}: key 'data' has the wrong type", expected="a data spec such as digits")

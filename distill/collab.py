@@ -135,7 +135,8 @@ class Peers(nn.Module):
         if self.mode == "collab":
             self.a_side = nn.ModuleDict({"hfd": _adapter(ca[0], cb[0]), "region": _adapter(ca[1], cb[1])})
             self.b_side = nn.ModuleDict({"hfd": _adapter(cb[0], ca[0]), "region": _adapter(cb[1], ca[1])})
-            if task == "classification":  # per-cell probes that score each region (detached: never train a peer)
+            # per-cell probes that score each region (on detached maps: they never train a peer)
+            if task == "classification" and cfg.region_metric == "cell":
                 self.a_side["probe"] = nn.Conv2d(ca[1], num_classes, 1)
                 self.b_side["probe"] = nn.Conv2d(cb[1], num_classes, 1)
         # transfers counted on the device, read once per epoch: regions b->a, a->b, positions b->a, a->b, totals
@@ -202,6 +203,13 @@ class Peers(nn.Module):
 
     def _region_losses(self, ma, mb, za, zb, y):
         """Per region (B, R, R): each peer's loss there, and the probes' own training loss (classification)."""
+        if self.cfg.region_metric == "sample":  # each image's loss decides all its regions
+            out = []
+            for z in (za, zb):
+                ce = F.cross_entropy(z.detach(), y, ignore_index=IGNORE, reduction="none")
+                ce = ce.flatten(1).mean(1) if ce.ndim > 1 else ce
+                out.append(ce.view(-1, 1, 1).expand(-1, self.grid, self.grid))
+            return out[0], out[1], 0.0
         if self.task == "segmentation":
             valid = (y != IGNORE).float().unsqueeze(1)
             out = []
@@ -267,6 +275,7 @@ def run_collab(inputs, data, cfg: DistillRun, *, state=None, resume: bool = Fals
         model = bases[i].instantiate()
         c = cfg.training()
         c.lr = cfg.lr if i == 0 else (cfg.peer_lr or cfg.lr)
+        c.label_smoothing = cfg.label_smoothing  # the peers' own cross-entropy: the same objective alone
         t = time.perf_counter()
         train(model, as_data(data, specs[i], task, cfg.subset).train, c,
               state_path=f"{state}.solo{i}.resume.pt" if state else None, resume=resume,

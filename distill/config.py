@@ -70,6 +70,10 @@ class DistillConfig:
     region_weight: float = option(1.0, "collab: weight of the region-wise selective feature term (BSD)")
     pixel_weight: float = option(1.0, "collab: weight of the pixel-wise (per-sample) selective KL term (BSD)")
     region_grid: int = option(8, "collab: regions per side of the stage map (capped by the map's side)")
+    region_metric: str = option("cell", "collab: the loss that decides a region's direction (cell: the peer's loss "
+                                        "in the region: pixel CE for segmentation, a per-cell probe for "
+                                        "classification; sample: the peer's loss on the whole image)",
+                                choices=("cell", "sample"))
     pixel_rule: str = option("correct_and_confident", "collab: when a peer's prediction is transferred",
                              choices=PIXEL_RULES)
 

@@ -274,3 +274,30 @@ def test_token_layout_and_keep_tokens_errors():
         same = m(x)
     assert torch.allclose(same, m(x), atol=1e-5)  # keeping every patch is the plain forward
     assert F.mse_loss(same, m(x)) < 1e-10
+
+
+def test_a_collab_step_in_a_recipe_takes_no_input(tmp_path):
+    from compress.chain import load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text("steps:\n  - kind: train\n    arch: vit\n  - kind: distill\n    method: collab\n"
+                    "    student: resnet\n    peer: vit\n")
+    plan = load_recipe(path)
+    assert plan.steps[1].sources == [] and plan.steps[1].config.peer == "vit"
+    path.write_text(path.read_text() + "    from: train\n")
+    with pytest.raises(CompressError, match="'from' is not for this step"):
+        load_recipe(path)
+
+
+def test_region_direction_by_whole_image_loss():
+    torch.manual_seed(0)
+    cfg = DistillRun(student="resnet", peer="vit", method="collab", region_metric="sample")
+    a = Checkpoint("resnet", dict(SLIM_RESNET), 10, "classification", InputSpec(32)).instantiate()
+    peers = Peers(a, create_model("vit", **VIT2), InputSpec(32), InputSpec(32), cfg, 10, "classification")
+    assert "probe" not in peers.a_side
+    za, zb, y = torch.randn(3, 10), torch.randn(3, 10), torch.tensor([1, 2, 3])
+    e_a, e_b, extra = peers._region_losses(None, None, za, zb, y)
+    ce_a = F.cross_entropy(za, y, reduction="none")
+    assert extra == 0.0 and e_a.shape == (3, peers.grid, peers.grid)
+    assert torch.allclose(e_a, ce_a.view(-1, 1, 1).expand_as(e_a))
+    assert torch.equal(region_teachers(e_a, e_b)[0][:, 0, 0], ce_a < F.cross_entropy(zb, y, reduction="none"))
