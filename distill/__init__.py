@@ -7,6 +7,8 @@ TransKD (see methods.py); the teacher's input is reconciled to the student's (di
     methods.py     scratch, kd, fitnet, ofa, transkd
     projectors.py  OFA exit branches, FitNets regressors
     transkd.py     TransKD's CSF, HCL, PEA, GL-Mixer, embedding assistant
+    hybrid.py      Hybrid Distill (hybrid) and its features-only baseline (fd): MIM teacher, token masking
+    collab.py      CNN-ViT collaborative learning (collab) and mutual learning (dml): two peers, no teacher
     losses.py      OFA's loss, hint loss
     cka.py         linear CKA between stages
 
