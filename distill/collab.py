@@ -38,6 +38,7 @@ from compress.train import rank, train
 
 from .config import DistillRun, register_method
 from .distiller import TeacherInput, _Taps
+from .losses import resize_map, whiten
 from .methods import Method
 
 IGNORE = 255
@@ -80,21 +81,6 @@ def pixel_kl(z_learner: torch.Tensor, z_teacher: torch.Tensor, mask: torch.Tenso
     p_t = F.softmax(z_teacher.detach() / tau, 1)
     kl = (p_t * (p_t.clamp_min(1e-8).log() - log_l)).sum(1)
     return tau * tau * (kl * mask).mean()
-
-
-def _resize(t: torch.Tensor, side: int) -> torch.Tensor:
-    if t.shape[-1] == side and t.shape[-2] == side:
-        return t
-    if t.shape[-1] >= side:
-        return F.adaptive_avg_pool2d(t, side)
-    return F.interpolate(t, size=(side, side), mode="bilinear", align_corners=False)
-
-
-def _whiten(t: torch.Tensor) -> torch.Tensor:
-    """A detached target map normalised over channels at each position (LayerNorm without affine, FD's
-    target normalisation): the peers' features have unrelated scales."""
-    t = t.detach()
-    return F.layer_norm(t.movedim(1, -1), t.shape[1:2]).movedim(-1, 1)
 
 
 def _adapter(c_in: int, c_out: int) -> nn.Module:
@@ -177,14 +163,14 @@ class Peers(nn.Module):
             return ce_a + ce_b + pixel_kl(za, zb, every) + pixel_kl(zb, za, every)
         cfg = self.cfg
         # HFD: first-stage maps, each through its adapter at the other's grid and width
-        hfd_a = F.mse_loss(_resize(self.a_side["hfd"](fa[0]), fb[0].shape[-1]), _whiten(fb[0]))
-        hfd_b = F.mse_loss(_resize(self.b_side["hfd"](fb[0]), fa[0].shape[-1]), _whiten(fa[0]))
+        hfd_a = F.mse_loss(resize_map(self.a_side["hfd"](fa[0]), fb[0].shape[-2:]), whiten(fb[0]))
+        hfd_b = F.mse_loss(resize_map(self.b_side["hfd"](fb[0]), fa[0].shape[-2:]), whiten(fa[0]))
         # BSD region-wise on the second-stage maps at a common grid
-        ma, mb = _resize(fa[1], self.side), _resize(fb[1], self.side)
+        ma, mb = resize_map(fa[1], (self.side, self.side)), resize_map(fb[1], (self.side, self.side))
         e_a, e_b, probes = self._region_losses(ma, mb, za, zb, y)
         a_teaches, b_teaches = region_teachers(e_a, e_b)
-        sq_a = (self.a_side["region"](ma) - _whiten(mb)).pow(2).mean(1, keepdim=True)  # a learning from b
-        sq_b = (self.b_side["region"](mb) - _whiten(ma)).pow(2).mean(1, keepdim=True)
+        sq_a = (self.a_side["region"](ma) - whiten(mb)).pow(2).mean(1, keepdim=True)  # a learning from b
+        sq_b = (self.b_side["region"](mb) - whiten(ma)).pow(2).mean(1, keepdim=True)
         reg_a = (F.adaptive_avg_pool2d(sq_a, self.grid).squeeze(1) * b_teaches).mean()
         reg_b = (F.adaptive_avg_pool2d(sq_b, self.grid).squeeze(1) * a_teaches).mean()
         # BSD pixel-wise (per sample for classification)

@@ -21,10 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from compress.alignment import attention_maps, gather_tokens, keep_tokens, token_layout
-from compress.alignment.taps import hooked_outputs
+from compress.alignment.taps import _first, hooked_outputs
 from compress.errors import CompressError
+from compress.mim import random_keep
 
 from .config import register_method
+from .losses import resize_map, whiten
 from .methods import Method
 
 
@@ -99,19 +101,13 @@ def relation_loss(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
 def feature_loss(student_tokens: torch.Tensor, teacher_tokens: torch.Tensor) -> torch.Tensor:
     """Smooth-L1 between projected student tokens and the teacher's tokens whitened by a LayerNorm without
     affine (FD's target normalisation)."""
-    target = F.layer_norm(teacher_tokens, teacher_tokens.shape[-1:])
-    return F.smooth_l1_loss(student_tokens, target)
+    return F.smooth_l1_loss(student_tokens, whiten(teacher_tokens, dim=-1))
 
 
 def teacher_tokens(feature_map: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """A teacher's final NCHW map at the student's patch grid, as tokens (B, N, C): averaged down when finer,
     bilinear up when coarser (a CNN teacher's stride-32 map)."""
-    if tuple(feature_map.shape[-2:]) != tuple(grid):
-        if feature_map.shape[-2] >= grid[0] and feature_map.shape[-1] >= grid[1]:
-            feature_map = F.adaptive_avg_pool2d(feature_map, grid)
-        else:
-            feature_map = F.interpolate(feature_map, size=grid, mode="bilinear", align_corners=False)
-    return feature_map.flatten(2).transpose(1, 2)
+    return resize_map(feature_map, grid).flatten(2).transpose(1, 2)
 
 
 def mean_attention_distance(a: torch.Tensor, grid: tuple[int, int], prefix: int) -> torch.Tensor:
@@ -172,19 +168,17 @@ class FeatureDistill(Method):
                                 found=str(list(layers)))
         self.relation_pairs = [(s.attention[v - 1], m.attention[max(1, round(v * n_t / n_s)) - 1]) for v in layers]
         self.mim_last = m.attention[-1]
-        self.score_from = cfg.mask_score
-        if self.score_from == "auto":  # the discriminative teacher's CLS attention when it has one on this grid
-            try:
-                t = token_layout(d.teacher, "teacher")
-                ok = t.grid == s.grid and t.prefix >= 1 and t.prefix == s.prefix
-            except CompressError:
-                ok = False
-            self.score_from = "teacher" if ok else "mim"
-        if self.score_from == "teacher":
+        try:  # the discriminative teacher can score redundancy with a CLS attention on the student's grid
             t = token_layout(d.teacher, "teacher")
-            if t.grid != s.grid or t.prefix < 1 or t.prefix != s.prefix:
+        except CompressError:
+            t = None
+        usable = t is not None and t.grid == s.grid and t.prefix == s.prefix >= 1
+        self.score_from = cfg.mask_score if cfg.mask_score != "auto" else "teacher" if usable else "mim"
+        if self.score_from == "teacher":
+            if not usable:
                 raise CompressError("--mask-score teacher needs the teacher's CLS attention on the student's grid",
-                                    expected=f"{s.grid} with a CLS token", found=f"{t.grid}, {t.prefix} prefix tokens")
+                                    expected=f"{s.grid} with a CLS token",
+                                    found=f"{t.grid}, {t.prefix} prefix tokens" if t else type(d.teacher).__name__)
             self.teacher_last = t.attention[-1]
 
     def set_epoch(self, epoch: int, epochs: int, cfg) -> None:
@@ -217,10 +211,9 @@ class FeatureDistill(Method):
         tokens = _first(outs[self.last])[:, self.student.prefix:]
         loss = cfg.ce_weight * F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
         loss = loss + cfg.feat_weight * feature_loss(d.helpers["proj"](tokens), target)
-        if self.relation_pairs:
-            full = torch.arange(n, device=x.device).expand(x.shape[0], -1) if keep is None else keep
-            rel = sum(relation_loss(select_relations(m_maps[t], full, self.student.prefix), s_maps[s])
-                      for s, t in self.relation_pairs)
+        if self.relation_pairs:  # with every token kept the teacher's maps are already the student's shape
+            rel = sum(relation_loss(m_maps[t] if keep is None else select_relations(m_maps[t], keep, self.student.prefix),
+                                    s_maps[s]) for s, t in self.relation_pairs)
             loss = loss + cfg.relation_weight * rel / len(self.relation_pairs)
         return loss
 
@@ -229,7 +222,7 @@ class FeatureDistill(Method):
         if keep_n >= n:
             return None
         if self.score_from == "random":
-            return torch.rand(b, n, device=device).argsort(1)[:, :keep_n].sort(1).values
+            return random_keep(b, n, keep_n, device)
         a = t_maps[self.teacher_last] if self.score_from == "teacher" else m_maps[self.mim_last]
         prefix = self.student.prefix
         return least_attended_dropped(a[:, :, 0, prefix:].mean(1), keep_n)
@@ -277,9 +270,6 @@ def masking_flops_saving(student: nn.Module, layout, input_size: int, in_chans: 
                  (kept_count(n, mask_ratio(e, epochs, r_max, full_share)) for e in range(epochs))]
     return 1 - sum(per_epoch) / (epochs * (cache.get(n) or flops(n)))
 
-
-def _first(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 

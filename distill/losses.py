@@ -7,7 +7,23 @@ import torch.nn.functional as F
 
 from compress.losses import kd_loss
 
-__all__ = ["ofa_loss", "kd_loss", "hint_loss"]
+__all__ = ["ofa_loss", "kd_loss", "hint_loss", "whiten", "resize_map"]
+
+
+def whiten(t: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """`t` detached and normalised over its feature axis `dim` at each position (a LayerNorm without affine,
+    FD's target normalisation): features of unrelated scales become comparable targets."""
+    t = t.detach()
+    return F.layer_norm(t.movedim(dim, -1), (t.shape[dim],)).movedim(-1, dim)
+
+
+def resize_map(t: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """An NCHW map at grid `size`: averaged down when at least as fine, bilinear up otherwise."""
+    if tuple(t.shape[-2:]) == tuple(size):
+        return t
+    if t.shape[-2] >= size[0] and t.shape[-1] >= size[1]:
+        return F.adaptive_avg_pool2d(t, size)
+    return F.interpolate(t, size=size, mode="bilinear", align_corners=False)
 
 
 def ofa_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor, gamma: float = 1.0,

@@ -54,15 +54,20 @@ def token_layout(model: nn.Module, what: str = "model") -> TokenLayout:
         (8, 8)
     """
     name = type(model).__name__
-    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    grid, prefix = _grid_and_prefix(model)
     attn = readable_attention(model)
     if grid is None or not attn:
         raise CompressError(f"the {what} has no readable token attention", found=name,
                             expected="a ViT-like model: a patch embedding with a fixed grid and attention whose maps "
                                      "can be read (timm ViT, DeiT, EVA, BEiT, ...)")
-    return TokenLayout((int(grid[0]), int(grid[1])), int(getattr(model, "num_prefix_tokens", 0)),
-                       [n for n, _ in attn], [int(getattr(m, "num_heads", 1)) for _, m in attn],
+    return TokenLayout(grid, prefix, [n for n, _ in attn], [int(getattr(m, "num_heads", 1)) for _, m in attn],
                        isinstance(getattr(model, "patch_drop", None), nn.Module))
+
+
+def _grid_and_prefix(model: nn.Module) -> tuple[tuple[int, int] | None, int]:
+    """The patch grid (None without one) and the prefix token count, read from the model's attributes."""
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    return (None if grid is None else (int(grid[0]), int(grid[1]))), int(getattr(model, "num_prefix_tokens", 0))
 
 
 class _Keep(nn.Module):
@@ -73,9 +78,7 @@ class _Keep(nn.Module):
         self.index, self.prefix = index, prefix
 
     def forward(self, x):
-        patches = x[:, self.prefix:]
-        idx = self.index.to(x.device).unsqueeze(-1).expand(-1, -1, x.shape[-1])
-        return torch.cat([x[:, :self.prefix], patches.gather(1, idx)], dim=1)
+        return torch.cat([x[:, :self.prefix], gather_tokens(x[:, self.prefix:], self.index.to(x.device))], dim=1)
 
 
 @contextlib.contextmanager
@@ -87,15 +90,17 @@ def keep_tokens(model: nn.Module, index: torch.Tensor):
         >>> with keep_tokens(vit, torch.arange(16).expand(8, -1)):   # the first 16 of 64 patches
         ...     vit(x)
     """
-    layout = token_layout(model)
-    if not layout.droppable:
+    # called on every training step: reads two attributes, not the module tree that token_layout walks
+    grid, prefix = _grid_and_prefix(model)
+    if grid is None or not isinstance(getattr(model, "patch_drop", None), nn.Module):
         raise CompressError(f"{type(model).__name__} cannot shorten its token sequence",
                             expected="a timm ViT-like model with a patch_drop slot after its position embedding")
-    if index.ndim != 2 or index.numel() and (index.min() < 0 or index.max() >= layout.patches):
-        raise CompressError("token indices out of range", expected=f"(batch, K) positions in [0, {layout.patches})",
+    patches = grid[0] * grid[1]
+    if index.ndim != 2 or index.numel() and (index.min() < 0 or index.max() >= patches):
+        raise CompressError("token indices out of range", expected=f"(batch, K) positions in [0, {patches})",
                             found=f"shape {tuple(index.shape)}")
     original = model.patch_drop
-    model.patch_drop = _Keep(index, layout.prefix)
+    model.patch_drop = _Keep(index, prefix)
     try:
         yield
     finally:
