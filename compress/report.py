@@ -111,7 +111,10 @@ def pct(v: float | None) -> str:
 def seconds(v: float | None) -> str:
     if v is None:
         return "-"
-    return f"{v:.1f} s" if v < 120 else f"{int(v // 60)} min {v % 60:02.0f} s"
+    if v < 120:
+        return f"{v:.1f} s"
+    whole = round(v)  # rounded once, so 239.7 s reads 4 min 00 s, not 3 min 60 s
+    return f"{whole // 60} min {whole % 60:02d} s"
 
 
 _FORMATS = {"size": megabytes, "size_bytes": megabytes, "params": count, "macs": count, "top1": pct, "miou": pct,

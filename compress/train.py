@@ -53,6 +53,26 @@ def _dist(device: torch.device):
     return world, rank
 
 
+def _gather(obj, world: int) -> list:
+    """`obj` of every process, in rank order (a one-item list without torchrun)."""
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def _read_state(path: Path, world: int, rank: int) -> dict | None:
+    """The resumable state, read by rank 0 and sent to the others, so a multi-node run resumes without a
+    shared file system and every process agrees on whether there is one."""
+    st = torch.load(path, map_location="cpu", weights_only=True) if rank == 0 and path.exists() else None
+    if world > 1:
+        box = [st]
+        torch.distributed.broadcast_object_list(box, src=0)
+        st = box[0]
+    return st
+
+
 def rank() -> int:
     """This process's rank under torchrun (0 otherwise): only rank 0 writes files."""
     return int(os.environ.get("RANK", "0"))
@@ -99,15 +119,17 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, loss_fn=None, state
     loss_fn = loss_fn or (lambda m, x, y: F.cross_entropy(m(x), y, label_smoothing=cfg.label_smoothing))
     start = 0
     state_path = Path(state_path) if state_path else None
-    if resume and state_path and state_path.exists():
-        st = torch.load(state_path, map_location="cpu", weights_only=True)
+    st = _read_state(state_path, world, rank) if resume and state_path else None
+    if st is not None:
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
         if "scaler" in st:
             scaler.load_state_dict(st["scaler"])
-        gen.set_state(st["rng"])
-        torch.set_rng_state(st["torch_rng"])
+        # each process continues its own random streams (its shifts, dropout) where it stopped
+        rng, torch_rng = st["rngs"][rank] if len(st.get("rngs", ())) == world else (st["rng"], st["torch_rng"])
+        gen.set_state(rng)
+        torch.set_rng_state(torch_rng)
         start = int(st["epoch"])
     model.train()
     shift = round(cfg.max_shift * loader.dataset[0][0].shape[-1])
@@ -132,11 +154,13 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, loss_fn=None, state
                 # reading the loss waits for the device: every tenth step is enough for the display
                 shown = {"loss": loss.item()} if step % 10 == 0 or step == len(loader) - 1 else {}
                 bar.update(task, advance=1, **shown)
-            if state_path and rank == 0:
-                st = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                      "scaler": scaler.state_dict(), "rng": gen.get_state(), "torch_rng": torch.get_rng_state(),
-                      "epoch": epoch + 1}
-                atomic_write(state_path, lambda tmp, st=st: torch.save(st, tmp))
+            if state_path:
+                rngs = _gather((gen.get_state(), torch.get_rng_state()), world)
+                if rank == 0:
+                    st = {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                          "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "rng": rngs[0][0],
+                          "torch_rng": rngs[0][1], "rngs": rngs, "epoch": epoch + 1}
+                    atomic_write(state_path, lambda tmp, st=st: torch.save(st, tmp))
     if state_path and rank == 0:
         state_path.unlink(missing_ok=True)
     return model.eval()

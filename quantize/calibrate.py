@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compress.alignment import align
+from compress.device import device_of
 
 from .config import BRIDGES, GUARDED, HESSIAN, METHODS, QuantConfig, parse_bits
 from .engine import QuantizedModel, Site, discover
@@ -43,8 +44,8 @@ def fisher_loss(reference: torch.Tensor):
 
 def calibrate(model: nn.Module, images: torch.Tensor, cfg: QuantConfig) -> tuple[QuantizedModel, dict]:
     """Quantize `model` (a copy is not made: RepQ folds and reconstruction write its weights) with `cfg`
-    on calibration `images`; returns the fake-quantized model and a report dict. Methods that reconstruct
-    bridge blocks (Q-HyViT) get them from the alignment layer.
+    on calibration `images`, on the model's device; returns the fake-quantized model and a report dict.
+    Methods that reconstruct bridge blocks (Q-HyViT) get them from the alignment layer.
 
     Example:
         >>> qm, info = calibrate(model, images, QuantConfig(method="qhyvit", bits="w6a6"))
@@ -53,6 +54,7 @@ def calibrate(model: nn.Module, images: torch.Tensor, cfg: QuantConfig) -> tuple
     """
     w_bits, a_bits = cfg.w_bits, cfg.a_bits
     method = METHODS.get(cfg.method)
+    images = images.to(device_of(model))
     blocks = align(model, images.shape[-1], images.shape[1]).blocks if cfg.method in BRIDGES else []
     start = time.perf_counter()
     model.eval().requires_grad_(False)
@@ -139,6 +141,7 @@ def _last_index(todo: list[str], sites: dict[str, Site], block: str) -> int:
 
 def sensitivity(qm: QuantizedModel, images: torch.Tensor) -> dict[str, float]:
     """Per site, the SQNR (dB) of the logits when only that site is quantized: low means sensitive."""
+    images = images.to(device_of(qm))
     with torch.no_grad():
         qm.floating = True
         ref = qm(images)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from compress.config import DataOptions, option, validate_choices
+from compress.config import DataOptions, check_device_name, option, validate_choices
 from compress.errors import CompressError
 from compress.registry import Registry
 from compress.steps import Step
@@ -83,8 +83,10 @@ class QuantConfig:
 @dataclass
 class QuantizeRun(DataOptions, QuantConfig):
     """`compress quantize`: calibrate (simulated PTQ), sensitivity, and optionally a real int8 program
-    (PT2E / Inductor, ONNX Runtime, or the faster of the two). It runs on the CPU: both int8 backends are a
-    CPU's, and the simulation engine's quantizers are not yet device-aware (no `--device` here yet).
+    (PT2E / Inductor, ONNX Runtime, or the faster of the two). Calibration, the simulated model's scores and the
+    sensitivity table run on `--device`; the int8 programs are built and timed on the CPU, the only device
+    both int8 backends target. There is no `--precision`: a quantization error is measured against the float
+    model in fp32, and autocast would add its own rounding to what is being measured.
 
     Example:
         >>> ckpt, result = quantize.run("vit.pt", "digits", QuantizeRun(bits="w8a8", deploy="vit.int8.pt2"))
@@ -96,10 +98,13 @@ class QuantizeRun(DataOptions, QuantConfig):
                                 artifact="model.int8")
     sensitivity_plot: str | None = option(None, "per-site sensitivity (SQNR when alone quantized) as a PNG",
                                           artifact="sensitivity.png")
+    device: str = option("auto", "where calibration runs: auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps; "
+                                 "int8 programs are built and timed on the CPU")
 
     def __post_init__(self):
         super().__post_init__()
         self.check_subset()
+        check_device_name(self.device)
 
 
 STEP = Step("quantize", QuantizeRun, "quantize.pipeline:run", "one", "",

@@ -182,7 +182,7 @@ class _Intercept(TorchFunctionMode):
         attn = call(torch.matmul, (), (q * scale, k.transpose(-2, -1)))
         if is_causal:
             n, m = q.shape[-2], k.shape[-2]
-            attn = attn.masked_fill(torch.ones(n, m, dtype=torch.bool).tril().logical_not(), float("-inf"))
+            attn = attn.masked_fill(torch.ones(n, m, dtype=torch.bool, device=attn.device).tril().logical_not(), float("-inf"))
         if attn_mask is not None:
             attn = attn.masked_fill(attn_mask.logical_not(), float("-inf")) if attn_mask.dtype == torch.bool \
                 else attn + attn_mask

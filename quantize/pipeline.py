@@ -20,6 +20,7 @@ from torch import nn
 
 from compress.checkpoint import Checkpoint, as_checkpoints
 from compress.data import data_for, spec_of
+from compress.device import resolve_device
 from compress.errors import CompressError
 from compress.measure import file_size, top1
 from compress.result import Result, batch_of, measure_rows
@@ -46,10 +47,11 @@ def run(inputs, data, cfg: QuantizeRun, **_) -> tuple[Checkpoint, Result]:
     if tuple(images.shape[1:]) != expected:
         raise CompressError("calibration images do not fit the model", expected=f"inputs of shape {expected}",
                             found=f"{tuple(images.shape[1:])} from {d.name}")
+    device = resolve_device(cfg.device)  # a missing device is refused before any work
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    original = ckpt.build()
-    model = copy.deepcopy(original)
+    original = ckpt.build()  # stays on the CPU: the int8 backends start from it
+    model = copy.deepcopy(original).to(device)
     qm, info = calibrate(model, images, QuantConfig(**{k: getattr(cfg, k) for k in QuantConfig.__dataclass_fields__
                                                        if k not in ("w_bits", "a_bits")}))
     values = {"checkpoint": ckpt.source, "arch": ckpt.arch, "method": cfg.method, "bits": cfg.bits,
@@ -57,7 +59,8 @@ def run(inputs, data, cfg: QuantizeRun, **_) -> tuple[Checkpoint, Result]:
               "fp32_top1": top1(original, d.test), "top1": top1(qm, d.test),
               "calib_seconds": round(info["calib_seconds"], 2), "sites": len(info["sites"]),
               "site_quantizers": info["sites"], "float_sites": info["skipped"], "bridge_blocks": info["bridges"],
-              "reconstruction": info["reconstruction"], "folded_norms": info["folded_norms"]}
+              "reconstruction": info["reconstruction"], "folded_norms": info["folded_norms"],
+              "device": str(device)}
     sens = sensitivity(qm, images)
     values["sensitivity_db"] = {k: round(v, 2) for k, v in sens.items()}
     notes = []

@@ -140,3 +140,10 @@ def test_inspect_an_architecture_reports_what_the_alignment_did_not_understand(t
     assert 0 <= gaps["pinned_share"] < 0.1  # the patch embedding's input channels and the classifier rows
     out = capsys.readouterr().out
     assert "ops without a rule: none" in out and "stages where no block was found: none" in out
+
+
+def test_durations_read_as_people_write_them():
+    from compress.report import seconds
+
+    assert [seconds(v) for v in (None, 3.14, 119.94, 120, 239.7, 3599.6)] == \
+        ["-", "3.1 s", "119.9 s", "2 min 00 s", "4 min 00 s", "60 min 00 s"]

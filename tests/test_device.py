@@ -95,3 +95,27 @@ def test_a_distiller_accepts_a_teacher_already_on_the_gpu():
     d = Distiller(create_model("vit", num_classes=10), teacher, DistillConfig("ofa"), spec, spec, 10).cuda()
     x, y = torch.randn(4, 3, 32, 32, device="cuda"), torch.randint(0, 10, (4,), device="cuda")
     assert torch.isfinite(d(x, y)) and d(x).is_cuda
+
+
+@cuda
+def test_quantization_calibrates_on_the_gpu_like_on_the_cpu(tmp_path):
+    """Q-HyViT on the GPU (search, Hessian gradients, bridge reconstruction) gives the CPU's quantized model up
+    to float rounding; the checkpoint it writes evaluates on the CPU."""
+    import json
+
+    from compress import Checkpoint, load, save
+
+    src = save(Checkpoint.create("mobilevit", seed=0), tmp_path / "m.pt")
+    size = load(src).input.size
+    logits = {}
+    for device in ("cpu", "cuda"):
+        out, js = tmp_path / f"q-{device}.pt", tmp_path / f"q-{device}.json"
+        assert main(["quantize", str(src), "--method", "qhyvit", "--calib", "8", "--recon-iters", "20",
+                     "--device", device, "--out", str(out), "--json", str(js)]) == 0
+        r = json.loads(js.read_text())
+        assert r["device"].startswith(device) and r["bridge_blocks"]
+        x = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            logits[device] = load(out).build().eval()(x)
+    noise = (logits["cpu"] - logits["cuda"]).pow(2).sum() / logits["cpu"].pow(2).sum()
+    assert float(noise) < 1e-2  # -20 dB: the same quantizers, chosen on two devices' float rounding

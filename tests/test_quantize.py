@@ -249,6 +249,11 @@ def test_cli_quantize_bad_input(tmp_path, capsys):
     assert "bits out of range" in capsys.readouterr().err
     assert main(["quantize", str(src), "--method", "nope", "--out", str(tmp_path / "q.pt")]) == 2
     assert main(["quantize", str(src), "--out", str(src)]) == 2
+    assert main(["quantize", str(src), "--device", "tpu", "--out", str(tmp_path / "q.pt")]) == 2
+    assert "unknown device 'tpu'" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["quantize", str(src), "--device", "cuda", "--out", str(tmp_path / "q.pt")]) == 2
+        assert "no CUDA GPU here" in capsys.readouterr().err
     assert not (tmp_path / "q.pt").exists()
     model, _ = small_model("vit")
     with pytest.raises(CompressError, match="do not fit the model.*48, 48"):
