@@ -203,3 +203,7 @@ def test_a_wrong_rule_is_caught_by_the_invariance_check_and_its_space_dropped(mo
     twin.load_state_dict(checked.permute_state(model.state_dict(), checked.random_permutations()))
     with torch.no_grad():
         assert torch.allclose(twin(x), model(x), atol=1e-5)
+    # a second copy of the architecture (fusion's anchor) takes the verdict over without checking again
+    inherited = find_spaces(Net().eval(), x[:1], verify=checked)
+    assert inherited.rejected == checked.rejected
+    assert [s.name for s in inherited.spaces] == [s.name for s in checked.spaces]

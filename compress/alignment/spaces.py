@@ -122,12 +122,14 @@ class SpaceGraph:
         return covered / max(total, 1)
 
 
-def find_spaces(model: nn.Module, *example_inputs: torch.Tensor, verify: bool = True) -> SpaceGraph:
+def find_spaces(model: nn.Module, *example_inputs: torch.Tensor, verify: bool | SpaceGraph = True) -> SpaceGraph:
     """Derive the spaces of `model` from its aten graph on `example_inputs`. With `verify` (the default) the
     result is checked on the model itself: a random permutation of every space, on a weight-perturbed copy,
     must leave its outputs unchanged. Where it does not (an op whose rule is wrong for this model), each
     space is checked alone and the ones that change the function are dropped (`SpaceGraph.rejected`), so
-    fusion and pruning leave those axes as they are instead of computing a wrong model.
+    fusion and pruning leave those axes as they are instead of computing a wrong model. `verify` may instead
+    be the verified graph of a model with the same structure (another copy of one architecture): its verdict
+    is taken over, since the check depends on the structure only (it perturbs the weights).
 
     Example:
         >>> sg = find_spaces(timm.create_model("vit_tiny_patch16_224", img_size=32), torch.randn(1, 3, 32, 32))
@@ -136,7 +138,9 @@ def find_spaces(model: nn.Module, *example_inputs: torch.Tensor, verify: bool = 
     """
     g = trace(model, *example_inputs)
     sg = _propagate(g, state_tensors(model), non_persistent(model))
-    if verify and sg.spaces:
+    if isinstance(verify, SpaceGraph):
+        _reject(sg, [s for s in sg.spaces if s.name in set(verify.rejected)])
+    elif verify and sg.spaces:
         _verify(model, sg, example_inputs)
     return sg
 
