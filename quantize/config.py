@@ -98,6 +98,9 @@ class QuantizeRun(DataOptions, QuantConfig):
                                 artifact="model.int8")
     sensitivity_plot: str | None = option(None, "per-site sensitivity (SQNR when alone quantized) as a PNG",
                                           artifact="sensitivity.png")
+    ort_weights: str = option("auto", "ONNX Runtime weights: s8, u8, or auto (u8 on an x86 CPU without VNNI, where "
+                                      "ORT's s8 kernels saturate; s8 elsewhere); set s8 when building on such a CPU "
+                                      "for a VNNI server", choices=("auto", "s8", "u8"))
     device: str = option("auto", "where calibration runs: auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps; "
                                  "int8 programs are built and timed on the CPU")
 

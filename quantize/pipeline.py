@@ -92,7 +92,10 @@ def run(inputs, data, cfg: QuantizeRun, **_) -> tuple[Checkpoint, Result]:
             for backend, final in targets.items():  # with several backends, candidates wait in a scratch folder
                 path = Path(tmp) / f"candidate{final.suffix}" if len(targets) > 1 else final
                 build = deploy_pt2e if backend == "pt2e" else deploy_onnxruntime
-                deployments.append(build(original, images, qm, info, path, d.test, meta))
+                deployments.append(build(original, images, qm, info, path, d.test, meta, cfg))
+                if deployments[-1].extra.get("weights") == "u8" and cfg.ort_weights == "auto":
+                    notes.append("ONNX Runtime: weights u8, since this x86 CPU has no VNNI and ORT's s8-weight kernels "
+                                 "saturate on it; for a VNNI target build with --ort-weights s8")
             for dep in deployments:
                 for which in ("fp32", "int8"):
                     name = f"{which} ({dep.label})"
@@ -157,7 +160,7 @@ class Deployment:
     extra: dict = field(default_factory=dict)
 
 
-def deploy_pt2e(original, images, qm, info, path: Path, test, metadata: dict) -> Deployment:
+def deploy_pt2e(original, images, qm, info, path: Path, test, metadata: dict, cfg: QuantizeRun) -> Deployment:
     """PT2E / x86 Inductor: the variant search of `deploy.py`, the program written (with the checkpoint's
     description) and reloaded from its file, as a user will run it."""
     from compress.alignment import align
@@ -180,21 +183,22 @@ def deploy_pt2e(original, images, qm, info, path: Path, test, metadata: dict) ->
                       {"deploy_choice": dep.choice, "deploy_variants": dep.variants, "float_modules": dep.float_modules})
 
 
-def deploy_onnxruntime(original, images, qm, info, path: Path, test, metadata: dict) -> Deployment:
+def deploy_onnxruntime(original, images, qm, info, path: Path, test, metadata: dict, cfg: QuantizeRun) -> Deployment:
     """ONNX Runtime: the float model exported (kept beside the int8 one as `<name>.fp32.onnx`) and statically
-    quantized on the same calibration images; both run in ONNX Runtime."""
+    quantized on the same calibration images (weights as `cfg.ort_weights` resolves); both run in ONNX Runtime."""
     from compress.programs import OrtProgram
 
-    from .ort import export_onnx, float_ops, quantize_onnx
+    from .ort import export_onnx, float_ops, quantize_onnx, weight_type
 
     fp32_path = path.with_name(path.name.removesuffix(path.suffix) + ".fp32.onnx")
     export_onnx(original, images, fp32_path, metadata)
-    quantize_onnx(fp32_path, images, path, metadata)
+    weights = weight_type(cfg.ort_weights)
+    quantize_onnx(fp32_path, images, path, metadata, weights)
     fp32, int8 = OrtProgram(fp32_path), OrtProgram(path)
     left = float_ops(path)
     return Deployment("onnxruntime", "ONNX Runtime", "onnxruntime", path, fp32, int8, top1(fp32, test),
                       top1(int8, test), file_size(fp32_path), file_size(path),
-                      {"fp32_path": str(fp32_path), "float_ops": left})
+                      {"fp32_path": str(fp32_path), "float_ops": left, "weights": weights})
 
 
 def keep(chosen: Deployment, final: Path) -> None:
