@@ -1,12 +1,13 @@
 """Is int8 slower than FP32 on the hybrids because they are small? The same hybrids at real widths (random
-weights: only speed is measured), FP32 against int8 at batch 1, 2 threads, on this machine:
+weights: only speed is measured), FP32 against int8 at batch 1 (or --batch), 2 threads, on this machine:
 
 - ONNX Runtime: FP32, and static QDQ int8 (per-channel weights, u8 activations, 16 calibration images) with
   every op quantized (what `compress quantize --deploy X.onnx` writes), with only Conv / MatMul / Gemm, with
-  only Conv / Gemm, and in the QOperator format (QLinearConv / QLinearMatMul);
+  only Conv / Gemm, in the QOperator format (QLinearConv / QLinearMatMul), and with uint8 weights (what
+  `--deploy` writes on an x86 CPU without VNNI);
 - PT2E: x86 Inductor FP32 against all-int8 (torchao's X86InductorQuantizer), both compiled with freezing.
 
-Run: .venv/bin/python bench/int8_width.py [--models efficientformer-l1:64 mobilevit_s:64 ...] [--no-pt2e]
+Run: .venv/bin/python bench/int8_width.py [--models efficientformer-l1:64 mobilevit_s:64 ...] [--no-pt2e] [--batch N]
 (writes bench/results/int8_width.json)
 """
 
@@ -27,9 +28,10 @@ from quantize.ort import export_onnx  # noqa: E402
 L1 = {"depths": (3, 2, 6, 4), "embed_dims": (48, 96, 224, 448)}  # EfficientFormer-L1's widths and depths
 MODELS = {"efficientformer-digits": ("efficientformer", {}), "efficientformer-l1": ("efficientformer", L1),
           "mobilevit_xxs": ("mobilevit_xxs", {}), "mobilevit_s": ("mobilevit_s", {})}
-VARIANTS = {"qdq all ops": (None, "QDQ"), "qdq conv/matmul/gemm": (["Conv", "MatMul", "Gemm"], "QDQ"),
-            "qdq conv/gemm": (["Conv", "Gemm"], "QDQ"), "qoperator conv/matmul/gemm": (["Conv", "MatMul", "Gemm"],
-                                                                                    "QOperator")}
+VARIANTS = {"qdq all ops": (None, "QDQ", "s8"), "qdq conv/matmul/gemm": (["Conv", "MatMul", "Gemm"], "QDQ", "s8"),
+            "qdq conv/gemm": (["Conv", "Gemm"], "QDQ", "s8"),
+            "qoperator conv/matmul/gemm": (["Conv", "MatMul", "Gemm"], "QOperator", "s8"),
+            "qdq all ops, u8 weights": (None, "QDQ", "u8"), "qdq conv/gemm, u8 weights": (["Conv", "Gemm"], "QDQ", "u8")}
 
 
 def session(path: str):
@@ -49,7 +51,7 @@ def ms_per_run(sess, x, runs: int = 200) -> float:
     return (time.perf_counter() - t) / runs * 1e3
 
 
-def quantize_variant(fp32: str, images: torch.Tensor, out: str, ops, fmt: str) -> None:
+def quantize_variant(fp32: str, images: torch.Tensor, out: str, ops, fmt: str, weights: str) -> None:
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -64,23 +66,24 @@ def quantize_variant(fp32: str, images: torch.Tensor, out: str, ops, fmt: str) -
     quant_pre_process(fp32, pre)
     kw = {} if ops is None else {"op_types_to_quantize": ops}
     quantize_static(pre, out, Images(), quant_format=getattr(QuantFormat, fmt), per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, **kw)
+                    activation_type=QuantType.QUInt8, weight_type=getattr(QuantType, {"s8": "QInt8", "u8": "QUInt8"}[weights]),
+                    **kw)
 
 
-def measure(name: str, size: int, pt2e: bool) -> dict:
+def measure(name: str, size: int, pt2e: bool, batch: int = 1) -> dict:
     arch, kwargs = MODELS[name]
     kwargs = {**kwargs, "img_size": size} if arch == "efficientformer" else kwargs
     model = create_model(arch, num_classes=10, **kwargs).eval()
     images = torch.randn(16, 3, size, size, generator=torch.Generator().manual_seed(0))
-    row = {"params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2), "size": size}
+    row = {"params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2), "size": size, "batch": batch}
     with tempfile.TemporaryDirectory() as d:
         fp32 = f"{d}/fp32.onnx"
         export_onnx(model, images, fp32)
-        x = images[:1].numpy()
+        x = torch.randn(batch, 3, size, size).numpy()
         row["ort fp32"] = ms_per_run(session(fp32), x)
-        for label, (ops, fmt) in VARIANTS.items():
-            out = f"{d}/{label.replace(' ', '_').replace('/', '-')}.onnx"
-            quantize_variant(fp32, images, out, ops, fmt)
+        for label, (ops, fmt, weights) in VARIANTS.items():
+            out = f"{d}/{label.replace(' ', '_').replace('/', '-').replace(',', '')}.onnx"
+            quantize_variant(fp32, images, out, ops, fmt, weights)
             row[f"ort int8, {label}"] = ms_per_run(session(out), x)
     if pt2e:
         from quantize.deploy import deploy
@@ -98,16 +101,18 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=["efficientformer-digits:64", "efficientformer-l1:64",
                                                     "efficientformer-l1:128", "mobilevit_xxs:64", "mobilevit_s:64"])
     p.add_argument("--no-pt2e", action="store_true")
+    p.add_argument("--batch", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(2)
     out = ROOT / "bench" / "results" / "int8_width.json"
     results = json.loads(out.read_text()) if out.exists() else {}
     for spec in args.models:
         name, _, size = spec.partition(":")
-        results[spec] = measure(name, int(size or 64), not args.no_pt2e)
+        key = spec if args.batch == 1 else f"{spec} batch {args.batch}"
+        results[key] = measure(name, int(size or 64), not args.no_pt2e, args.batch)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=1))
-        print(spec, json.dumps(results[spec]), flush=True)
+        print(key, json.dumps(results[key]), flush=True)
 
 
 if __name__ == "__main__":
