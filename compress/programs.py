@@ -77,16 +77,19 @@ class Program(nn.Module):
 
 class OrtProgram(nn.Module):
     """An ONNX model in an ONNX Runtime CPU session, called like a module (tensors in, tensors out).
-    `threads` is the session's intra-op thread count (default: torch's, so timings compare like for like)."""
+    `threads` is the session's intra-op thread count (default: torch's, so timings compare like for like);
+    `optimize=False` runs the graph as written (a QDQ model then computes in float between its Q/DQ pairs: the
+    reference its fused int8 kernels should reproduce)."""
 
-    def __init__(self, path: str | os.PathLike, threads: int | None = None):
+    def __init__(self, path: str | os.PathLike, threads: int | None = None, optimize: bool = True):
         super().__init__()
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or torch.get_num_threads()
         opts.inter_op_num_threads = 1
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        level = ort.GraphOptimizationLevel
+        opts.graph_optimization_level = level.ORT_ENABLE_ALL if optimize else level.ORT_DISABLE_ALL
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         self.input = self.session.get_inputs()[0].name
 

@@ -9,6 +9,8 @@ import torch
 from cli import main
 from compress import Checkpoint, CompressError, load, save
 from compress.alignment import align
+from compress.data import load_data
+from compress.programs import OrtProgram
 from quantize import QuantConfig, QuantizedModel, calibrate, discover, parse_bits, sqnr
 from quantize.calibrate import fisher_loss
 from quantize.deploy import fp32_size_bytes, quantize_pt2e, save_program
@@ -244,7 +246,14 @@ def test_onnx_runtime_deployment_writes_both_models_and_they_evaluate(tmp_path):
     assert r["deploy_backend"] == "onnxruntime" and (tmp_path / "q.fp32.onnx").exists()
     assert ort["int8_size_bytes"] < 0.5 * ort["fp32_size_bytes"]  # int8 weights
     assert ort["weights"] == weight_type("auto")  # u8 on an x86 CPU without VNNI: ORT's s8 kernels saturate there
-    assert abs(ort["int8_top1"] - ort["fp32_top1"]) <= 1 and abs(ort["fp32_top1"] - r["fp32_top1"]) < 1e-9
+    assert abs(ort["fp32_top1"] - r["fp32_top1"]) < 1e-9
+    # the int8 kernels compute the program's own QDQ graph (the same graph run unfused, in float between its Q/DQ
+    # pairs): what saturating u8s8 kernels break; the rest of the gap to float is min-max on 16 images
+    x = load_data("digits", load(src).input).test.tensors[0]
+    fused, written = (torch.cat([m(x[i:i + 100]) for i in range(0, len(x), 100)])
+                      for m in (OrtProgram(onnx_path), OrtProgram(onnx_path, optimize=False)))
+    assert sqnr(written, fused) > 30 and (fused.argmax(1) == written.argmax(1)).float().mean() > 0.99
+    assert abs(ort["int8_top1"] - ort["fp32_top1"]) <= 2
     for path, key in ((onnx_path, "int8_top1"), (tmp_path / "q.fp32.onnx", "fp32_top1")):
         assert main(["eval", str(path), "--latency-runs", "2", "--json", str(ev)]) == 0
         assert abs(json.loads(ev.read_text())["top1"] - ort[key]) < 1e-9
