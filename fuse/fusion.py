@@ -49,6 +49,9 @@ class FuseReport:
         return float(sum(partners(t) for t in self.maps.values()) / len(self.maps))
 
 
+TIE_BREAK = 1e-3  # weight of the weight cost where activations tie neurons (it is scaled to max 1)
+
+
 def calibration_batches(images: torch.Tensor, cfg: FuseConfig) -> list[torch.Tensor]:
     n = (min(len(images), cfg.calib) // cfg.batch_size) * cfg.batch_size
     if n == 0:
@@ -103,6 +106,15 @@ def align_to(model: nn.Module, anchor: nn.Module, batches: list[torch.Tensor], c
                    else f"{flat:.0%} of its neurons constant over the calibration images")
             report.fallbacks.append(f"{space.name}: {why}; matched on weights")
             cost = weight_cost(sg_m, sg_a, space, anchor_spaces[space.name], state_m, state_a, maps)
+            maps[space.id] = _record(solve(cost, cfg.solver, cfg.softness), space.name, report).maps()
+            continue
+        if any(st.degenerate) and space.name in anchor_spaces:
+            # a few neurons constant over the calibration images (dead ReLUs): activations leave them tied, so
+            # their weights break the tie (a small term: it cannot outweigh any measured correlation)
+            report.fallbacks.append(f"{space.name}: {max(st.degenerate)} of {width} neurons constant over the "
+                                    "calibration images; those matched on weights")
+            cost = correlation_cost(st.correlation()) + TIE_BREAK * weight_cost(
+                sg_m, sg_a, space, anchor_spaces[space.name], state_m, state_a, maps, own=True)
             maps[space.id] = _record(solve(cost, cfg.solver, cfg.softness), space.name, report).maps()
             continue
         maps[space.id] = weight_maps(coupling(st, space.name))
@@ -171,15 +183,19 @@ def weight_matching(sg_m: SpaceGraph, sg_a: SpaceGraph, state_m: dict, state_a: 
 
 
 def weight_cost(sg_m: SpaceGraph, sg_a: SpaceGraph, sm: Space, sa: Space, state_m: dict, state_a: dict,
-                maps: dict) -> torch.Tensor:
+                maps: dict, own: bool = False) -> torch.Tensor:
     """Distance between neuron i of space `sm` (model) and j of `sa` (anchor) through every tensor carrying
-    the space, the model's other axes first moved by `maps`; scaled to max 1."""
+    the space, the model's other axes first moved by `maps`; scaled to max 1. `own`: only the neurons' own
+    parameters (weights that produce them, their biases and norms), not the consumers' columns, whose other
+    axes `maps` does not reach yet in a single forward pass."""
     others = {k: v for k, v in maps.items() if k != sm.id}
-    tensors = {m.tensor for m in sm.members}
+    members = [m for m in sm.members if m.role == "out"] if own else sm.members
+    members = members or sm.members
+    tensors = {m.tensor for m in members}
     moved = sg_m.transport_state({k: state_m[k] for k in tensors}, others)
     gram = torch.zeros(sm.size, sa.size, dtype=torch.float64)
     sq_m, sq_a = torch.zeros(sm.size, dtype=torch.float64), torch.zeros(sa.size, dtype=torch.float64)
-    for member in sm.members:
+    for member in members:
         name, axis = member.tensor, member.axis
         views = ax.paired_views(moved[name].float(), sg_m.tensor_axes[name][axis], state_a[name].float(),
                                 sg_a.tensor_axes[name][axis], axis)

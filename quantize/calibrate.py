@@ -109,12 +109,15 @@ def calibrate(model: nn.Module, images: torch.Tensor, cfg: QuantConfig) -> tuple
 def keep_better(qm: QuantizedModel, baselines: dict[str, dict], images: torch.Tensor) -> list[str]:
     """A method that extends min-max must never be worse than it: per site, the logits' SQNR with only that
     site quantized, by the method's quantizers and by min-max's (`baselines`); min-max's are kept where they
-    are better (two forwards per site, on a few calibration images). Returns those sites."""
+    are better (two forwards per site, on a few calibration images). Per-site choices need not add up (errors
+    of sites compound), so the whole model is then compared once more with min-max at every guarded site, and
+    the better of the two kept. Returns the sites that hold min-max's quantizers."""
     kept = []
     with torch.no_grad():
         qm.floating = True
         ref = qm(images)
         qm.floating = False
+        chosen = {}
         for name, base in baselines.items():
             site = qm.sites[name]
             ours = {role: qm.quantizers[site.key(role)] for role in base if site.key(role) in qm.quantizers}
@@ -125,7 +128,16 @@ def keep_better(qm: QuantizedModel, baselines: dict[str, dict], images: torch.Te
                 kept.append(name)
             else:
                 qm.quantizers.update({site.key(role): q for role, q in ours.items()})
+            chosen[name] = {role: qm.quantizers[site.key(role)] for role in base if site.key(role) in qm.quantizers}
         qm.active = None
+        if baselines and len(kept) < len(baselines):
+            mixed = sqnr(ref, qm(images))
+            for name, base in baselines.items():
+                qm.quantizers.update({qm.sites[name].key(role): q for role, q in base.items()})
+            if sqnr(ref, qm(images)) > mixed:
+                return list(baselines)
+            for name, qs in chosen.items():
+                qm.quantizers.update({qm.sites[name].key(role): q for role, q in qs.items()})
     return kept
 
 

@@ -84,18 +84,35 @@ class Record:
     out: torch.Tensor
     grad: torch.Tensor | None = None
 
-    def halves(self) -> tuple[Record, Record] | None:
+    def halves(self, site: Site | None = None) -> tuple[Record, Record] | None:
         """The record split into two halves of the calibration batch (activations are batch-major, also
-        where the batch is merged with windows or patches), or None when it cannot be split."""
+        where the batch is merged with windows or patches), or None when it cannot be split. With `site`:
+        inputs whose leading size did not grow with the batch (`site.shapes`, seen at discovery on one image:
+        a constant matrix that happens to have as many rows as the batch) stay whole, and the op must give
+        the first half's output from the first half's inputs (CSATv2's last stage attends across the batch:
+        its records cannot be split)."""
         n = self.out.shape[0] if self.out.ndim else 0
-        if n < 2 or n % 2 or any(t.shape[0] != n for r, t in self.inputs.items() if r != "w"):
+        fixed = {r for r, t in self.inputs.items() if r == "w" or (
+            site is not None and t.ndim and site.shapes.get(r, [None])[0] == t.shape[0] and n > 1)}
+        if n < 2 or n % 2 or any(t.shape[0] != n for r, t in self.inputs.items() if r not in fixed):
             return None
         h = n // 2
 
         def part(sl):
-            return Record({r: t if r == "w" else t[sl] for r, t in self.inputs.items()}, self.extra, self.out[sl],
-                          None if self.grad is None else self.grad[sl])
-        return part(slice(0, h)), part(slice(h, n))
+            return Record({r: t if r in fixed else t[sl] for r, t in self.inputs.items()}, self.extra,
+                          self.out[sl], None if self.grad is None else self.grad[sl])
+
+        first = part(slice(0, h))
+        if site is not None:  # the op must treat samples independently (CSATv2 attends across the batch)
+            try:
+                with torch.no_grad():
+                    again = run_op(site, first.inputs, first.extra, {})
+            except RuntimeError:
+                return None
+            tol = 1e-4 * float(first.out.abs().max()) + 1e-6
+            if again.shape != first.out.shape or float((again - first.out).abs().max()) > tol:
+                return None
+        return first, part(slice(h, n))
 
 
 def run_op(site: Site, inputs: dict[str, torch.Tensor], extra: tuple, quant: dict[str, nn.Module]) -> torch.Tensor:

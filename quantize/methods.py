@@ -104,7 +104,7 @@ def qhyvit(site: Site, rec: Record, w_bits: int, a_bits: int, cfg: SearchConfig)
             quant[role] = set_minmax(uniform_for(site, role, x, a_bits, True, "tensor"), x)
     if "w" in quant:
         search(site, rec, quant, "w", cfg)
-    halves = rec.halves()
+    halves = rec.halves(site)
     for role in [r for r in site.roles if r != "w"]:
         x = rec.inputs[role]
         choices = []

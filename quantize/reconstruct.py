@@ -48,15 +48,29 @@ class AdaRound(nn.Module):
         return (1 - (2 * self.h() - 1).abs().pow(beta)).sum()
 
 
-def capture(qm: QuantizedModel, module: nn.Module, x: torch.Tensor, floating: bool) -> tuple[tuple, dict, torch.Tensor]:
-    """The positional and keyword inputs (CoaT passes `size=` to its blocks) and the output of `module` when
-    the whole model runs on `x`."""
+def _tensors(out) -> list[torch.Tensor]:
+    """A block's output as a list of tensors: itself, or the tensors of the tuple it returns (CoaT's parallel
+    blocks return the maps of all four scales)."""
+    if torch.is_tensor(out):
+        return [out]
+    return [t for o in out for t in _tensors(o)] if isinstance(out, (tuple, list)) else []
+
+
+def _sq_error(out, target: list[torch.Tensor]) -> torch.Tensor:
+    """Per-sample squared error summed over every output tensor, mean over the batch."""
+    return sum((o - t).pow(2).flatten(1).sum(1) for o, t in zip(_tensors(out), target)).mean()
+
+
+def capture(qm: QuantizedModel, module: nn.Module, x: torch.Tensor, floating: bool
+            ) -> tuple[tuple, dict, list[torch.Tensor]]:
+    """The positional and keyword inputs (CoaT passes `size=` to its blocks) and the output tensors of `module`
+    when the whole model runs on `x`."""
     seen = {}
 
     def hook(mod, args, kwargs, out):
         seen["args"] = tuple(a.detach() if torch.is_tensor(a) else a for a in args)
         seen["kwargs"] = {k: v.detach() if torch.is_tensor(v) else v for k, v in kwargs.items()}
-        seen["out"] = out.detach()
+        seen["out"] = [t.detach() for t in _tensors(out)]
 
     name = next(n for n, m in qm.model.named_modules() if m is module)
     was = qm.floating
@@ -69,9 +83,11 @@ def capture(qm: QuantizedModel, module: nn.Module, x: torch.Tensor, floating: bo
     return seen["args"], seen["kwargs"], seen["out"]
 
 
-def block_error(qm: QuantizedModel, module: nn.Module, args: tuple, kwargs: dict, target: torch.Tensor) -> float:
+def block_error(qm: QuantizedModel, module: nn.Module, args: tuple, kwargs: dict, target: list[torch.Tensor]
+                ) -> float:
     with torch.no_grad():
-        return float((qm.run(module, *args, **kwargs) - target).pow(2).mean())
+        out = _tensors(qm.run(module, *args, **kwargs))
+        return float(sum((o - t).pow(2).sum() for o, t in zip(out, target)) / sum(t.numel() for t in target))
 
 
 def _rows(a, idx: torch.Tensor, n: int):
@@ -99,13 +115,13 @@ def reconstruct_block(qm: QuantizedModel, name: str, x: torch.Tensor, iters: int
         qm.quantizers[k] = rounders[k]
     opt = torch.optim.Adam([r.v for r in rounders.values()], lr=lr)
     g = torch.Generator().manual_seed(seed)
-    n = target.shape[0]
+    n = target[0].shape[0]
     warm = int(0.2 * iters)
     try:
         for it in range(iters):
             idx = torch.randperm(n, generator=g)[:batch]
             out = qm.run(block, *(_rows(a, idx, n) for a in args), **{k: _rows(v, idx, n) for k, v in kwargs.items()})
-            rec = (out - target[idx]).pow(2).flatten(1).sum(1).mean()
+            rec = _sq_error(out, [t[idx] for t in target])
             loss = rec
             if it >= warm:
                 beta = 20 + (2 - 20) * (it - warm) / max(1, iters - warm)

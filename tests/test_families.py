@@ -207,3 +207,159 @@ def test_a_wrong_rule_is_caught_by_the_invariance_check_and_its_space_dropped(mo
     inherited = find_spaces(Net().eval(), x[:1], verify=checked)
     assert inherited.rejected == checked.rejected
     assert [s.name for s in inherited.spaces] == [s.name for s in checked.spaces]
+
+
+def test_a_few_constant_neurons_are_matched_on_their_own_weights():
+    """Class 6, partly: three of eight hidden units constant over the calibration images (dead ReLUs of a
+    random network) are tied for the activations; their own weights break the tie, so a permuted copy fuses
+    back exactly (a wrong pair among them would change the output elsewhere) and the report says so."""
+    from fuse import FuseConfig, fuse_models
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2, self.fc3 = nn.Linear(8, 8), nn.Linear(8, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+    torch.manual_seed(0)
+    model, x = Net().eval(), torch.randn(64, 8)
+    with torch.no_grad():
+        model.fc1.weight[:3] = 0  # units 0 to 2 output their biases, whatever the image
+        model.fc1.bias[:3] = torch.tensor([0.5, 0.9, -0.7])
+    sg = find_spaces(model, x[:1])
+    twin = Net().eval()
+    twin.load_state_dict(sg.permute_state(model.state_dict(), sg.random_permutations(torch.Generator().manual_seed(0))))
+    fused, report = fuse_models([twin, model], x, FuseConfig(ground="acts", solver="hungarian", calib=64,
+                                                             batch_size=32, repair=False))
+    for k, v in model.state_dict().items():
+        assert torch.allclose(fused[k], v, atol=1e-6), k
+    assert any(f.startswith("fc1.weight:0: 3 of 8 neurons constant") for f in report.fallbacks), report.fallbacks
+
+
+def test_a_flat_model_has_its_composite_children_as_blocks():
+    """Class 3: NASNet-style cells registered on the model itself (no container, no stage module): the
+    composite children between the stem and the head are the blocks."""
+    class Cell(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+
+        def forward(self, x):
+            return x + torch.relu(self.bn(self.conv(x)))
+
+    class Flat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv0 = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
+            self.cell_0, self.cell_1, self.cell_2 = Cell(), Cell(), Cell()
+            self.last_linear = nn.Linear(8, 10)
+
+        def forward(self, x):
+            x = self.cell_2(self.cell_1(self.cell_0(self.conv0(x))))
+            return self.last_linear(x.mean((2, 3)))
+
+    blocks = find_blocks(Flat().eval(), torch.randn(1, 3, 16, 16))
+    assert [(b.name, b.kind) for b in blocks] == [("cell_0", "conv"), ("cell_1", "conv"), ("cell_2", "conv")]
+
+
+def test_feature_info_written_for_a_wrapper_resolves_and_a_trunk_is_not_the_stem():
+    """Gemma4-ViT: feature_info says `blocks.0` for `encoder.blocks.0`, and the first child with parameters
+    (`encoder`) holds the whole trunk: the stem is `encoder.patch_embed`, the blocks are found, and OFA's
+    stage taps reach them."""
+    from compress.alignment.taps import embedding_module, feature_modules
+
+    model, _, _, size = coverage_model("gemma4_vit")
+    assert feature_modules(model)[0] == "encoder.blocks.0" and embedding_module(model) == "encoder.patch_embed"
+    al = align(model, size)
+    assert [b.name for b in al.blocks] == [f"encoder.blocks.{i}" for i in range(len(model.encoder.blocks))]
+    assert all(b.kind == "attention" for b in al.blocks)
+    assert _one_ofa_step(model, size)
+
+
+def test_stages_the_classifier_lacks_come_from_forward_intermediates():
+    """HRNet: its feature_info names the features-only wrapper's modules (`stage1`); distillation taps then
+    take the model's own forward_intermediates in the same pass as its logits."""
+    from compress.alignment.taps import canonical_stages, logits_and_features
+
+    model, _, _, size = coverage_model("hrnet")
+    x = torch.randn(2, 3, size, size)
+    stages = canonical_stages(model)
+    assert "stage1" in [s.module for s in stages] and not hasattr(model, "stage1")
+    logits, feats, _ = logits_and_features(model, x, stages)
+    with torch.no_grad():
+        ref = model.forward_intermediates(x, indices=[s.index for s in stages], intermediates_only=True)
+        assert torch.allclose(logits, model(x), atol=1e-5)
+    assert all(torch.allclose(f, r, atol=1e-5) for f, r in zip(feats, ref))
+    assert _one_ofa_step(model, size)
+
+
+def test_a_stage_returning_one_map_per_branch_gives_the_one_with_its_channels():
+    """CrossViT's blocks return the tokens of both scales; a stage tap takes the one with its channels."""
+    from compress.alignment.taps import _first
+
+    small, large = torch.randn(2, 17, 96), torch.randn(2, 5, 192)
+    assert _first([small, large], 192) is large and _first([small, large], 96) is small
+    assert _first((small, (large,))) is small  # without channels: the first, as before
+
+
+def _one_ofa_step(student: nn.Module, size: int) -> bool:
+    from compress.checkpoint import InputSpec
+    from distill import DistillConfig, Distiller
+
+    teacher = create_model("resnet", num_classes=10, channels=(16, 32, 64, 128)).eval()
+    d = Distiller(student, teacher, DistillConfig("ofa"), InputSpec(size), InputSpec(32), 10).train()
+    before = [p.detach().clone() for p in student.parameters()]
+    loss = d(torch.randn(2, 3, size, size), torch.tensor([1, 2]))
+    loss.backward()
+    torch.optim.SGD([p for p in d.parameters() if p.requires_grad], lr=0.01).step()
+    return bool(torch.isfinite(loss)) and any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
+
+
+def test_calibration_records_are_split_only_where_samples_are_independent():
+    """Q-HyViT scores its candidates on the half of the batch they were not fitted on. CSATv2's last stage
+    attends across the batch (a matmul of a batch x batch map): its records cannot be halved; a constant
+    matrix with as many rows as the batch stays whole while its batch-major partner is halved."""
+    from quantize.engine import Record, Site
+
+    g = torch.Generator().manual_seed(0)
+    across, v = torch.randn(8, 8, generator=g).softmax(-1), torch.randn(8, 49, generator=g)
+    mixing = Site("attn", "matmul", "attn", ["a", "b"], shapes={"a": [1, 1], "b": [1, 49]})
+    assert Record({"a": across, "b": v}, (), across @ v).halves(mixing) is None
+    x, basis = torch.randn(8, 8, generator=g), torch.randn(8, 49, generator=g)
+    fixed = Site("dct", "matmul", "dct", ["a", "b"], shapes={"a": [1, 8], "b": [8, 49]})
+    first, second = Record({"a": x, "b": basis}, (), x @ basis).halves(fixed)
+    assert first.inputs["b"] is basis and torch.equal(second.inputs["a"], x[4:])
+    batched = Site("mm", "matmul", "mm", ["a", "b"], shapes={"a": [1, 5, 7], "b": [1, 7, 3]})
+    a, b = torch.randn(8, 5, 7, generator=g), torch.randn(8, 7, 3, generator=g)
+    assert Record({"a": a, "b": b}, (), a @ b).halves(batched) is not None
+
+
+def test_a_block_returning_a_tuple_is_reconstructed():
+    """Q-HyViT's rounding reconstruction on a block that returns several maps (CoaT's parallel blocks return
+    all four scales): the error is summed over every output, and learned rounding lowers it."""
+    from quantize import QuantConfig, calibrate
+    from quantize.reconstruct import reconstruct_block
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(16, 16), nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.fc1(x), torch.relu(self.fc2(x))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blk, self.head = Two(), nn.Linear(32, 3)
+
+        def forward(self, x):
+            return self.head(torch.cat(self.blk(x), -1))
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 16)
+    qm, _ = calibrate(Net().eval(), x, QuantConfig(method="minmax", bits="w3a8"))
+    before, after = reconstruct_block(qm, "blk", x, iters=200, lr=1e-2)
+    assert before > 0 and after < 0.9 * before

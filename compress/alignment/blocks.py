@@ -27,7 +27,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .hooks import evaluating, hooks
-from .taps import embedding_module
+from .taps import embedding_module, feature_modules
 
 _ATTN = {"softmax", "_softmax", "_safe_softmax", "scaled_dot_product_attention"}
 _MM = {"linear", "matmul", "__matmul__", "__rmatmul__", "mm", "bmm", "addmm", "baddbmm", "einsum"}
@@ -99,7 +99,7 @@ def block_modules(model: nn.Module) -> list[str]:
     # Stages (feature_info taps) that hold their blocks as plain attributes (RegNet's `s1.b1`, `s1.b2`) or sit
     # inside what looked like the stem (DenseNet's `features.denseblock1`): their composite children are blocks.
     modules = dict(model.named_modules(remove_duplicate=False))
-    taps = [str(f.get("module", "")) for f in (getattr(model, "feature_info", None) or [])]
+    taps = feature_modules(model)
     for tap in list(taps):  # a stage's siblings of its class are stages too (DenseNet's last dense block)
         parent, _, _ = tap.rpartition(".")
         if tap in modules and tap != stem:
@@ -111,6 +111,8 @@ def block_modules(model: nn.Module) -> list[str]:
                                                     for b in out):
             continue
         out += [f"{tap}.{n}" for n, c in stage.named_children() if not _is_leafy(c)]
+    if not out:  # a flat model (NASNet's cells are attributes of the model itself): its composite children
+        out = [n for n, c in model.named_children() if n not in (stem, head) and not _is_leafy(c)]
     order = {name: i for i, name in enumerate(modules)}
     return sorted(set(out), key=order.__getitem__)
 
@@ -131,7 +133,7 @@ def _head(model: nn.Module, stem: str) -> str | None:
     for name, module in model.named_modules():
         if name and any(module is h for h in heads) and not isinstance(module, nn.Identity):
             top = name.split(".")[0]
-            taps = [str(f.get("module", "")) for f in (getattr(model, "feature_info", None) or [])]
+            taps = feature_modules(model)
             holds_stage = any(t == top or t.startswith(top + ".") for t in taps)
             return top if top != stem and not holds_stage else None
     return None

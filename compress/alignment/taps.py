@@ -33,7 +33,23 @@ def all_stages(model: nn.Module) -> list[Stage]:
     if not info:
         raise CompressError(f"{type(model).__name__} has no feature_info",
                             expected="a timm model or a model exposing feature_info (module, num_chs, reduction)")
-    return [Stage(i, f["module"], int(f["num_chs"]), int(f["reduction"])) for i, f in enumerate(info)]
+    paths = feature_modules(model)
+    return [Stage(i, p, int(f["num_chs"]), int(f["reduction"])) for i, (p, f) in enumerate(zip(paths, info))]
+
+
+def feature_modules(model: nn.Module) -> list[str]:
+    """The module path of each `feature_info` entry, resolved in the model: a path written relative to a
+    wrapper (Gemma4-ViT says `blocks.0` for `encoder.blocks.0`) becomes the one module it ends with."""
+    names = [n for n, _ in model.named_modules()]
+    known = set(names)
+    out = []
+    for f in getattr(model, "feature_info", None) or []:
+        path = str(f.get("module", ""))
+        if path and path not in known:
+            found = [n for n in names if n.endswith("." + path)]
+            path = found[0] if len(found) == 1 else path
+        out.append(path)
+    return out
 
 
 def canonical_stages(model: nn.Module, max_stages: int = 4) -> list[Stage]:
@@ -100,12 +116,24 @@ def stage_features(model: nn.Module, x: torch.Tensor, stages: list[Stage]) -> li
     if raw is None or len(raw) != len(stages):
         with hooked_outputs(model, [s.module for s in stages]) as outs:
             model(x)
-        raw = [_first(outs[s.module]) for s in stages]
+        raw = [_first(outs[s.module], s.channels) for s in stages]
     return [to_nchw(t, s.channels, _grid(x, s.reduction)) for t, s in zip(raw, stages)]
 
 
-def _first(out):
-    """A stage that returns (map, extras) (CoaT's blocks, Twins' stages): its map."""
+def _first(out, channels: int | None = None):
+    """A stage that returns (map, extras) (CoaT's blocks, Twins' stages): its map; where it returns one map
+    per branch (CrossViT's two token scales) and `channels` is given, the one with the stage's channels."""
+    if channels is not None and isinstance(out, (tuple, list)):
+        flat, todo = [], [out]
+        while todo:
+            o = todo.pop(0)
+            if isinstance(o, (tuple, list)):
+                todo[:0] = list(o)
+            elif isinstance(o, torch.Tensor):
+                flat.append(o)
+        match = [t for t in flat if t.ndim >= 3 and channels in (t.shape[1], t.shape[-1])]
+        if match:
+            return match[0]
     while isinstance(out, (tuple, list)) and out:
         out = out[0]
     return out
@@ -127,11 +155,24 @@ def logits_and_features(model: nn.Module, x: torch.Tensor, stages: list[Stage], 
         >>> logits, feats, _ = logits_and_features(model, x, canonical_stages(model))
     """
     inputs: dict[str, torch.Tensor] = {}
+    known = {n for n, _ in model.named_modules()}
+    # feature_info naming modules the classifier does not have (HRNet's `stage1` lives in its features-only
+    # wrapper): the model's own forward_intermediates taps them, and its head gives the logits of the same pass
+    tapped = all(s.module in known for s in stages) or not hasattr(model, "forward_intermediates")
+    if not tapped and not hasattr(model, "forward_head"):
+        raise CompressError(f"{type(model).__name__}'s feature_info names modules it does not have",
+                            expected="module paths of the model, or forward_intermediates and forward_head",
+                            found=", ".join(s.module for s in stages if s.module not in known))
     with hooks(model, pre={called(model, e, first=True): lambda m, a, e=e: inputs.__setitem__(e, a[0])
                            for e in entries}), \
-            hooked_outputs(model, [s.module for s in stages]) as outs:
-        logits = model(x)
-    feats = [to_nchw(_first(outs[s.module]), s.channels, _grid(x, s.reduction)) for s in stages]
+            hooked_outputs(model, [s.module for s in stages] if tapped else []) as outs:
+        if tapped:
+            logits = model(x)
+            raw = [_first(outs[s.module], s.channels) for s in stages]
+        else:
+            final, raw = model.forward_intermediates(x, indices=[s.index for s in stages], intermediates_only=False)
+            logits = model.forward_head(final)
+    feats = [to_nchw(t, s.channels, _grid(x, s.reduction)) for t, s in zip(raw, stages)]
     # an entry's grid is its own (a token sequence is taken as square): (0, 0) lets to_nchw infer it
     embeds = [to_nchw(t, t.shape[channel_axis(t)], (0, 0)) for t in (inputs[e] for e in entries)]
     return logits, feats, embeds
@@ -149,7 +190,12 @@ def called(model: nn.Module, name: str, first: bool = False) -> str:
     """The module that produces `name`'s output (or, `first`, reads its input): itself, or for a ModuleList /
     ModuleDict that the parent iterates (never called itself: CoaT's `serial_blocks1`), its last (first)
     member."""
-    module = model.get_submodule(name) if name else model
+    try:
+        module = model.get_submodule(name) if name else model
+    except AttributeError:
+        raise CompressError(f"{type(model).__name__} has no module `{name}`",
+                            expected="a module path of the model (HRNet's feature_info names modules of its "
+                                     "features-only wrapper)", found=name) from None
     while type(module).forward in (nn.ModuleList.forward, nn.ModuleDict.forward) and len(module):
         key = list(module.named_children())[0 if first else -1][0]
         name, module = f"{name}.{key}", module[int(key)] if isinstance(module, nn.ModuleList) else module[key]
@@ -158,13 +204,16 @@ def called(model: nn.Module, name: str, first: bool = False) -> str:
 
 def embedding_module(model: nn.Module) -> str:
     """The patch-embedding / stem module: `patch_embed` or `stem` when present, else the first child with
-    parameters."""
+    parameters. A child that holds the model's `blocks` (Gemma4-ViT's `encoder`) is the trunk, not the stem:
+    the stem is looked for inside it (a dotted path)."""
     children = dict(model.named_children())
     for name in ("patch_embed", "stem", "stem0", "conv_stem"):
         if name in children:
             return name
     for name, child in children.items():
         if any(True for _ in child.parameters()):
+            if isinstance(getattr(child, "blocks", None), (nn.Sequential, nn.ModuleList)):
+                return f"{name}.{embedding_module(child)}"
             return name
     raise CompressError(f"{type(model).__name__} has no parameterised child", expected="a model with a stem")
 
