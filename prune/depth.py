@@ -75,11 +75,20 @@ def unit_similarity(model: nn.Module, example: torch.Tensor, x: torch.Tensor, un
             model(x[i:i + batch_size])
             n += len(x[i:i + batch_size])
             for b, (inp, out) in seen.items():
-                if not isinstance(out, torch.Tensor) or not isinstance(inp, torch.Tensor) or out.numel() != inp.numel():
+                if not _passes_through(inp, out):
                     continue  # a block that changes its shape (or reads a list: DenseNet) cannot become a pass-through
                 # Swin flattens its map to tokens between the branches
                 totals[b] = totals.get(b, 0.0) + _cos(inp, out.reshape(inp.shape)).item()
     return {b: v / n for b, v in totals.items()}
+
+
+def _passes_through(inp, out) -> bool:
+    """Whether a pass-through can stand in for a unit: a tensor in, one of the same size out, with the same
+    channels (Swin's map and its flattened tokens agree on the last axis; PNASNet's cell that halves the
+    map and quadruples the channels has as many elements, and is not one)."""
+    if not isinstance(out, torch.Tensor) or not isinstance(inp, torch.Tensor) or out.numel() != inp.numel():
+        return False
+    return inp.shape == out.shape or inp.shape[-1] == out.shape[-1]
 
 
 def plan_depth(scores: dict[str, float], total_units: int, ratio: float | None = None,

@@ -363,3 +363,38 @@ def test_a_block_returning_a_tuple_is_reconstructed():
     qm, _ = calibrate(Net().eval(), x, QuantConfig(method="minmax", bits="w3a8"))
     before, after = reconstruct_block(qm, "blk", x, iters=200, lr=1e-2)
     assert before > 0 and after < 0.9 * before
+
+
+def test_a_unit_with_as_many_elements_but_other_channels_is_not_a_pass_through():
+    """PNASNet: a cell that halves the map and quadruples the channels keeps the element count; replacing it
+    by a pass-through would feed the next cell the wrong channels. Only same-shape units are candidates."""
+    from prune.depth import unit_similarity
+
+    class Res(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+
+        def forward(self, x):
+            return x + torch.relu(self.bn(self.conv(x)))
+
+    class Down(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(8, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32)
+
+        def forward(self, x):
+            return torch.relu(self.bn(self.conv(x)))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv0 = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8))
+            self.cell_0, self.cell_1, self.cell_2 = Res(8), Down(), Res(32)
+            self.last_linear = nn.Linear(32, 10)
+
+        def forward(self, x):
+            return self.last_linear(self.cell_2(self.cell_1(self.cell_0(self.conv0(x)))).mean((2, 3)))
+
+    scores = unit_similarity(Net().eval(), torch.randn(1, 3, 16, 16), torch.randn(8, 3, 16, 16))
+    assert sorted(scores) == ["cell_0", "cell_2"]

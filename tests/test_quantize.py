@@ -254,6 +254,8 @@ def test_onnx_runtime_deployment_writes_both_models_and_they_evaluate(tmp_path):
                       for m in (OrtProgram(onnx_path), OrtProgram(onnx_path, optimize=False)))
     assert sqnr(written, fused) > 30 and (fused.argmax(1) == written.argmax(1)).float().mean() > 0.99
     assert abs(ort["int8_top1"] - ort["fp32_top1"]) <= 2
+    if ort["int8_top1"] < ort["fp32_top1"] - 1:  # the bound is a point: missing it is said, not hidden
+        assert any("more than a point under FP32" in n for n in r["notes"])
     for path, key in ((onnx_path, "int8_top1"), (tmp_path / "q.fp32.onnx", "fp32_top1")):
         assert main(["eval", str(path), "--latency-runs", "2", "--json", str(ev)]) == 0
         assert abs(json.loads(ev.read_text())["top1"] - ort[key]) < 1e-9
