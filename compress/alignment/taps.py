@@ -174,7 +174,8 @@ def logits_and_features(model: nn.Module, x: torch.Tensor, stages: list[Stage], 
             logits = model.forward_head(final)
     feats = [to_nchw(t, s.channels, _grid(x, s.reduction)) for t, s in zip(raw, stages)]
     # an entry's grid is its own (a token sequence is taken as square): (0, 0) lets to_nchw infer it
-    embeds = [to_nchw(t, t.shape[channel_axis(t)], (0, 0)) for t in (inputs[e] for e in entries)]
+    # (a block reading a list, SelecSLS's [x, skip]: its first map)
+    embeds = [to_nchw(t, t.shape[channel_axis(t)], (0, 0)) for t in (_first(inputs[e]) for e in entries)]
     return logits, feats, embeds
 
 
