@@ -99,7 +99,7 @@ def block_modules(model: nn.Module) -> list[str]:
     # Stages (feature_info taps) that hold their blocks as plain attributes (RegNet's `s1.b1`, `s1.b2`) or sit
     # inside what looked like the stem (DenseNet's `features.denseblock1`): their composite children are blocks.
     modules = dict(model.named_modules(remove_duplicate=False))
-    taps = feature_modules(model)
+    taps = [t for t in feature_modules(model) if t]  # (TResNet's first tap is the model itself: '')
     for tap in list(taps):  # a stage's siblings of its class are stages too (DenseNet's last dense block)
         parent, _, _ = tap.rpartition(".")
         if tap in modules and tap != stem:
