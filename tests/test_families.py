@@ -398,3 +398,36 @@ def test_a_unit_with_as_many_elements_but_other_channels_is_not_a_pass_through()
 
     scores = unit_similarity(Net().eval(), torch.randn(1, 3, 16, 16), torch.randn(8, 3, 16, 16))
     assert sorted(scores) == ["cell_0", "cell_2"]
+
+
+def test_a_tap_on_the_model_itself_and_an_entry_reading_a_list():
+    """TResNet's first feature_info tap is the model itself (''): not a stage to look for blocks in.
+    SelecSLS's blocks read a list ([x, skip]): TransKD's stage entry takes its first map."""
+    from compress.alignment.taps import Stage, logits_and_features
+
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+
+        def forward(self, xs):
+            return [xs[0] + torch.relu(self.bn(self.conv(xs[0]))), xs[1]]
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8))
+            self.body = nn.Sequential(Pair(), Pair())
+            self.fc = nn.Linear(8, 10)
+            self.feature_info = [{"module": "", "num_chs": 3, "reduction": 1},
+                                 {"module": "body", "num_chs": 8, "reduction": 1}]
+
+        def forward(self, x):
+            x = self.stem(x)
+            return self.fc(self.body([x, x])[0].mean((2, 3)))
+
+    model, x = Net().eval(), torch.randn(2, 3, 8, 8)
+    assert [b.name for b in find_blocks(model, x[:1])] == ["body.0", "body.1"]
+    logits, feats, embeds = logits_and_features(model, x, [Stage(1, "body", 8, 1)], ["body.0"])
+    assert feats[0].shape == (2, 8, 8, 8) and embeds[0].shape == (2, 8, 8, 8)
+    assert torch.allclose(embeds[0], model.stem(x))
