@@ -96,9 +96,10 @@ def align_to(model: nn.Module, anchor: nn.Module, batches: list[torch.Tensor], c
             report.unmatched.append(space.name)
             continue
         st = stats.spaces[space.id][1]
-        st.correlation()
+        corr = st.correlation()
         flat = max(st.degenerate[0] / st.n_a, st.degenerate[1] / st.n_b)
         width = max(st.n_a, st.n_b)
+        cost = correlation_cost(corr)
         if (st.count < width or flat > 0.5) and space.name in anchor_spaces:
             # activations cannot tell these neurons apart (fewer samples than neurons: a pooled head layer; or
             # most of them constant over the calibration images): match them on their weights instead
@@ -106,18 +107,14 @@ def align_to(model: nn.Module, anchor: nn.Module, batches: list[torch.Tensor], c
                    else f"{flat:.0%} of its neurons constant over the calibration images")
             report.fallbacks.append(f"{space.name}: {why}; matched on weights")
             cost = weight_cost(sg_m, sg_a, space, anchor_spaces[space.name], state_m, state_a, maps)
-            maps[space.id] = _record(solve(cost, cfg.solver, cfg.softness), space.name, report).maps()
-            continue
-        if any(st.degenerate) and space.name in anchor_spaces:
+        elif any(st.degenerate) and space.name in anchor_spaces:
             # a few neurons constant over the calibration images (dead ReLUs): activations leave them tied, so
             # their weights break the tie (a small term: it cannot outweigh any measured correlation)
             report.fallbacks.append(f"{space.name}: {max(st.degenerate)} of {width} neurons constant over the "
                                     "calibration images; those matched on weights")
-            cost = correlation_cost(st.correlation()) + TIE_BREAK * weight_cost(
-                sg_m, sg_a, space, anchor_spaces[space.name], state_m, state_a, maps, own=True)
-            maps[space.id] = _record(solve(cost, cfg.solver, cfg.softness), space.name, report).maps()
-            continue
-        maps[space.id] = weight_maps(coupling(st, space.name))
+            cost = cost + TIE_BREAK * weight_cost(sg_m, sg_a, space, anchor_spaces[space.name], state_m, state_a,
+                                                  maps, own=True)
+        maps[space.id] = _record(solve(cost, cfg.solver, cfg.softness), space.name, report).maps()
     report.spaces += len(maps)
     maps.update(_attention_maps(sg_m, stats, coupling))
     per_axis = {}

@@ -117,7 +117,6 @@ def keep_better(qm: QuantizedModel, baselines: dict[str, dict], images: torch.Te
         qm.floating = True
         ref = qm(images)
         qm.floating = False
-        chosen = {}
         for name, base in baselines.items():
             site = qm.sites[name]
             ours = {role: qm.quantizers[site.key(role)] for role in base if site.key(role) in qm.quantizers}
@@ -128,16 +127,14 @@ def keep_better(qm: QuantizedModel, baselines: dict[str, dict], images: torch.Te
                 kept.append(name)
             else:
                 qm.quantizers.update({site.key(role): q for role, q in ours.items()})
-            chosen[name] = {role: qm.quantizers[site.key(role)] for role in base if site.key(role) in qm.quantizers}
         qm.active = None
         if baselines and len(kept) < len(baselines):
-            mixed = sqnr(ref, qm(images))
+            mixed, chosen = sqnr(ref, qm(images)), dict(qm.quantizers)
             for name, base in baselines.items():
                 qm.quantizers.update({qm.sites[name].key(role): q for role, q in base.items()})
             if sqnr(ref, qm(images)) > mixed:
                 return list(baselines)
-            for name, qs in chosen.items():
-                qm.quantizers.update({qm.sites[name].key(role): q for role, q in qs.items()})
+            qm.quantizers.update(chosen)
     return kept
 
 

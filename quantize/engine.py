@@ -93,7 +93,7 @@ class Record:
         its records cannot be split)."""
         n = self.out.shape[0] if self.out.ndim else 0
         fixed = {r for r, t in self.inputs.items() if r == "w" or (
-            site is not None and t.ndim and site.shapes.get(r, [None])[0] == t.shape[0] and n > 1)}
+            site is not None and t.ndim and site.shapes.get(r, [None])[0] == t.shape[0])}
         if n < 2 or n % 2 or any(t.shape[0] != n for r, t in self.inputs.items() if r not in fixed):
             return None
         h = n // 2

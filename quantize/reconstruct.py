@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from compress.alignment.hooks import hooks
+from compress.alignment.taps import output_tensors
 
 from .engine import QuantizedModel
 from .quantizers import Uniform, _shape
@@ -48,17 +49,9 @@ class AdaRound(nn.Module):
         return (1 - (2 * self.h() - 1).abs().pow(beta)).sum()
 
 
-def _tensors(out) -> list[torch.Tensor]:
-    """A block's output as a list of tensors: itself, or the tensors of the tuple it returns (CoaT's parallel
-    blocks return the maps of all four scales)."""
-    if torch.is_tensor(out):
-        return [out]
-    return [t for o in out for t in _tensors(o)] if isinstance(out, (tuple, list)) else []
-
-
 def _sq_error(out, target: list[torch.Tensor]) -> torch.Tensor:
     """Per-sample squared error summed over every output tensor, mean over the batch."""
-    return sum((o - t).pow(2).flatten(1).sum(1) for o, t in zip(_tensors(out), target)).mean()
+    return sum((o - t).pow(2).flatten(1).sum(1) for o, t in zip(output_tensors(out), target)).mean()
 
 
 def capture(qm: QuantizedModel, module: nn.Module, x: torch.Tensor, floating: bool
@@ -70,7 +63,7 @@ def capture(qm: QuantizedModel, module: nn.Module, x: torch.Tensor, floating: bo
     def hook(mod, args, kwargs, out):
         seen["args"] = tuple(a.detach() if torch.is_tensor(a) else a for a in args)
         seen["kwargs"] = {k: v.detach() if torch.is_tensor(v) else v for k, v in kwargs.items()}
-        seen["out"] = [t.detach() for t in _tensors(out)]
+        seen["out"] = [t.detach() for t in output_tensors(out)]
 
     name = next(n for n, m in qm.model.named_modules() if m is module)
     was = qm.floating
@@ -86,7 +79,7 @@ def capture(qm: QuantizedModel, module: nn.Module, x: torch.Tensor, floating: bo
 def block_error(qm: QuantizedModel, module: nn.Module, args: tuple, kwargs: dict, target: list[torch.Tensor]
                 ) -> float:
     with torch.no_grad():
-        out = _tensors(qm.run(module, *args, **kwargs))
+        out = output_tensors(qm.run(module, *args, **kwargs))
         return float(sum((o - t).pow(2).sum() for o, t in zip(out, target)) / sum(t.numel() for t in target))
 
 

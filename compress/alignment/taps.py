@@ -124,19 +124,20 @@ def _first(out, channels: int | None = None):
     """A stage that returns (map, extras) (CoaT's blocks, Twins' stages): its map; where it returns one map
     per branch (CrossViT's two token scales) and `channels` is given, the one with the stage's channels."""
     if channels is not None and isinstance(out, (tuple, list)):
-        flat, todo = [], [out]
-        while todo:
-            o = todo.pop(0)
-            if isinstance(o, (tuple, list)):
-                todo[:0] = list(o)
-            elif isinstance(o, torch.Tensor):
-                flat.append(o)
-        match = [t for t in flat if t.ndim >= 3 and channels in (t.shape[1], t.shape[-1])]
+        match = [t for t in output_tensors(out) if t.ndim >= 3 and channels in (t.shape[1], t.shape[-1])]
         if match:
             return match[0]
     while isinstance(out, (tuple, list)) and out:
         out = out[0]
     return out
+
+
+def output_tensors(out) -> list[torch.Tensor]:
+    """A module's output as a flat list of tensors: itself, or the tensors of the (nested) tuple / list it
+    returns, in order (CoaT's parallel blocks return the maps of all four scales)."""
+    if torch.is_tensor(out):
+        return [out]
+    return [t for o in out for t in output_tensors(o)] if isinstance(out, (tuple, list)) else []
 
 
 def channel_axis(t: torch.Tensor) -> int:
@@ -155,14 +156,14 @@ def logits_and_features(model: nn.Module, x: torch.Tensor, stages: list[Stage], 
         >>> logits, feats, _ = logits_and_features(model, x, canonical_stages(model))
     """
     inputs: dict[str, torch.Tensor] = {}
-    known = {n for n, _ in model.named_modules()}
     # feature_info naming modules the classifier does not have (HRNet's `stage1` lives in its features-only
     # wrapper): the model's own forward_intermediates taps them, and its head gives the logits of the same pass
-    tapped = all(s.module in known for s in stages) or not hasattr(model, "forward_intermediates")
+    missing = [s.module for s in stages if not _has_module(model, s.module)]
+    tapped = not missing or not hasattr(model, "forward_intermediates")
     if not tapped and not hasattr(model, "forward_head"):
         raise CompressError(f"{type(model).__name__}'s feature_info names modules it does not have",
                             expected="module paths of the model, or forward_intermediates and forward_head",
-                            found=", ".join(s.module for s in stages if s.module not in known))
+                            found=", ".join(missing))
     with hooks(model, pre={called(model, e, first=True): lambda m, a, e=e: inputs.__setitem__(e, a[0])
                            for e in entries}), \
             hooked_outputs(model, [s.module for s in stages] if tapped else []) as outs:
@@ -177,6 +178,14 @@ def logits_and_features(model: nn.Module, x: torch.Tensor, stages: list[Stage], 
     # (a block reading a list, SelecSLS's [x, skip]: its first map)
     embeds = [to_nchw(t, t.shape[channel_axis(t)], (0, 0)) for t in (_first(inputs[e]) for e in entries)]
     return logits, feats, embeds
+
+
+def _has_module(model: nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
 
 
 @contextlib.contextmanager
