@@ -7,12 +7,16 @@ weights: only speed is measured), FP32 against int8 at batch 1 (or --batch), 2 t
   `--deploy` writes on an x86 CPU without VNNI);
 - PT2E: x86 Inductor FP32 against all-int8 (torchao's X86InductorQuantizer), both compiled with freezing.
 
+The ONNX Runtime sessions are timed in interleaved rounds (median of 15 rounds of 20 runs each); PT2E's pair is
+timed side by side by `quantize.deploy`.
+
 Run: .venv/bin/python bench/int8_width.py [--models efficientformer-l1:64 mobilevit_s:64 ...] [--no-pt2e] [--batch N]
 (writes bench/results/int8_width.json)
 """
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -42,13 +46,21 @@ def session(path: str):
     return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
 
 
-def ms_per_run(sess, x, runs: int = 200) -> float:
-    for _ in range(20):
-        sess.run(None, {"input": x})
-    t = time.perf_counter()
-    for _ in range(runs):
-        sess.run(None, {"input": x})
-    return (time.perf_counter() - t) / runs * 1e3
+def interleaved_ms(sessions: dict, x, rounds: int = 15, runs: int = 20) -> dict[str, float]:
+    """Median ms per run of each session, timed in interleaved rounds (each round runs every session in
+    turn), so that a slow spell of the machine falls on all of them alike, not on whichever ran then."""
+    feed = {"input": x}
+    for sess in sessions.values():
+        for _ in range(10):
+            sess.run(None, feed)
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for _ in range(rounds):
+        for k, sess in sessions.items():
+            t = time.perf_counter()
+            for _ in range(runs):
+                sess.run(None, feed)
+            times[k].append((time.perf_counter() - t) / runs * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def quantize_variant(fp32: str, images: torch.Tensor, out: str, ops, fmt: str, weights: str) -> None:
@@ -80,11 +92,12 @@ def measure(name: str, size: int, pt2e: bool, batch: int = 1) -> dict:
         fp32 = f"{d}/fp32.onnx"
         export_onnx(model, images, fp32)
         x = torch.randn(batch, 3, size, size).numpy()
-        row["ort fp32"] = ms_per_run(session(fp32), x)
+        sessions = {"ort fp32": session(fp32)}
         for label, (ops, fmt, weights) in VARIANTS.items():
             out = f"{d}/{label.replace(' ', '_').replace('/', '-').replace(',', '')}.onnx"
             quantize_variant(fp32, images, out, ops, fmt, weights)
-            row[f"ort int8, {label}"] = ms_per_run(session(out), x)
+            sessions[f"ort int8, {label}"] = session(out)
+        row.update(interleaved_ms(sessions, x))
     if pt2e:
         from quantize.deploy import deploy
 

@@ -47,6 +47,7 @@ class PlannedStep:
     data: str
     folder: Path
     artifacts: dict[str, str] = field(default_factory=dict)
+    refs: dict[str, str] = field(default_factory=dict)  # config field -> the earlier step whose output it reads
 
     @property
     def output(self) -> Path:
@@ -118,7 +119,7 @@ def load_recipe(path: str | Path, out_dir: str | Path | None = None, overrides: 
         data = s.get("data", doc.get("data", "digits"))
         if not isinstance(data, str):
             raise CompressError(f"{where}: key 'data' has the wrong type", expected="a data spec such as digits")
-        steps.append(PlannedStep(name, step, config, sources, data, folder, artifacts))
+        steps.append(PlannedStep(name, step, config, sources, data, folder, artifacts, _refs(config, steps, where)))
     return Plan(path, str(doc.get("title", path.stem)), steps, out_dir)
 
 
@@ -153,6 +154,24 @@ def _artifacts(step: Step, values: dict, folder: Path) -> dict[str, str]:
         values[key] = str(Path(v) if Path(str(v)).is_absolute() else folder / str(v))
         out[f.name] = values[key]
     return out
+
+
+def _refs(config: Any, earlier: list[PlannedStep], where: str) -> dict[str, str]:
+    """The checkpoint fields (`option(checkpoint=True)`) that name an earlier step; any other value must be a
+    file."""
+    names = {p.name for p in earlier}
+    refs = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if not f.metadata.get("checkpoint") or value is None:
+            continue
+        if str(value) in names:
+            refs[f.name] = str(value)
+        elif not Path(str(value)).is_file():
+            raise CompressError(f"{where}: key '{f.name.replace('_', '-')}' names '{value}', which is neither an "
+                                "earlier step nor a file",
+                                expected=f"one of {', '.join(sorted(names)) or '(no earlier steps)'}")
+    return refs
 
 
 def _sources(given, earlier: list[PlannedStep], step: Step, where: str) -> list[str]:
@@ -213,7 +232,10 @@ def run_recipe(path: str | Path, out_dir: str | Path | None = None, overrides: l
         for i, ps in enumerate(plan.steps, 1):
             bar.update(task, description=f"step {i}/{len(plan.steps)} {ps.step.kind} '{ps.name}'")
             inputs = [outputs[s] if s in outputs else Path(s) for s in ps.sources]
-            key = digest(ps.step.kind, ps.data, settings(ps.config), [file_hash(p) for p in inputs])
+            for f, src in ps.refs.items():  # a second checkpoint named by its step: that step's output
+                setattr(ps.config, f, str(outputs[src]))
+            refs = [Path(getattr(ps.config, f)) for f in ps.refs]
+            key = digest(ps.step.kind, ps.data, settings(ps.config), [file_hash(p) for p in inputs + refs])
             ps.folder.mkdir(parents=True, exist_ok=True)
             for tmp in ps.folder.glob(".*.tmp*"):  # a write cut short by a kill: never taken as done
                 tmp.unlink(missing_ok=True)

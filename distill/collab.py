@@ -138,6 +138,15 @@ class Peers(nn.Module):
     def set_epoch(self, epoch: int, epochs: int) -> None:
         self.record(epoch - 1)
 
+    # The transfer history and the open epoch's counts travel in the state dict, so that a resumed run reports
+    # every epoch (the resumable state is saved at an epoch's end, before `record` closes that epoch).
+    def get_extra_state(self) -> dict:
+        return {"history": list(self.history), "counts": self.counts.tolist()}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.history = list(state["history"])
+        self.counts.copy_(torch.tensor(state["counts"], dtype=self.counts.dtype))
+
     def record(self, epoch: int) -> None:
         """Close an epoch's transfer counts (shares of regions and positions, in each direction)."""
         c = self.counts.tolist()

@@ -41,7 +41,10 @@ class DistillConfig:
 
     method: str = option("ofa", "distillation method (transkd: segmentation between hierarchical backbones)",
                          choices=METHODS)
-    gamma: float = option(1.0, "OFA's target enhancement exponent (> 1 enhances the target class's share)")
+    gamma: float = option(1.0, "OFA's target enhancement exponent (> 1 enhances the target class's share); with "
+                               "--stage-gammas, the student's own logits' only")
+    stage_gammas: list[float] = option([], "OFA: one gamma per exit branch, shallowest stage first (the reference's "
+                                           "per-stage ofa_eps; default: --gamma for every branch)")
     temperature: float = option(1.0, "OFA's temperature")
     paper_form: bool = option(False, "OFA: the paper's loss instead of the reference code's")
     ofa_weight: float = option(1.0, "weight of OFA's stage-branch losses")
@@ -84,7 +87,7 @@ class DistillConfig:
                                 expected="temperatures > 0 and 0 <= kd_alpha <= 1",
                                 found=f"temperature={self.temperature}, kd_temperature={self.kd_temperature}, "
                                       f"kd_alpha={self.kd_alpha}")
-        if min(self.gamma, self.ofa_weight, self.hint_weight, self.transkd_weight, self.feat_weight,
+        if min(self.gamma, *self.stage_gammas, self.ofa_weight, self.hint_weight, self.transkd_weight, self.feat_weight,
                self.relation_weight, self.ce_weight, self.hfd_weight, self.region_weight, self.pixel_weight) < 0:
             raise CompressError("negative loss weight", expected="gamma and every weight >= 0")
         if not 0 <= self.mask_max < 1 or not 0 <= self.mask_full_share <= 1 or self.region_grid < 1:
@@ -105,7 +108,8 @@ class DistillRun(Hardware, DataOptions, DistillConfig):
     student: str | None = option(None, "student architecture name, or a checkpoint to start from")
     student_args: dict = option({}, "student architecture kwargs, e.g. embed_dim=64,depth=4")
     mim_teacher: str | None = option(None, "hybrid: the masked-image-modelling teacher checkpoint (compress train "
-                                           "--objective mim makes one)")
+                                           "--objective mim makes one; in a recipe, the name of the step that did)",
+                                     checkpoint=True)
     peer: str | None = option(None, "collab / dml: the second peer's architecture (a ViT beside a CNN --student), "
                                     "trained together with the student; no teacher")
     peer_args: dict = option({}, "collab / dml: the peer's architecture kwargs")

@@ -107,8 +107,12 @@ class Distiller(nn.Module):
                     raise CompressError("teacher and student predict different classes",
                                         expected=f"{num_classes} classes", found=f"{t_logits.shape[1]}")
                 t_dim = getattr(teacher, "num_features", t_logits.shape[1])
+        # OFA's token branches read the CLS token where the student has one (a model with registers but no
+        # class token has prefix tokens and no CLS: its branches average the patches)
+        has_cls = getattr(s_taps.root(student), "cls_token", None) is not None
+        prefix = [p.shape[1] if has_cls and p is not None else 0 for p in s_feats.prefix]
         self.shapes = Shapes(_shapes(s_feats), s_taps.families, _shapes(t_feats), s_dim, t_dim, num_classes,
-                             _shapes(s_embeds), _shapes(t_embeds), x.shape[-1])
+                             _shapes(s_embeds), _shapes(t_embeds), x.shape[-1], prefix)
         # a method that needs more than the stage shapes (token layouts, attention modules) sets itself up
         self.helpers = self.method.setup(self) if hasattr(self.method, "setup") else self.method.build(self.shapes, cfg)
 
@@ -174,7 +178,7 @@ class _Taps:
     segmentation network, on its backbone."""
 
     def __init__(self, model: nn.Module, spec: InputSpec, features: bool, embeddings: bool):
-        root, prefix = (model.backbone, "backbone.") if isinstance(model, SegmentationNet) else (model, "")
+        root, prefix = self.root(model), ("backbone." if isinstance(model, SegmentationNet) else "")
         al = align(root, spec.size, len(spec.mean))
         self.all = [Stage(s.index, prefix + s.module, s.channels, s.reduction) for s in al.stages]
         self.families = al.stage_families
@@ -182,6 +186,11 @@ class _Taps:
         self.entries = [prefix + e for e in al.stage_entries] if embeddings else []
         self.reductions = [s.reduction for s in al.stages]
         self.name = type(root).__name__
+
+    @staticmethod
+    def root(model: nn.Module) -> nn.Module:
+        """The network the stages belong to: the model, or a segmentation network's backbone."""
+        return model.backbone if isinstance(model, SegmentationNet) else model
 
     def __call__(self, model: nn.Module, x: torch.Tensor, all_stages: bool = False):
         """(logits, NCHW stage maps, NCHW stage embeddings) from one ordinary forward."""

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch.nn.functional as F
 from torch import nn
 
+from compress.errors import CompressError
 from compress.losses import kd_with_labels
 
 from .config import METHODS, DistillConfig, register_method
@@ -33,6 +34,7 @@ class Shapes:
     student_embeds: list = field(default_factory=list)  # stage embeddings (C, H, W), for TransKD
     teacher_embeds: list = field(default_factory=list)
     input_side: int = 224  # the student's input resolution
+    student_prefix: list = field(default_factory=list)  # per stage: prefix tokens ahead of a CLS token, else 0
 
 
 class Method:
@@ -97,17 +99,23 @@ class OFA(Method):
         # At least 2x2, so that the branch's attention has positions to mix (at 32 px the stride-32 grid is
         # one token: resnet -> ViT on digits, OFA 45.42 with 1x1 vs 49.29 with 2x2, mean of 3 seeds).
         final_side = min(shapes.student[-1][1], max(shapes.input_side // 32, 2))
+        if cfg.stage_gammas and len(cfg.stage_gammas) != n:
+            raise CompressError("--stage-gammas gives one gamma per exit branch (student stage)",
+                                expected=f"{n} values", found=f"{len(cfg.stage_gammas)}")
+        prefix = shapes.student_prefix or [0] * n
         return nn.ModuleDict({f"exit{i}": ofa_branch(shape, fam, i, n, final_side, shapes.student_dim,
-                                                     shapes.teacher_dim, shapes.num_classes)
+                                                     shapes.teacher_dim, shapes.num_classes, prefix[i])
                               for i, (shape, fam) in enumerate(zip(shapes.student, shapes.families))})
 
     def loss(self, helpers, s_logits, s_feats, t_logits, t_feats, y, cfg, **extra):
-        def term(z):
-            return ofa_loss(z, t_logits, y, cfg.gamma, cfg.temperature, cfg.paper_form)
+        def term(z, gamma):
+            return ofa_loss(z, t_logits, y, gamma, cfg.temperature, cfg.paper_form)
 
-        branches = sum(term(helpers[f"exit{i}"](f)) for i, f in enumerate(s_feats))
+        gammas = cfg.stage_gammas or [cfg.gamma] * len(s_feats)
+        prefix = getattr(s_feats, "prefix", [None] * len(s_feats))
+        branches = sum(term(helpers[f"exit{i}"](f, prefix[i]), gammas[i]) for i, f in enumerate(s_feats))
         ce = 0.0 if cfg.paper_form else F.cross_entropy(s_logits, y, label_smoothing=cfg.label_smoothing)
-        return ce + term(s_logits) + cfg.ofa_weight * branches
+        return ce + term(s_logits, cfg.gamma) + cfg.ofa_weight * branches
 
 
 @register_method("transkd")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import nn
@@ -40,10 +41,13 @@ class PatchMerging(nn.Module):
 
 
 class TokenBranch(nn.Module):
-    """OFA's branch for token (ViT / MLP / hybrid attention) stages: merges down to the final grid, a few
-    transformer blocks, average over tokens, a linear classifier."""
+    """OFA's branch for token (ViT / MLP / hybrid attention) stages: the patches merge down to the final grid,
+    a few transformer blocks run over [prefix tokens, patches], and a linear classifier reads the CLS token
+    (the first prefix token) or, for a student without one, the mean of the patches (the reference's
+    TokenFnContext / TokenFilter / GAP1d; no norm before the classifier, as there)."""
 
-    def __init__(self, channels: int, side: int, final_side: int, dim: int, blocks: int, num_classes: int):
+    def __init__(self, channels: int, side: int, final_side: int, dim: int, blocks: int, num_classes: int,
+                 prefix: int = 0):
         super().__init__()
         merges = max(int(math.log2(max(side // max(final_side, 1), 1))), 0)
         layers: list[nn.Module] = []
@@ -53,14 +57,20 @@ class TokenBranch(nn.Module):
             c = dim
         self.merge = nn.Sequential(*layers)
         self.proj = nn.Linear(c, dim) if c != dim else nn.Identity()
+        # the prefix tokens skip the merging; where the stage is narrower than the student's width (a hybrid's
+        # early stage) they get their own projection (the reference's students all have stage width = width)
+        self.prefix = prefix
+        self.prefix_proj = nn.Linear(channels, dim) if prefix and channels != dim else nn.Identity()
         heads = next(h for h in (4, 3, 2, 1) if dim % h == 0)
         self.blocks = nn.Sequential(*[Block(dim, heads) for _ in range(blocks)])
-        self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
 
-    def forward(self, x):
+    def forward(self, x, prefix=None):
         t = self.proj(self.merge(x).flatten(2).transpose(1, 2))
-        return self.head(self.norm(self.blocks(t)).mean(1))
+        if not self.prefix:
+            return self.head(self.blocks(t).mean(1))
+        t = self.blocks(torch.cat([self.prefix_proj(prefix), t], 1))
+        return self.head(t[:, 0])
 
 
 class ConvBranch(nn.Module):
@@ -70,20 +80,21 @@ class ConvBranch(nn.Module):
     def __init__(self, channels: int, remaining: int, dim: int, num_classes: int):
         super().__init__()
         if remaining == 0:
-            self.body = nn.Sequential(nn.Conv2d(channels, dim, 1, bias=False), nn.BatchNorm2d(dim), nn.ReLU(True))
+            self.body = nn.Conv2d(channels, dim, 1)
         else:
             widths = [channels * 2 ** (i + 1) for i in range(remaining - 1)] + [dim]
             ins = [channels] + widths[:-1]
             self.body = nn.Sequential(*[SepConv(a, b) for a, b in zip(ins, widths)])
         self.head = nn.Linear(dim, num_classes)
 
-    def forward(self, x):
+    def forward(self, x, prefix=None):
         return self.head(self.body(x).mean((2, 3)))
 
 
 def ofa_branch(shape: tuple[int, int, int], family: str, stage: int, stages: int, final_side: int,
-               student_dim: int, teacher_dim: int, num_classes: int) -> nn.Module:
-    """The exit branch for stage `stage` (0-based of `stages`) with NCHW output `shape` = (C, H, W).
+               student_dim: int, teacher_dim: int, num_classes: int, prefix: int = 0) -> nn.Module:
+    """The exit branch for stage `stage` (0-based of `stages`) with NCHW output `shape` = (C, H, W); a token
+    branch with `prefix` > 0 reads the CLS token, the first of the stage's `prefix` prefix tokens.
 
     Example:
         >>> ofa_branch((96, 8, 8), "token", 0, 4, 8, 96, 512, 10)(torch.randn(2, 96, 8, 8)).shape
@@ -93,7 +104,7 @@ def ofa_branch(shape: tuple[int, int, int], family: str, stage: int, stages: int
     if family == "conv":
         branch = ConvBranch(c, stages - 1 - stage, max(student_dim, teacher_dim), num_classes)
     else:
-        branch = TokenBranch(c, h, final_side, student_dim, max(stages - 1 - stage, 1), num_classes)
+        branch = TokenBranch(c, h, final_side, student_dim, max(stages - 1 - stage, 1), num_classes, prefix)
     branch.apply(_init)
     return branch
 

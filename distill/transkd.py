@@ -5,13 +5,14 @@ between hierarchical backbones.
   shallowest, with selective-kernel attention between the stage's map and the fused map from below;
   each stage's output is projected to the teacher's width and compared with HCL.
 - HCL (hierarchical context loss): MSE at full resolution plus pooled 4x4, 2x2, 1x1 MSEs weighted 1/2,
-  1/4, 1/8 (only pools smaller than the map), normalised by the weight sum.
+  1/4, 1/8 (only pools smaller than the map's height, as the reference decides), normalised by the weight sum.
 - PEA (patch embedding alignment): a linear map of the student's stage embeddings (the tokens entering
   each stage's blocks) to the teacher's width, MSE, per-stage weights (0.1, 0.1, 0.5, 1.0).
 - GL-Mixer (variant `gl`): on the last embedding, global attention and a local gated conv mixed by two
   learnable scalars (initialised to 0.5 each; the reference leaves them uninitialised).
-- EA (variant `ea`): four extra patch embeddings (7x7 stride 4 on the image, 3x3 stride 2 on the
-  student's stages 1-3) emit teacher-width embeddings, mixed with PEA by learnable weights 0.1 ... 0.8.
+- EA (variant `ea`): four extra overlapping patch embeddings (7x7 stride 4 on the image, 3x3 stride 2 on
+  the student's stages 1-3; conv + a LayerNorm over each token's channels) emit teacher-width embeddings,
+  mixed with PEA by learnable weights 0.1 ... 0.8.
 The student is compared at the teacher's grids (bilinear), so input sizes may differ.
 """
 
@@ -57,12 +58,27 @@ def hcl_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """
     loss, total, weight = F.mse_loss(student, teacher), 1.0, 1.0
     for size in (4, 2, 1):
-        if size >= student.shape[-1]:
+        if size >= student.shape[-2]:  # the map's height decides, as in the reference (a 4x8 map: 2x2 and 1x1)
             continue
         weight /= 2
         loss = loss + weight * F.mse_loss(F.adaptive_avg_pool2d(student, size), F.adaptive_avg_pool2d(teacher, size))
         total += weight
     return loss / total
+
+
+class OverlapEmbed(nn.Module):
+    """The embedding assistant's patch embedding: a strided conv, then a LayerNorm over each token's channels
+    (SegFormer's OverlapPatchEmbed); NCHW in and out."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int):
+        super().__init__()
+        self.proj = nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2)
+        self.norm = nn.LayerNorm(c_out)
+        nn.init.normal_(self.proj.weight, 0, (2.0 / (kernel * kernel * c_out)) ** 0.5)  # the reference's fan-out
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x):
+        return self.norm(self.proj(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
 class GLMixer(nn.Module):
@@ -98,9 +114,8 @@ class TransKDHelpers(nn.Module):
         self.ea = None
         if variant == "ea":  # new patch embeddings: the image, then the student's stages 1..n-1
             ins = [3] + [s[0] for s in s_stages[:-1]]
-            self.ea = nn.ModuleList(
-                nn.Sequential(nn.Conv2d(c, t[0], k, s, k // 2), nn.GroupNorm(1, t[0]))
-                for c, t, k, s in zip(ins, t_embeds, [7] + [3] * (n - 1), [4] + [2] * (n - 1)))
+            self.ea = nn.ModuleList(OverlapEmbed(c, t[0], k, s) for c, t, k, s
+                                    in zip(ins, t_embeds, [7] + [3] * (n - 1), [4] + [2] * (n - 1)))
             self.ea_weights = nn.Parameter(torch.arange(1, 2 * n + 1, dtype=torch.float32) / 10)
 
     def loss(self, s_feats, t_feats, s_embeds, t_embeds, x) -> torch.Tensor:

@@ -90,8 +90,11 @@ def run(inputs, data, cfg: PruneRun, *, state: str | Path | None = None,
                       structure=[*ckpt.structure, pruned.op])
     tables = {f"{cfg.method} pruning sweep of {ckpt.arch} (no recovery, test top1)": values["sweep"]} \
         if cfg.sweep is not None else {}
+    stuck = [r for r in pruned.rows if r.get("kind") == "not sliceable"]
+    notes = [f"{len(stuck)} space(s) could not be sliced and keep their width, e.g. {stuck[0]['space']}: "
+             f"{stuck[0]['why']}"] if stuck else []
     return out, Result("prune", "top1", values["top1_after"], values, rows, seconds=time.perf_counter() - t0,
-                       tables=tables)
+                       tables=tables, notes=notes)
 
 
 def sweep(original, x, y, cfg: PruneConfig, ratios: list[float], test, size: int) -> list[dict]:

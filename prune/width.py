@@ -11,6 +11,7 @@ from torch import nn
 
 from compress.alignment.spaces import Space, SpaceGraph, find_spaces
 from compress.alignment.surgery import consumers, removable_spaces, resize
+from compress.errors import CompressError
 
 from .config import check_width
 from .importance import importance
@@ -31,22 +32,30 @@ def kept_units(size: int, ratio: float, round_to: int = 1) -> int:
 
 
 def prunable(model: nn.Module, sg: SpaceGraph, example: torch.Tensor, include_residual: bool = False,
-             exclude: tuple[str, ...] = ()) -> list[Space]:
+             exclude: tuple[str, ...] = (), why: dict[str, str] | None = None) -> list[Space]:
     """Spaces that width pruning may slice: hidden spaces (and heads) read by a next layer, plus residual
-    streams when asked; verified on a copy (`removable_spaces`); none touching an `exclude` pattern."""
+    streams when asked; verified on a copy (`removable_spaces`, which says in `why` why a space is not);
+    none touching an `exclude` pattern."""
     cands = [s for s in sg.spaces if (consumers(s) and not s.residual) or (include_residual and s.residual)]
     cands = [s for s in cands if not any(fnmatch(t, p) for t in s.tensors for p in exclude)]
-    return removable_spaces(model, sg, example, cands)
+    return removable_spaces(model, sg, example, cands, why)
 
 
 def plan_width(model: nn.Module, example: torch.Tensor, x: torch.Tensor, y: torch.Tensor, ratio: float,
                criterion: str = "activation", round_to: int = 1, include_residual: bool = False,
                exclude: tuple[str, ...] = (), keep_heads: bool = False
                ) -> tuple[SpaceGraph, dict[int, torch.Tensor], list[dict]]:
-    """Which units to keep: (space graph, {space id: sorted kept indices}, one row per space). With
-    `keep_heads`, head counts are left whole and only channel spaces narrow."""
+    """Which units to keep: (space graph, {space id: sorted kept indices}, one row per space, the spaces that
+    cannot be sliced included with the reason). With `keep_heads`, head counts are left whole and only channel
+    spaces narrow. A model in which no space can be sliced is refused, with the first reason."""
     sg = find_spaces(model, example)
-    spaces = prunable(model, sg, example, include_residual, exclude)
+    why: dict[str, str] = {}
+    spaces = prunable(model, sg, example, include_residual, exclude, why)
+    if not spaces and why and ratio > 0:
+        name, reason = next(iter(why.items()))
+        raise CompressError(f"width pruning can slice none of {type(model).__name__}'s {len(why)} candidate spaces",
+                            expected="spaces whose units can be removed (the model's own code reshapes with "
+                                     "hard-coded widths otherwise)", found=f"{name}: {reason}")
     scores = importance(model, sg, spaces, criterion, x, y) if spaces and ratio > 0 else {}
     keep, rows = {}, []
     for s in spaces:
@@ -56,6 +65,9 @@ def plan_width(model: nn.Module, example: torch.Tensor, x: torch.Tensor, y: torc
             keep[s.id] = scores[s.id].topk(k).indices.sort().values
         rows.append({"space": s.name, "kind": "residual" if s.residual else "heads" if heads else "hidden",
                      "units": s.size, "kept": k})
+    sizes = {s.name: s.size for s in sg.spaces}
+    rows += [{"space": name, "kind": "not sliceable", "units": sizes[name], "kept": sizes[name], "why": reason}
+             for name, reason in why.items()]
     return sg, keep, rows
 
 

@@ -76,10 +76,16 @@ def export_onnx(model: nn.Module, images: torch.Tensor, path: str | os.PathLike,
         return save_onnx(onnx.load(str(tmp)), path, metadata)
 
 
+# Which ops the QDQ graph quantizes: every op ONNX Runtime can (the default), or only the dense ones. Leaving
+# MatMul / the element-wise ops float avoids Q/DQ pairs around the attention and reshapes of hybrids, which at
+# batch 1 can cost more than int8 saves (EfficientFormer-L1 widths: docs/BENCHMARKS.md, int8 width).
+ORT_VARIANTS = {"all ops": None, "conv/matmul/gemm": ("Conv", "MatMul", "Gemm"), "conv/gemm": ("Conv", "Gemm")}
+
+
 def quantize_onnx(fp32_path: str | os.PathLike, images: torch.Tensor, path: str | os.PathLike,
-                  metadata: dict | None = None, weights: str = "s8") -> Path:
+                  metadata: dict | None = None, weights: str = "s8", ops: tuple[str, ...] | None = None) -> Path:
     """ONNX Runtime static quantization (QDQ, per-channel `weights`: s8 or u8; activations u8 per tensor)
-    calibrated on `images`, one by one."""
+    calibrated on `images`, one by one; `ops` limits it to those op types (default: every op it can)."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -96,7 +102,8 @@ def quantize_onnx(fp32_path: str | os.PathLike, images: torch.Tensor, path: str 
         quant_pre_process(str(fp32_path), str(pre))  # shape inference + graph optimisation, as ORT advises
         quantize_static(str(pre), str(out), Images(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8,
-                        weight_type={"s8": QuantType.QInt8, "u8": QuantType.QUInt8}[weights])
+                        weight_type={"s8": QuantType.QInt8, "u8": QuantType.QUInt8}[weights],
+                        **({} if ops is None else {"op_types_to_quantize": list(ops)}))
         return save_onnx(onnx.load(str(out)), path, metadata)
 
 

@@ -9,6 +9,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import os
 import shutil
 import tempfile
 import time
@@ -96,6 +97,11 @@ def run(inputs, data, cfg: QuantizeRun, **_) -> tuple[Checkpoint, Result]:
                 if deployments[-1].extra.get("weights") == "u8" and cfg.ort_weights == "auto":
                     notes.append("ONNX Runtime: weights u8, since this x86 CPU has no VNNI and ORT's s8-weight kernels "
                                  "saturate on it; for a VNNI target build with --ort-weights s8")
+                if deployments[-1].backend == "onnxruntime":
+                    v = deployments[-1].extra["deploy_variants"]
+                    notes.append(f"ONNX Runtime: int8 on {deployments[-1].extra['deploy_choice']}, the fastest at batch 1 "
+                                 "that agrees with FP32 (" + ", ".join(f"{k} {x['latency_ms']:.2f} ms" for k, x in v.items())
+                                 + f"; FP32 {next(iter(v.values()))['fp32_latency_ms']:.2f} ms)")
             for dep in deployments:
                 for which in ("fp32", "int8"):
                     name = f"{which} ({dep.label})"
@@ -185,20 +191,39 @@ def deploy_pt2e(original, images, qm, info, path: Path, test, metadata: dict, cf
 
 def deploy_onnxruntime(original, images, qm, info, path: Path, test, metadata: dict, cfg: QuantizeRun) -> Deployment:
     """ONNX Runtime: the float model exported (kept beside the int8 one as `<name>.fp32.onnx`) and statically
-    quantized on the same calibration images (weights as `cfg.ort_weights` resolves); both run in ONNX Runtime."""
+    quantized on the same calibration images (weights as `cfg.ort_weights` resolves), once per op set of
+    `ORT_VARIANTS`; the variants are timed at batch 1 side by side with FP32, and the fastest whose
+    predictions agree with FP32 on the calibration images (>= 97%, as for PT2E) is written to `path`."""
+    from compress.measure import compare_latency
     from compress.programs import OrtProgram
 
-    from .ort import export_onnx, float_ops, quantize_onnx, weight_type
+    from .deploy import agreement
+    from .ort import ORT_VARIANTS, export_onnx, float_ops, quantize_onnx, weight_type
 
     fp32_path = path.with_name(path.name.removesuffix(path.suffix) + ".fp32.onnx")
     export_onnx(original, images, fp32_path, metadata)
     weights = weight_type(cfg.ort_weights)
-    quantize_onnx(fp32_path, images, path, metadata, weights)
-    fp32, int8 = OrtProgram(fp32_path), OrtProgram(path)
-    left = float_ops(path)
+    fp32 = OrtProgram(fp32_path)
+    paths = {label: path.with_name(f"{path.stem}.{i}{path.suffix}") for i, label in enumerate(ORT_VARIANTS)}
+    programs = {}
+    for label, ops in ORT_VARIANTS.items():
+        quantize_onnx(fp32_path, images, paths[label], metadata, weights, ops)
+        programs[label] = OrtProgram(paths[label])
+    ms = compare_latency([fp32, *programs.values()], images.shape[-1], rounds=5, in_chans=images.shape[1])
+    variants = {label: {"latency_ms": round(t, 3), "fp32_latency_ms": round(ms[0], 3),
+                        "agreement": agreement(fp32, programs[label], images)}
+                for label, t in zip(programs, ms[1:])}
+    ok = [k for k, v in variants.items() if v["agreement"] >= 0.97] or list(variants)
+    choice = min(ok, key=lambda k: variants[k]["latency_ms"])
+    del programs  # the sessions hold the files open on some systems
+    os.replace(paths[choice], path)
+    for other in paths.values():
+        other.unlink(missing_ok=True)
+    int8 = OrtProgram(path)
     return Deployment("onnxruntime", "ONNX Runtime", "onnxruntime", path, fp32, int8, top1(fp32, test),
                       top1(int8, test), file_size(fp32_path), file_size(path),
-                      {"fp32_path": str(fp32_path), "float_ops": left, "weights": weights})
+                      {"fp32_path": str(fp32_path), "float_ops": float_ops(path), "weights": weights,
+                       "deploy_choice": choice, "deploy_variants": variants})
 
 
 def keep(chosen: Deployment, final: Path) -> None:

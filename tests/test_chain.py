@@ -157,3 +157,30 @@ def test_cli_run_and_shipped_recipes_validate(tmp_path):
     split = load_recipe(ROOT / "recipes" / "fuse-split.yaml").steps
     assert [s.config.subset for s in split] == ["classes=0-4,others=0.1", "classes=5-9,others=0.1", "fraction=0.1"]
     assert split[-1].sources == ["vit-0to4", "vit-5to9"] and split[-1].config.baselines
+
+
+@pytest.mark.slow
+def test_a_second_checkpoint_names_an_earlier_step(tmp_path):
+    """Hybrid's `mim-teacher` may name the step that trained the MIM teacher: it reads that step's output, and
+    when that output changes the hybrid step re-runs; a name that is neither a step nor a file is refused."""
+    vit = {"arch": "vit", "arch-args": "depth=2", "subset": "fraction=0.1"}
+    steps = [{"name": "sup", "kind": "train", **vit, "epochs": 1},
+             {"name": "mae", "kind": "train", **vit, "objective": "mim", "epochs": 1},
+             {"name": "hyb", "kind": "distill", "from": "sup", "method": "hybrid", "mim-teacher": "mae",
+              "student": "vit", "student-args": "depth=2", "subset": "fraction=0.1", "epochs": 1,
+              "baselines": False}]
+    path = recipe(tmp_path, steps)
+    plan = load_recipe(path, tmp_path / "run")
+    assert plan.steps[2].refs == {"mim_teacher": "mae"}
+    first = run_recipe(path, tmp_path / "run", report=False)
+    assert [s.status for s in first.steps] == ["ran"] * 3
+    import yaml
+
+    settings = yaml.safe_load((tmp_path / "run" / "hyb" / "settings.yaml").read_text())
+    assert settings["settings"]["mim-teacher"] == str(tmp_path / "run" / "mae" / "model.pt")
+    assert "--mim-teacher" in settings["command"]
+    again = run_recipe(path, tmp_path / "run", report=False, overrides=["mae.seed=1"])
+    assert [s.status for s in again.steps] == ["cached", "ran", "ran"]  # a new MIM teacher: hybrid again
+    steps[2]["mim-teacher"] = "nowhere"
+    with pytest.raises(ValueError, match="step 'hyb': key 'mim-teacher' names 'nowhere'"):
+        load_recipe(recipe(tmp_path, steps, "bad.yaml"))

@@ -52,7 +52,47 @@ def test_every_projector_outputs_num_classes(student):
     _, feats, _ = d.student_taps(d.student.eval(), x)
     assert len(feats) == len(d.helpers) >= 3
     for i, f in enumerate(feats):
-        assert d.helpers[f"exit{i}"].eval()(f).shape == (2, 10)
+        assert d.helpers[f"exit{i}"].eval()(f, feats.prefix[i]).shape == (2, 10)
+
+
+def test_ofa_branches_follow_the_reference():
+    """A ViT student's token branches read its CLS token (the reference's TokenFilter), a CNN's last-stage
+    branch is a bare 1x1 conv, and --stage-gammas sets each branch's gamma."""
+    from distill.projectors import ConvBranch, TokenBranch
+
+    torch.manual_seed(0)
+    d, size = _distiller("vit", "resnet")
+    x, y = torch.randn(2, 3, size, size), torch.tensor([1, 2])
+    _, feats, _ = d.student_taps(d.student.eval(), x)
+    assert d.shapes.student_prefix == [1] * len(feats)
+    branch = d.helpers["exit0"].eval()
+    assert isinstance(branch, TokenBranch) and branch.prefix == 1
+    cls, patches = feats.prefix[0], feats[0]
+    assert cls.shape == (2, 1, feats[0].shape[1])
+    out = branch(patches, cls)
+    assert not torch.allclose(branch(patches, cls + 1.0), out)  # the CLS token is read
+    t = branch.blocks(torch.cat([branch.prefix_proj(cls), branch.proj(branch.merge(patches).flatten(2).transpose(1, 2))],
+                                1))
+    assert torch.allclose(out, branch.head(t[:, 0]), atol=1e-6)  # the CLS output, no norm before the head
+    cnn, _ = _distiller("resnet", "vit")
+    last = cnn.helpers[f"exit{len(cnn.shapes.student) - 1}"]
+    assert isinstance(last, ConvBranch) and isinstance(last.body, torch.nn.Conv2d)
+    assert cnn.shapes.student_prefix == [0] * len(cnn.shapes.student)
+    # per-stage gammas: all equal to gamma is the single-gamma loss; another value changes it; a wrong count is refused
+    n = len(feats)
+    d.train()
+    with torch.no_grad():
+        torch.manual_seed(1)
+        base = d(x, y)
+        d.cfg.stage_gammas = [1.0] * n
+        torch.manual_seed(1)
+        assert torch.allclose(d(x, y), base)
+        d.cfg.stage_gammas = [1.0] * (n - 1) + [3.0]
+        torch.manual_seed(1)
+        assert not torch.allclose(d(x, y), base)
+    with pytest.raises(CompressError, match="one gamma per exit branch"):
+        Distiller(create_model("vit", num_classes=10), create_model("resnet", num_classes=10),
+                  DistillConfig("ofa", stage_gammas=[1.0, 2.0]), InputSpec(size), InputSpec(32), 10)
 
 
 @pytest.mark.parametrize("teacher", ["resnet", "vit", "mixer", "mobilevit"])  # CNN, transformer, MLP, hybrid
@@ -160,6 +200,21 @@ def test_hcl_loss_by_hand():
     t[..., :4, :4] = 2.0  # full-res MSE 1; 4x4 pool MSE 1; 2x2 pool MSE 1; 1x1 pool MSE 0.25
     expected = (1 + 0.5 * 1 + 0.25 * 1 + 0.125 * 0.25) / (1 + 0.5 + 0.25 + 0.125)
     assert hcl_loss(torch.zeros(1, 1, 8, 8), t).item() == pytest.approx(expected)
+    # a 4 x 8 map: its height (4) decides, as in the reference, so only the 2x2 and 1x1 pools are taken
+    t = torch.zeros(1, 1, 4, 8)
+    t[..., :, :2] = 4.0  # full-res MSE 4; 2x2 pool: cells (2x4) of means 2, 0 -> MSE 2; 1x1: mean 1 -> MSE 1
+    expected = (4 + 0.5 * 2 + 0.25 * 1) / (1 + 0.5 + 0.25)
+    assert hcl_loss(torch.zeros(1, 1, 4, 8), t).item() == pytest.approx(expected)
+
+
+def test_embedding_assistant_normalises_each_token():
+    """TransKD's EA embeddings are LayerNormed per token (SegFormer's OverlapPatchEmbed), not over the map."""
+    from distill.transkd import OverlapEmbed
+
+    torch.manual_seed(0)
+    e = OverlapEmbed(3, 16, 7, 4)(torch.randn(2, 3, 32, 32) * 5 + 3)
+    assert e.shape == (2, 16, 8, 8)
+    assert e.mean(1).abs().max() < 1e-5 and (e.var(1, unbiased=False) - 1).abs().max() < 1e-3
 
 
 @pytest.mark.parametrize("student,teacher,variant", [("efficientformer", "resnet", "base"),

@@ -278,6 +278,21 @@ def test_feature_info_written_for_a_wrapper_resolves_and_a_trunk_is_not_the_stem
     assert _one_ofa_step(model, size)
 
 
+def test_feature_info_in_the_singular_resolves_to_the_plural_module():
+    """Twins: feature_info says `block.0` for `blocks.0`; the stage taps and TransKD's stage entries (the input
+    of each stage's first block) must name modules the model has."""
+    from compress.alignment.taps import feature_modules, logits_and_features
+
+    model, _, _, size = coverage_model("twins")
+    assert [f["module"] for f in model.feature_info][:2] == ["block.0", "block.1"]
+    assert feature_modules(model)[:2] == ["blocks.0", "blocks.1"]
+    al = align(model, size)
+    assert all(e.startswith(s.module + ".") for e, s in zip(al.stage_entries, al.stages))
+    x = torch.randn(2, 3, size, size)
+    _, feats, embeds = logits_and_features(model, x, al.stages, al.stage_entries)
+    assert len(embeds) == len(feats) == 4 and all(e.shape[0] == 2 for e in embeds)
+
+
 def test_stages_the_classifier_lacks_come_from_forward_intermediates():
     """HRNet: its feature_info names the features-only wrapper's modules (`stage1`); distillation taps then
     take the model's own forward_intermediates in the same pass as its logits."""

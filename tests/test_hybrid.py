@@ -205,6 +205,32 @@ def test_peers_one_step(task, student, peer, method):
         assert 0 <= h["regions_a_to_b"] + h["regions_b_to_a"] <= 1
 
 
+def test_collab_transfer_history_survives_a_resume(tmp_path):
+    """The resumable state (the module's state dict, read back without pickled code) carries the transfer history
+    and the open epoch's counts: a resumed run reports every epoch, the one it was stopped after included."""
+    torch.manual_seed(0)
+    cfg = DistillRun(student="resnet", peer="vit", method="collab")
+
+    def peers():
+        a = Checkpoint("resnet", dict(SLIM_RESNET), 10, "classification", InputSpec(32)).instantiate()
+        return Peers(a, create_model("vit", num_classes=10, **VIT2), InputSpec(32), InputSpec(32), cfg, 10,
+                     "classification").train()
+
+    first = peers()
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    first(x, y)
+    first.set_epoch(1, 2)  # epoch 1 closed
+    first(x, y)  # epoch 2 under way: its counts are open when the state is saved
+    torch.save(first.state_dict(), tmp_path / "s.pt")
+    again = peers()
+    again.load_state_dict(torch.load(tmp_path / "s.pt", weights_only=True))
+    assert again.history == first.history and len(again.history) == 1
+    assert torch.equal(again.counts, first.counts) and again.counts.sum() > 0
+    again.record(1)
+    first.record(1)
+    assert again.history == first.history and [h["epoch"] for h in again.history] == [1, 2]
+
+
 def test_peers_gradients_stay_with_their_own_peer():
     """Every cross term detaches its target: the student's loss alone never reaches the peer."""
     torch.manual_seed(0)

@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 
 from cli import main
 from compress import Checkpoint, load, save
@@ -110,6 +111,36 @@ def test_depth_branches_and_errors():
         prune(small_model("resnet")[0], *_calib(32), PruneConfig("depth", 0.25, unit="attn"))
     with pytest.raises(CompressError, match="every unit"):
         prune(small_model("vit")[0], x, y, PruneConfig("depth", 0.99))
+    with pytest.raises(CompressError, match="would remove no unit"):  # 0.05 of 4 blocks rounds to none
+        prune(small_model("vit")[0], x, y, PruneConfig("depth", 0.05))
+
+
+class _HardCoded(nn.Module):
+    """A hidden layer that the model's own forward reshapes with a hard-coded 4 x 4 (GCViT's windows do the
+    like): it cannot be sliced. `wide` adds a layer before it that can."""
+
+    def __init__(self, wide: bool):
+        super().__init__()
+        self.fc0 = nn.Sequential(nn.Linear(48, 32), nn.ReLU()) if wide else nn.Identity()
+        self.fc1, self.fc2 = nn.Linear(32 if wide else 48, 16), nn.Linear(16, 10)
+
+    def forward(self, x):
+        h = self.fc1(self.fc0(x.flatten(1))).relu()
+        return self.fc2(h.reshape(x.shape[0], 4, 4).flatten(1))
+
+
+def test_width_says_which_spaces_it_cannot_slice():
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 3, 4, 4), torch.randint(0, 10, (8,))
+    with pytest.raises(CompressError, match="can slice none of _HardCoded's"):
+        prune(_HardCoded(False), x, y, PruneConfig("width", 0.5, importance="magnitude"))
+    model = _HardCoded(True)
+    before = param_count(model)
+    result = prune(model, x, y, PruneConfig("width", 0.5, importance="magnitude"))
+    stuck = [r for r in result.rows if r["kind"] == "not sliceable"]
+    assert stuck and all("does not run" in r["why"] for r in stuck)
+    assert {r["space"] for r in result.rows if r["kept"] < r["units"]} == {"fc0.0.weight:0"}
+    assert param_count(result.model) < before and result.model(x).shape == (8, 10)
 
 
 def test_lowrank_break_even_and_whitening():

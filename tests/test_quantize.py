@@ -246,6 +246,15 @@ def test_onnx_runtime_deployment_writes_both_models_and_they_evaluate(tmp_path):
     assert r["deploy_backend"] == "onnxruntime" and (tmp_path / "q.fp32.onnx").exists()
     assert ort["int8_size_bytes"] < 0.5 * ort["fp32_size_bytes"]  # int8 weights
     assert ort["weights"] == weight_type("auto")  # u8 on an x86 CPU without VNNI: ORT's s8 kernels saturate there
+    # the op sets were each quantized and timed side by side; the fastest agreeing one was written, the rest removed
+    from quantize.ort import ORT_VARIANTS
+
+    v = ort["deploy_variants"]
+    assert list(v) == list(ORT_VARIANTS) and all(x["agreement"] >= 0 for x in v.values())
+    ok = [k for k, x in v.items() if x["agreement"] >= 0.97]
+    assert ort["deploy_choice"] == min(ok, key=lambda k: v[k]["latency_ms"])
+    assert sorted(p.name for p in tmp_path.glob("q*.onnx")) == ["q.fp32.onnx", "q.onnx"]
+    assert any(f"int8 on {ort['deploy_choice']}" in n for n in r["notes"])
     assert abs(ort["fp32_top1"] - r["fp32_top1"]) < 1e-9
     # the int8 kernels compute the program's own QDQ graph (the same graph run unfused, in float between its Q/DQ
     # pairs): what saturating u8s8 kernels break; the rest of the gap to float is min-max on 16 images

@@ -171,13 +171,13 @@ def consumers(space: Space) -> list[tuple[str, int]]:
 
 @torch.no_grad()
 def removable_spaces(model: nn.Module, sg: SpaceGraph, example: torch.Tensor,
-                     candidates: list[Space]) -> list[Space]:
+                     candidates: list[Space], why: dict[str, str] | None = None) -> list[Space]:
     """The candidates that can be sliced: on a copy whose unit 0 of each candidate has zero outgoing
     weights, removing that unit must leave the output unchanged (a residual stream, where every unit is
     also normalised with the others, only has to keep the output's shape). Checked all at once, then one
-    by one when the joint check fails."""
+    by one when the joint check fails; `why`, when given, receives the reason of each rejected space."""
 
-    def works(spaces: list[Space]) -> bool:
+    def fails(spaces: list[Space]) -> str | None:
         net = copy.deepcopy(model).eval()
         state = dict(net.state_dict(keep_vars=True))
         for s in spaces:
@@ -189,17 +189,26 @@ def removable_spaces(model: nn.Module, sg: SpaceGraph, example: torch.Tensor,
         try:
             resize(net, sg, {s.id: torch.arange(1, s.size) for s in spaces})
             out = net(example)
-        except (RuntimeError, ValueError, IndexError, TypeError):
-            return False
+        except (RuntimeError, ValueError, IndexError, TypeError) as e:
+            return f"the sliced model does not run ({type(e).__name__}: {str(e).splitlines()[0][:100]})"
         if out.shape != ref.shape:
-            return False
+            return f"the sliced model's output changes shape ({tuple(ref.shape)} -> {tuple(out.shape)})"
         exact = [s for s in spaces if not s.residual]
-        return not exact or torch.allclose(out, ref, rtol=1e-4, atol=1e-5 * max(1.0, ref.abs().max().item()))
+        if exact and not torch.allclose(out, ref, rtol=1e-4, atol=1e-5 * max(1.0, ref.abs().max().item())):
+            return "removing a unit with zero outgoing weights changes the output"
+        return None
 
     candidates = [s for s in candidates if s.size > 1]
-    if not candidates or works(candidates):
+    if not candidates or fails(candidates) is None:
         return candidates
-    return [s for s in candidates if works([s])]
+    kept = []
+    for s in candidates:
+        reason = fails([s])
+        if reason is None:
+            kept.append(s)
+        elif why is not None:
+            why[s.name] = reason
+    return kept
 
 
 # ---- replay ----------------------------------------------------------------------------------------------

@@ -39,17 +39,24 @@ def all_stages(model: nn.Module) -> list[Stage]:
 
 def feature_modules(model: nn.Module) -> list[str]:
     """The module path of each `feature_info` entry, resolved in the model: a path written relative to a
-    wrapper (Gemma4-ViT says `blocks.0` for `encoder.blocks.0`) becomes the one module it ends with."""
+    wrapper (Gemma4-ViT says `blocks.0` for `encoder.blocks.0`) becomes the one module it ends with, a path
+    with a part in the singular (Twins' `block.0`) the one module that has it in the plural."""
     names = [n for n, _ in model.named_modules()]
     known = set(names)
     out = []
     for f in getattr(model, "feature_info", None) or []:
         path = str(f.get("module", ""))
         if path and path not in known:
-            found = [n for n in names if n.endswith("." + path)]
+            found = [n for n in names if n.endswith("." + path)] or [n for n in names if _plural_of(n, path)]
             path = found[0] if len(found) == 1 else path
         out.append(path)
     return out
+
+
+def _plural_of(name: str, path: str) -> bool:
+    """`name` is `path` with some parts in the plural (Twins' feature_info says `block.0` for `blocks.0`)."""
+    a, b = name.split("."), path.split(".")
+    return len(a) == len(b) and all(x in (y, y + "s") for x, y in zip(a, b))
 
 
 def canonical_stages(model: nn.Module, max_stages: int = 4) -> list[Stage]:
@@ -72,11 +79,22 @@ def canonical_stages(model: nn.Module, max_stages: int = 4) -> list[Stage]:
 
 def to_nchw(t: torch.Tensor, channels: int, grid: tuple[int, int]) -> torch.Tensor:
     """Normalise NCHW / NHWC / NLC (with prefix tokens) to NCHW."""
+    return split_prefix(t, channels, grid)[0]
+
+
+def split_prefix(t: torch.Tensor, channels: int, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(the NCHW map of `t`, its prefix tokens (B, P, C): CLS, distillation, registers; None when it has none).
+
+    Example:
+        >>> m, p = split_prefix(torch.randn(2, 1 + 16, 8), 8, (4, 4))
+        >>> m.shape, p.shape
+        (torch.Size([2, 8, 4, 4]), torch.Size([2, 1, 8]))
+    """
     if t.ndim == 4:
         if t.shape[1] == channels:
-            return t
+            return t, None
         if t.shape[-1] == channels:
-            return t.permute(0, 3, 1, 2).contiguous()
+            return t.permute(0, 3, 1, 2).contiguous(), None
     if t.ndim == 3:
         if t.shape[-1] != channels and t.shape[1] == channels:
             t = t.transpose(1, 2)
@@ -85,10 +103,20 @@ def to_nchw(t: torch.Tensor, channels: int, grid: tuple[int, int]) -> torch.Tens
         if gh * gw > n or gh * gw == 0:
             side = int(math.isqrt(n))
             gh = gw = side
-        t = t[:, n - gh * gw:]  # prefix tokens (cls, distillation, registers) come first
-        return t.transpose(1, 2).reshape(t.shape[0], channels, gh, gw)
+        p = n - gh * gw  # prefix tokens (cls, distillation, registers) come first
+        return t[:, p:].transpose(1, 2).reshape(t.shape[0], channels, gh, gw), (t[:, :p] if p else None)
     raise CompressError("cannot interpret a tapped tensor as a feature map",
                         expected=f"4-D or 3-D with {channels} channels", found=f"shape {tuple(t.shape)}")
+
+
+class StageMaps(list):
+    """The NCHW stage maps of one forward; `prefix[i]` holds stage i's prefix tokens (B, P, C) where its output
+    is a token sequence that has any, else None (OFA's token branches read the CLS token from it)."""
+
+    def __init__(self, pairs):
+        pairs = list(pairs)
+        super().__init__(m for m, _ in pairs)
+        self.prefix = [p for _, p in pairs]
 
 
 def _grid(x: torch.Tensor, reduction: int) -> tuple[int, int]:
@@ -149,8 +177,8 @@ def channel_axis(t: torch.Tensor) -> int:
 
 
 def logits_and_features(model: nn.Module, x: torch.Tensor, stages: list[Stage], entries: list[str] = ()):
-    """One ordinary forward that also returns the NCHW stage maps and the NCHW inputs of the `entries`
-    modules (differentiable: for distillation).
+    """One ordinary forward that also returns the NCHW stage maps (a `StageMaps`, with each stage's prefix
+    tokens) and the NCHW inputs of the `entries` modules (differentiable: for distillation).
 
     Example:
         >>> logits, feats, _ = logits_and_features(model, x, canonical_stages(model))
@@ -173,7 +201,7 @@ def logits_and_features(model: nn.Module, x: torch.Tensor, stages: list[Stage], 
         else:
             final, raw = model.forward_intermediates(x, indices=[s.index for s in stages], intermediates_only=False)
             logits = model.forward_head(final)
-    feats = [to_nchw(t, s.channels, _grid(x, s.reduction)) for t, s in zip(raw, stages)]
+    feats = StageMaps(split_prefix(t, s.channels, _grid(x, s.reduction)) for t, s in zip(raw, stages))
     # an entry's grid is its own (a token sequence is taken as square): (0, 0) lets to_nchw infer it
     # (a block reading a list, SelecSLS's [x, skip]: its first map)
     embeds = [to_nchw(t, t.shape[channel_axis(t)], (0, 0)) for t in (_first(inputs[e]) for e in entries)]
