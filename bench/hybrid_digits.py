@@ -60,17 +60,15 @@ def hybrid(seeds: list[int], epochs: int, mim_epochs: int) -> dict:
     out.update(nomask_top1=mean(plain, "top1"), nomask_seconds=mean(plain, "train_seconds"), epochs=epochs,
                mim_epochs=mim_epochs, seeds=seeds)
     out["time_saving"] = round(1 - out["train_seconds"] / out["nomask_seconds"], 4)
-    dist = {}
-    for who in ("student", "fd_student", "mim_teacher"):
-        per_head = [sum(v for layer in r["attention_distance"][who].values() for v in layer) /
-                    sum(len(layer) for layer in r["attention_distance"][who].values()) for r in masked]
-        spread = [statistics.pstdev([v for layer in r["attention_distance"][who].values() for v in layer])
-                  for r in masked]
-        dist[who] = {"mean": round(statistics.mean(per_head), 3), "spread_across_heads": round(
-            statistics.mean(spread), 3)}
-    dist["nomask_student"] = {"mean": round(statistics.mean(
-        statistics.mean(v for layer in r["attention_distance"]["student"].values() for v in layer) for r in plain), 3)}
-    out["attention_distance"] = dist
+    for key in ("attention_distance", "attention_nmi"):  # per head at the relation layers, then over runs
+        div = {}
+        for who in ("student", "fd_student", "mim_teacher"):
+            heads = [[v for layer in r[key][who].values() for v in layer] for r in masked]
+            div[who] = {"mean": round(statistics.mean(statistics.mean(h) for h in heads), 3),
+                        "spread_across_heads": round(statistics.mean(statistics.pstdev(h) for h in heads), 3)}
+        div["nomask_student"] = {"mean": round(statistics.mean(
+            statistics.mean(v for layer in r[key]["student"].values() for v in layer) for r in plain), 3)}
+        out[key] = div
     out["runs"] = masked + plain
     return out
 
@@ -115,6 +113,7 @@ if __name__ == "__main__":
         print(f"| {h['teacher_top1']:.2f} | {h['scratch_top1']:.2f} | {h['kd_top1']:.2f} | {h['fd_top1']:.2f} | "
               f"{h['nomask_top1']:.2f} | {h['top1']:.2f} | {h['time_saving']:.0%} / {h['masking_flops_saving']:.0%} |")
         print("attention distance (patches), mean / spread across heads:", h["attention_distance"])
+        print("attention query-key NMI, mean / spread across heads:", h["attention_nmi"])
     for key in ("collab digits", "collab digit-scenes"):
         if key in res:
             c, m = res[key], res[key]["metric"]

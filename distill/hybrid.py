@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 import torch.nn.functional as F
@@ -125,6 +126,28 @@ def mean_attention_distance(a: torch.Tensor, grid: tuple[int, int], prefix: int)
     p = a[:, :, prefix:, prefix:]
     p = p / p.sum(-1, keepdim=True).clamp_min(1e-12)
     return (p * dist).sum(-1).mean((0, 2))
+
+
+def attention_nmi(a: torch.Tensor, prefix: int) -> torch.Tensor:
+    """Per head, the normalised mutual information between query and key positions of the patch-to-patch
+    attention (Park et al. 2023's measure of how much a map depends on its query; Hybrid Distill's second
+    diversity measure): queries uniform, p(q, k) = A[q, k] / N, NMI = I(Q; K) / ((H(Q) + H(K)) / 2) (the
+    arithmetic normalisation, scikit-learn's default), averaged over images. 0: every query attends alike
+    (collapsed, global); 1: each query attends to its own key.
+
+    Example:
+        >>> attention_nmi(torch.eye(5).expand(1, 2, 5, 5), 1).tolist()   # each patch only to itself
+        [1.0, 1.0]
+        >>> attention_nmi(torch.full((1, 1, 5, 5), 0.2), 1).tolist()     # every query alike
+        [0.0]
+    """
+    p = a[:, :, prefix:, prefix:].double()
+    p = p / p.sum(-1, keepdim=True).clamp_min(1e-12)  # rows over the patch keys
+    n = p.shape[-1]
+    pk = p.mean(-2, keepdim=True)  # p(k): the key marginal over uniform queries
+    mi = (p * (p.clamp_min(1e-30).log() - pk.clamp_min(1e-30).log())).sum((-2, -1)) / n
+    hk = -(pk * pk.clamp_min(1e-30).log()).sum((-2, -1))
+    return (mi / ((math.log(n) + hk) / 2)).mean(0).float()
 
 
 @register_method("fd")
@@ -277,7 +300,17 @@ def masking_flops_saving(student: nn.Module, layout, input_size: int, in_chans: 
 def attention_distances(model: nn.Module, layers: list[str], x: torch.Tensor) -> dict[str, list[float]]:
     """Per attention module in `layers`, the mean attention distance of each head (in patches) on `x`."""
     layout = token_layout(model)
+    return _per_head(model, layers, x, lambda a: mean_attention_distance(a, layout.grid, layout.prefix))
+
+
+@torch.no_grad()
+def attention_nmis(model: nn.Module, layers: list[str], x: torch.Tensor) -> dict[str, list[float]]:
+    """Per attention module in `layers`, the query-key NMI of each head on `x` (`attention_nmi`)."""
+    prefix = token_layout(model).prefix
+    return _per_head(model, layers, x, lambda a: attention_nmi(a, prefix))
+
+
+def _per_head(model: nn.Module, layers: list[str], x: torch.Tensor, measure) -> dict[str, list[float]]:
     with attention_maps(model, only=layers) as maps:
         model(x)
-    return {name: [round(v, 4) for v in mean_attention_distance(maps[name], layout.grid, layout.prefix).tolist()]
-            for name in layers}
+    return {name: [round(v, 4) for v in measure(maps[name]).tolist()] for name in layers}

@@ -157,22 +157,26 @@ def run(inputs, data, cfg: DistillRun, *, state: str | Path | None = None,
 
 def _hybrid_values(main: Distiller, fd: Distiller | None, mim: nn.Module, x: torch.Tensor, base: Checkpoint,
                    cfg: DistillRun) -> dict:
-    """Hybrid's own measurements: the masking's FLOPs saving and the mean attention distance per head at the
-    relation layers (student, features-only student, MIM teacher): the diversity the paper claims."""
-    from .hybrid import attention_distances, masking_flops_saving
+    """Hybrid's own measurements: the masking's FLOPs saving, and the mean attention distance and query-key
+    NMI per head at the relation layers (student, features-only student, MIM teacher): the diversity the paper
+    claims."""
+    from .hybrid import attention_distances, attention_nmis, masking_flops_saving
 
     method = main.method
     pairs = method.relation_pairs
     s_layers, t_layers = [s for s, _ in pairs], [t for _, t in pairs]
-    dist = {"student": attention_distances(main.student, s_layers, x),
-            "mim_teacher": attention_distances(mim, t_layers, main.mim_input(x))}
-    if fd is not None:
-        dist["fd_student"] = attention_distances(fd.student, s_layers, x)
+    measures = {"attention_distance": attention_distances, "attention_nmi": attention_nmis}
+    diversity = {}
+    for key, measure in measures.items():
+        diversity[key] = {"student": measure(main.student, s_layers, x),
+                          "mim_teacher": measure(mim, t_layers, main.mim_input(x))}
+        if fd is not None:
+            diversity[key]["fd_student"] = measure(fd.student, s_layers, x)
     return {"masking_flops_saving": round(masking_flops_saving(main.student, method.student, base.input.size,
                                                                len(base.input.mean), cfg.epochs, cfg.mask_max,
                                                                cfg.mask_full_share), 4),
             "mask_score": method.score_from, "relation_layers": [list(p) for p in pairs],
-            "attention_distance": dist}
+            **diversity}
 
 
 def _teacher(inputs, data, d, student: Checkpoint, cfg: DistillRun, state, resume: bool) -> Checkpoint:

@@ -100,8 +100,10 @@ def plan_depth(scores: dict[str, float], total_units: int, ratio: float | None =
                             found=f"remove {remove}")
     if keep is None and ratio and remove < 1:  # a ratio rounding to no unit (VGG: one block) is no pruned model
         raise CompressError(f"depth pruning would remove no unit: {total_units} unit(s) found",
-                            expected=f"a --ratio that removes at least one (>= {1 / (2 * total_units):.2g}) "
-                                     f"or --keep < {total_units}", found=f"ratio {ratio}")
+                            expected=f"a --ratio that removes at least one (>= {1 / (2 * total_units):.2g}) or "
+                                     f"--keep < {total_units}" if total_units > 1 else
+                                     "a model with more than one block (the alignment layer found one)",
+                            found=f"ratio {ratio}")
     if remove > len(scores):
         raise CompressError(f"cannot remove {remove} units", expected=f"at most {len(scores)}: only those keep "
                             "their input's shape can be replaced by a pass-through", found=f"{total_units} units")

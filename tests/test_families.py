@@ -446,3 +446,25 @@ def test_a_tap_on_the_model_itself_and_an_entry_reading_a_list():
     logits, feats, embeds = logits_and_features(model, x, [Stage(1, "body", 8, 1)], ["body.0"])
     assert feats[0].shape == (2, 8, 8, 8) and embeds[0].shape == (2, 8, 8, 8)
     assert torch.allclose(embeds[0], model.stem(x))
+
+
+def test_head_count_of_a_kv_only_attention_is_kept_by_surgery():
+    """GCViT's global attention has `qkv` = k and v only (2 x dim) and `head_dim`: resizing any space re-syncs
+    every module's size attributes, and its head count must come from what the heads feed (the output
+    projection), not from qkv / 3 (which made every GCViT slice fail)."""
+    from torch import nn
+
+    from compress.alignment.surgery import _sync_attention
+
+    class KVAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.num_heads, self.head_dim = 2, 4
+            self.qkv, self.proj = nn.Linear(8, 16), nn.Linear(8, 8)
+
+    m = KVAttention()
+    _sync_attention(m)
+    assert m.num_heads == 2
+    m.proj = nn.Linear(4, 8)  # one head sliced away
+    _sync_attention(m)
+    assert m.num_heads == 1

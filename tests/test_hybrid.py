@@ -2,6 +2,7 @@
 masking's schedule, one step for several family pairs, bad input, the CLI end to end."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from distill import DistillConfig, Distiller
 from distill.collab import Peers, pixel_kl, region_teachers, reliable
 from distill.config import DistillRun
 from distill.hybrid import (
+    attention_nmi,
     auto_relation_layers,
     kept_count,
     least_attended_dropped,
@@ -99,6 +101,17 @@ def test_mean_attention_distance_by_hand():
     a[0, 0, 1:, 1] = 1.0  # every patch of a 2x2 grid attends to patch (0, 0)
     d = mean_attention_distance(a, (2, 2), prefix=1)
     assert torch.allclose(d, torch.tensor([(0 + 1 + 1 + 2 ** 0.5) / 4]))
+
+
+def test_attention_nmi_by_hand():
+    """Query-key NMI: 1 when each patch attends only to itself, 0 when every query attends alike, and by hand
+    for two patches that attend 3:1 to themselves (I = 0.75 ln 1.5 + 0.25 ln 0.5, H(Q) = H(K) = ln 2)."""
+    assert attention_nmi(torch.eye(5).expand(2, 3, 5, 5), 1).tolist() == pytest.approx([1.0] * 3)
+    assert attention_nmi(torch.full((1, 1, 5, 5), 0.2), 1).tolist() == pytest.approx([0.0], abs=1e-7)
+    a = torch.zeros(1, 1, 3, 3)
+    a[0, 0, 1:, 1:] = torch.tensor([[0.75, 0.25], [0.25, 0.75]])
+    expected = (0.75 * math.log(1.5) + 0.25 * math.log(0.5)) / math.log(2)
+    assert attention_nmi(a, 1).item() == pytest.approx(expected, rel=1e-5)
 
 
 def _hybrid_distiller(method="hybrid", teacher="vit", student="vit", mim_args=None, **cfg):
@@ -275,7 +288,8 @@ def test_cli_mim_then_hybrid_then_collab(tmp_path):
     r = json.loads(js.read_text())
     assert {"top1", "fd_top1", "scratch_top1", "kd_top1"} <= set(r)
     assert 0 < r["masking_flops_saving"] < 0.5 and r["mask_score"] == "teacher"
-    assert set(r["attention_distance"]) == {"student", "fd_student", "mim_teacher"}
+    assert set(r["attention_distance"]) == set(r["attention_nmi"]) == {"student", "fd_student", "mim_teacher"}
+    assert all(0 <= v <= 1 for layer in r["attention_nmi"]["student"].values() for v in layer)
     assert set(load(out).state_dict) == set(create_model("vit", num_classes=10, **VIT2).state_dict())
     out, js = tmp_path / "c.pt", tmp_path / "c.json"
     assert main(["distill", "--method", "collab", "--student", "resnet", "--student-args", SLIM_RESNET_ARGS,

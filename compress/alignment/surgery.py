@@ -157,7 +157,10 @@ def _sync_attention(m: nn.Module) -> None:
     elif hasattr(m, "relative_position_bias_table"):  # Swin: the bias table's last axis is the heads
         m.num_heads = m.relative_position_bias_table.shape[-1]
     elif hasattr(m, "head_dim") and isinstance(getattr(m, "qkv", None), nn.Linear):  # timm Attention
-        m.num_heads = m.qkv.out_features // (3 * m.head_dim)
+        # the output projection reads heads x head_dim whatever qkv holds (GCViT's global attention: k, v only)
+        proj = getattr(m, "proj", None)
+        m.num_heads = (proj.weight.shape[1] if isinstance(proj, nn.Linear) else m.qkv.weight.shape[0] // 3) \
+            // m.head_dim
         if hasattr(m, "attn_dim"):
             m.attn_dim = m.num_heads * m.head_dim
 
