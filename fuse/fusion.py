@@ -100,13 +100,16 @@ def align_to(model: nn.Module, anchor: nn.Module, batches: list[torch.Tensor], c
         flat = max(st.degenerate[0] / st.n_a, st.degenerate[1] / st.n_b)
         width = max(st.n_a, st.n_b)
         cost = correlation_cost(corr)
-        if (st.count < width or flat > 0.5) and space.name in anchor_spaces:
+        if (st.count < width or flat > 0.5) and space.name in anchor_spaces and not _unsolved_axes(sg_m, space, maps,
+                                                                                                   own=True):
             # activations cannot tell these neurons apart (fewer samples than neurons: a pooled head layer; or
             # most of them constant over the calibration images): match them on their weights instead
             why = (f"{st.count} samples for {width} neurons" if st.count < width
                    else f"{flat:.0%} of its neurons constant over the calibration images")
             report.fallbacks.append(f"{space.name}: {why}; matched on weights")
-            cost = weight_cost(sg_m, sg_a, space, anchor_spaces[space.name], state_m, state_a, maps)
+            # every tensor carrying the space where their other axes are solved; else only the neurons' own
+            cost = weight_cost(sg_m, sg_a, space, anchor_spaces[space.name], state_m, state_a, maps,
+                               own=_unsolved_axes(sg_m, space, maps))
         elif any(st.degenerate) and space.name in anchor_spaces:
             # a few neurons constant over the calibration images (dead ReLUs): activations leave them tied, so
             # their weights break the tie (a small term: it cannot outweigh any measured correlation)
@@ -123,6 +126,20 @@ def align_to(model: nn.Module, anchor: nn.Module, batches: list[torch.Tensor], c
                     for k, v in stream_couplings(sg_m, stats, coupling, cfg.residual).items()}
     report.seconds_solve += time.perf_counter() - t
     return _apply(sg_m, model, anchor, maps, report, per_axis)
+
+
+def _unsolved_axes(sg: SpaceGraph, space, maps: dict, own: bool = False) -> bool:
+    """Whether the tensors carrying `space` (with `own`, only the neurons' own parameters, those producing
+    them) have an axis of another space not solved yet: a weight cost would then compare unaligned rows, so
+    that even a permuted copy's true pairs look distant (FasterNet's last-stage MLPs read a concatenation whose
+    parts are solved after them)."""
+    for m in space.members:
+        if own and m.role != "out":
+            continue
+        for atom in sg.tensor_axes[m.tensor]:
+            if any(leaf.id != space.id and leaf.id not in maps for leaf in ax.leaves(atom)):
+                return True
+    return False
 
 
 def _attention_maps(sg: SpaceGraph, stats, coupling) -> dict:

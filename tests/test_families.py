@@ -468,3 +468,27 @@ def test_head_count_of_a_kv_only_attention_is_kept_by_surgery():
     m.proj = nn.Linear(4, 8)  # one head sliced away
     _sync_attention(m)
     assert m.num_heads == 1
+
+
+def test_few_samples_fall_back_to_weights_only_where_their_inputs_are_solved():
+    """FasterNet: its last-stage MLPs see fewer samples than neurons (a 2x2 map), which sends them to the weight
+    cost, but their input is a concatenation whose parts are solved after them: their weights would compare
+    unaligned rows and a permuted copy fused back wrong (1.4e-3). They stay on activations (exact for a copy);
+    the pooled head, whose inputs are solved, is still matched on weights."""
+    from fuse import FuseConfig, fuse_models
+
+    model, name, kwargs, size = coverage_model("fasternet")
+    perturb_(model)
+    x = torch.randn(32, 3, size, size, generator=torch.Generator().manual_seed(0))
+    sg = find_spaces(model, x[:1])
+    twin = create_model(name, num_classes=10, **kwargs).eval()
+    twin.load_state_dict(sg.permute_state(model.state_dict(), sg.random_permutations(torch.Generator().manual_seed(5))))
+    fused, report = fuse_models([twin, model], x, FuseConfig(ground="acts", solver="hungarian", calib=32,
+                                                             batch_size=16, repair=False))
+    other = create_model(name, num_classes=10, **kwargs).eval()
+    other.load_state_dict(fused)
+    with torch.no_grad():
+        ref = model(x[:8])
+        assert (other(x[:8]) - ref).abs().max() <= 1e-4 * max(1.0, ref.abs().max().item())
+    on_weights = [f.split(":")[0] for f in report.fallbacks if "matched on weights" in f]
+    assert on_weights == ["conv_head.weight"], report.fallbacks
