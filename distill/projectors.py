@@ -11,6 +11,8 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from compress.errors import CompressError
+
 
 class SepConv(nn.Sequential):
     """OFA's separable conv pair: depthwise 3x3 (stride) + 1x1 + BN + ReLU, twice; `c_in` -> `c_out`."""
@@ -69,6 +71,9 @@ class TokenBranch(nn.Module):
         t = self.proj(self.merge(x).flatten(2).transpose(1, 2))
         if not self.prefix:
             return self.head(self.blocks(t).mean(1))
+        if prefix is None:
+            raise CompressError("OFA's token branch was built to read the stage's CLS token",
+                                expected="the stage's prefix tokens (StageMaps.prefix from the taps)", found="none")
         t = self.blocks(torch.cat([self.prefix_proj(prefix), t], 1))
         return self.head(t[:, 0])
 

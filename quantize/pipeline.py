@@ -204,21 +204,22 @@ def deploy_onnxruntime(original, images, qm, info, path: Path, test, metadata: d
     export_onnx(original, images, fp32_path, metadata)
     weights = weight_type(cfg.ort_weights)
     fp32 = OrtProgram(fp32_path)
-    paths = {label: path.with_name(f"{path.stem}.{i}{path.suffix}") for i, label in enumerate(ORT_VARIANTS)}
-    programs = {}
-    for label, ops in ORT_VARIANTS.items():
-        quantize_onnx(fp32_path, images, paths[label], metadata, weights, ops)
-        programs[label] = OrtProgram(paths[label])
-    ms = compare_latency([fp32, *programs.values()], images.shape[-1], rounds=5, in_chans=images.shape[1])
-    variants = {label: {"latency_ms": round(t, 3), "fp32_latency_ms": round(ms[0], 3),
-                        "agreement": agreement(fp32, programs[label], images)}
-                for label, t in zip(programs, ms[1:])}
-    ok = [k for k, v in variants.items() if v["agreement"] >= 0.97] or list(variants)
-    choice = min(ok, key=lambda k: variants[k]["latency_ms"])
-    del programs  # the sessions hold the files open on some systems
-    os.replace(paths[choice], path)
-    for other in paths.values():
-        other.unlink(missing_ok=True)
+    # the candidates wait in a scratch folder beside the output (same file system: the winner's move is atomic,
+    # and an interrupted run leaves no candidate behind)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".ort-variants-") as scratch:
+        paths = {label: Path(scratch) / f"{i}.onnx" for i, label in enumerate(ORT_VARIANTS)}
+        programs = {}
+        for label, ops in ORT_VARIANTS.items():
+            quantize_onnx(fp32_path, images, paths[label], metadata, weights, ops)
+            programs[label] = OrtProgram(paths[label])
+        ms = compare_latency([fp32, *programs.values()], images.shape[-1], rounds=5, in_chans=images.shape[1])
+        variants = {label: {"latency_ms": round(t, 3), "fp32_latency_ms": round(ms[0], 3),
+                            "agreement": agreement(fp32, programs[label], images)}
+                    for label, t in zip(programs, ms[1:])}
+        ok = [k for k, v in variants.items() if v["agreement"] >= 0.97] or list(variants)
+        choice = min(ok, key=lambda k: variants[k]["latency_ms"])
+        del programs  # the sessions hold the files open on some systems
+        os.replace(paths[choice], path)
     int8 = OrtProgram(path)
     return Deployment("onnxruntime", "ONNX Runtime", "onnxruntime", path, fp32, int8, top1(fp32, test),
                       top1(int8, test), file_size(fp32_path), file_size(path),

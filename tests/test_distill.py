@@ -74,6 +74,8 @@ def test_ofa_branches_follow_the_reference():
     t = branch.blocks(torch.cat([branch.prefix_proj(cls), branch.proj(branch.merge(patches).flatten(2).transpose(1, 2))],
                                 1))
     assert torch.allclose(out, branch.head(t[:, 0]), atol=1e-6)  # the CLS output, no norm before the head
+    with pytest.raises(CompressError, match="CLS token"):  # built to read it: no silent fallback to patch means
+        branch(patches, None)
     cnn, _ = _distiller("resnet", "vit")
     last = cnn.helpers[f"exit{len(cnn.shapes.student) - 1}"]
     assert isinstance(last, ConvBranch) and isinstance(last.body, torch.nn.Conv2d)

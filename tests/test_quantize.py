@@ -254,6 +254,7 @@ def test_onnx_runtime_deployment_writes_both_models_and_they_evaluate(tmp_path):
     ok = [k for k, x in v.items() if x["agreement"] >= 0.97]
     assert ort["deploy_choice"] == min(ok, key=lambda k: v[k]["latency_ms"])
     assert sorted(p.name for p in tmp_path.glob("q*.onnx")) == ["q.fp32.onnx", "q.onnx"]
+    assert not list(tmp_path.glob(".ort-variants-*"))  # the candidates' scratch folder is gone
     assert any(f"int8 on {ort['deploy_choice']}" in n for n in r["notes"])
     assert abs(ort["fp32_top1"] - r["fp32_top1"]) < 1e-9
     # the int8 kernels compute the program's own QDQ graph (the same graph run unfused, in float between its Q/DQ
