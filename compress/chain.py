@@ -165,13 +165,19 @@ def _refs(config: Any, earlier: list[PlannedStep], where: str) -> dict[str, str]
         value = getattr(config, f.name)
         if not f.metadata.get("checkpoint") or value is None:
             continue
-        if str(value) in names:
+        if _is_step(value, names, where, f.name.replace("_", "-")):
             refs[f.name] = str(value)
-        elif not Path(str(value)).is_file():
-            raise CompressError(f"{where}: key '{f.name.replace('_', '-')}' names '{value}', which is neither an "
-                                "earlier step nor a file",
-                                expected=f"one of {', '.join(sorted(names)) or '(no earlier steps)'}")
     return refs
+
+
+def _is_step(value, names: set[str], where: str, key: str) -> bool:
+    """Whether `value` names an earlier step (else it must be a file: refused when it is neither)."""
+    if str(value) in names:
+        return True
+    if not Path(str(value)).is_file():
+        raise CompressError(f"{where}: key '{key}' names '{value}', which is neither an earlier step nor a file",
+                            expected=f"one of {', '.join(sorted(names)) or '(no earlier steps)'}")
+    return False
 
 
 def _sources(given, earlier: list[PlannedStep], step: Step, where: str) -> list[str]:
@@ -188,9 +194,7 @@ def _sources(given, earlier: list[PlannedStep], step: Step, where: str) -> list[
         return [earlier[-1].name]
     items = given if isinstance(given, list) else [given]
     for it in items:
-        if str(it) not in names and not Path(str(it)).is_file():
-            raise CompressError(f"{where}: key 'from' names '{it}', which is neither an earlier step nor a file",
-                                expected=f"one of {', '.join(sorted(names)) or '(no earlier steps)'}")
+        _is_step(it, names, where, "from")
     count = len(items)
     if (step.inputs == "one" and count != 1) or (step.inputs == "optional" and count > 1) or \
             (step.inputs == "many" and count < 2):
