@@ -38,6 +38,7 @@ class FuseReport:
     repaired: int = 0  # Linear layers whose output statistics REPAIR restored
     spaces: int = 0
     unmatched: list[str] = field(default_factory=list)  # spaces no activation site carried (left as they are)
+    unaligned: list[str] = field(default_factory=list)  # spaces the invariance check dropped (averaged as they are)
     fallbacks: list[str] = field(default_factory=list)
     maps: dict = field(default_factory=dict, repr=False)  # space name -> latest coupling, for plots
 
@@ -49,7 +50,12 @@ class FuseReport:
         return float(sum(partners(t) for t in self.maps.values()) / len(self.maps))
 
 
-TIE_BREAK = 1e-3  # weight of the weight cost where activations tie neurons (it is scaled to max 1)
+# Correlations closer than RESOLUTION are ties (float32 moments of a permuted copy's own neurons come out
+# 1e-6 apart, and the cost's square root turns that into 1e-3). Where a space has ties, its correlations are
+# rounded to RESOLUTION and the weight cost (scaled to max 1), times TIE_BREAK, orders the tied partners: below
+# the cost of one RESOLUTION step anywhere, so it never outweighs a measured difference.
+RESOLUTION = 1e-4
+TIE_BREAK = 1e-5
 
 
 def calibration_batches(images: torch.Tensor, cfg: FuseConfig) -> list[torch.Tensor]:
@@ -75,6 +81,7 @@ def align_to(model: nn.Module, anchor: nn.Module, batches: list[torch.Tensor], c
     same = [(k, v.shape) for k, v in model.state_dict().items()] == [(k, v.shape) for k, v in anchor.state_dict().items()]
     sg_a = find_spaces(anchor, batches[0], verify=sg_m if same else True)
     report.seconds_trace += time.perf_counter() - t
+    report.unaligned += [n for n in dict.fromkeys(sg_m.rejected + sg_a.rejected) if n not in report.unaligned]
     if cfg.ground == "wts":
         # every tensor that shapes the function, non-persistent buffers too (BEiT's zero k_bias is in its spaces)
         maps = weight_matching(sg_m, sg_a, state_tensors(model), state_tensors(anchor), cfg, report)
@@ -93,7 +100,16 @@ def align_to(model: nn.Module, anchor: nn.Module, batches: list[torch.Tensor], c
     maps = {}
     for space in sg_m.spaces:  # in forward order: a weight cost sees the maps of the spaces before it
         if space.id not in stats.spaces:
-            report.unmatched.append(space.name)
+            if space.name not in anchor_spaces:
+                report.unmatched.append(space.name)
+                continue
+            # no activation carries it (a relative-position MLP run on a constant coordinate table, not on
+            # the images): its weights are all there is to match it on
+            report.fallbacks.append(f"{space.name}: no activation of the calibration images carries it; "
+                                    "matched on weights")
+            cost = weight_cost(sg_m, sg_a, space, anchor_spaces[space.name], state_m, state_a, maps,
+                               _comparable(sg_m, space, maps))
+            maps[space.id] = _record(solve(cost, cfg.solver, cfg.softness), space.name, report).maps()
             continue
         st = stats.spaces[space.id][1]
         corr = st.correlation()
@@ -107,16 +123,18 @@ def align_to(model: nn.Module, anchor: nn.Module, batches: list[torch.Tensor], c
             why = (f"{st.count} samples for {width} neurons" if st.count < width
                    else f"{flat:.0%} of its neurons constant over the calibration images")
             report.fallbacks.append(f"{space.name}: {why}; matched on weights")
-            # every tensor carrying the space where their other axes are solved; else only the neurons' own
             cost = weight_cost(sg_m, sg_a, space, anchor_spaces[space.name], state_m, state_a, maps,
-                               own=_unsolved_axes(sg_m, space, maps))
-        elif any(st.degenerate) and space.name in anchor_spaces:
-            # a few neurons constant over the calibration images (dead ReLUs): activations leave them tied, so
+                               _comparable(sg_m, space, maps))
+        elif (tied := _tied(corr)) and space.name in anchor_spaces:
+            # activations leave some neurons tied: constant over the calibration images (dead ReLUs), or active
+            # on the same few of them (a correlation of 1 with two partners, LCNetV2's wide pointwise convs);
             # their weights break the tie (a small term: it cannot outweigh any measured correlation)
-            report.fallbacks.append(f"{space.name}: {max(st.degenerate)} of {width} neurons constant over the "
-                                    "calibration images; those matched on weights")
-            cost = cost + TIE_BREAK * weight_cost(sg_m, sg_a, space, anchor_spaces[space.name], state_m, state_a,
-                                                  maps, own=True)
+            report.fallbacks.append(f"{space.name}: {tied} of {width} neurons tied by their activations ("
+                                    f"{max(st.degenerate)} constant over the calibration images); ties broken "
+                                    "by weights")
+            rounded = correlation_cost(torch.round(corr / RESOLUTION) * RESOLUTION)
+            cost = rounded + TIE_BREAK * weight_cost(sg_m, sg_a, space, anchor_spaces[space.name], state_m, state_a,
+                                                     maps, _comparable(sg_m, space, maps))
         maps[space.id] = _record(solve(cost, cfg.solver, cfg.softness), space.name, report).maps()
     report.spaces += len(maps)
     maps.update(_attention_maps(sg_m, stats, coupling))
@@ -128,18 +146,34 @@ def align_to(model: nn.Module, anchor: nn.Module, batches: list[torch.Tensor], c
     return _apply(sg_m, model, anchor, maps, report, per_axis)
 
 
+def _tied(corr: torch.Tensor, tol: float = RESOLUTION) -> int:
+    """How many neurons of either side have two partners within `tol` of their best correlation."""
+    if min(corr.shape) < 2:
+        return 0
+    top_a, top_b = corr.topk(2, dim=1).values, corr.topk(2, dim=0).values
+    return max(int((top_a[:, 0] - top_a[:, 1] <= tol).sum()), int((top_b[0] - top_b[1] <= tol).sum()))
+
+
+def _unsolved(sg: SpaceGraph, member, space, maps: dict) -> bool:
+    """Whether the member's tensor has an axis of another space not solved yet: a weight cost through it would
+    compare unaligned rows, so that even a permuted copy's true pairs look distant (FasterNet's last-stage MLPs
+    read a concatenation whose parts are solved after them; LCNetV2's squeeze-excite gates a channel from a
+    space solved after it)."""
+    return any(leaf.id != space.id and leaf.id not in maps
+               for atom in sg.tensor_axes[member.tensor] for leaf in ax.leaves(atom))
+
+
 def _unsolved_axes(sg: SpaceGraph, space, maps: dict, own: bool = False) -> bool:
-    """Whether the tensors carrying `space` (with `own`, only the neurons' own parameters, those producing
-    them) have an axis of another space not solved yet: a weight cost would then compare unaligned rows, so
-    that even a permuted copy's true pairs look distant (FasterNet's last-stage MLPs read a concatenation whose
-    parts are solved after them)."""
-    for m in space.members:
-        if own and m.role != "out":
-            continue
-        for atom in sg.tensor_axes[m.tensor]:
-            if any(leaf.id != space.id and leaf.id not in maps for leaf in ax.leaves(atom)):
-                return True
-    return False
+    """Whether any tensor carrying `space` (with `own`, only the neurons' own parameters, those producing
+    them) has an axis of another space not solved yet."""
+    return any(_unsolved(sg, m, space, maps) for m in space.members if not own or m.role == "out")
+
+
+def _comparable(sg: SpaceGraph, space, maps: dict) -> list:
+    """The members of `space` a weight cost compares in the activation path: every tensor whose other axes are
+    solved; where there is none, the neurons' own parameters (the weights producing them, biases, norms)."""
+    return ([m for m in space.members if not _unsolved(sg, m, space, maps)]
+            or [m for m in space.members if m.role == "out"] or space.members)
 
 
 def _attention_maps(sg: SpaceGraph, stats, coupling) -> dict:
@@ -197,13 +231,10 @@ def weight_matching(sg_m: SpaceGraph, sg_a: SpaceGraph, state_m: dict, state_a: 
 
 
 def weight_cost(sg_m: SpaceGraph, sg_a: SpaceGraph, sm: Space, sa: Space, state_m: dict, state_a: dict,
-                maps: dict, own: bool = False) -> torch.Tensor:
+                maps: dict, members: list | None = None) -> torch.Tensor:
     """Distance between neuron i of space `sm` (model) and j of `sa` (anchor) through every tensor carrying
-    the space, the model's other axes first moved by `maps`; scaled to max 1. `own`: only the neurons' own
-    parameters (weights that produce them, their biases and norms), not the consumers' columns, whose other
-    axes `maps` does not reach yet in a single forward pass."""
+    the space (or only `members` of it), the model's other axes first moved by `maps`; scaled to max 1."""
     others = {k: v for k, v in maps.items() if k != sm.id}
-    members = [m for m in sm.members if m.role == "out"] if own else sm.members
     members = members or sm.members
     tensors = {m.tensor for m in members}
     moved = sg_m.transport_state({k: state_m[k] for k in tensors}, others)

@@ -106,7 +106,8 @@ def run(inputs, data, cfg: FuseRun, *, state: str | Path | None = None,
     one_shot = f"OT one-shot ({cfg.ground}, {cfg.solver}{', REPAIR' if cfg.repair else ''})"
     values["ot"] = record(one_shot, fused)
     values.update(ot_finetuned=None, vanilla_finetuned=None, narrowed_finetuned=None, batchnorm_recomputed=bn,
-                  spaces=report.spaces, unmatched_spaces=report.unmatched, fallbacks=report.fallbacks,
+                  spaces=report.spaces, unmatched_spaces=report.unmatched, unaligned_spaces=report.unaligned,
+                  fallbacks=report.fallbacks,
                   repaired_layers=report.repaired, partners=report.partners)
     seconds = {one_shot: timings["fuse"]}
     if ft is not None:
@@ -134,6 +135,10 @@ def run(inputs, data, cfg: FuseRun, *, state: str | Path | None = None,
     values["seconds_by_stage"] = {k: round(v, 3) for k, v in timings.items()}
     values["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     notes = [f"fallback: {f}" for f in report.fallbacks]
+    if report.unaligned:  # the alignment layer's rules were wrong there: those axes are averaged unaligned
+        what = ("no space could be aligned: this fusion is a vanilla average" if not report.spaces else
+                f"{len(report.unaligned)} spaces failed the invariance check and are averaged without alignment")
+        notes.append(f"{what} ({', '.join(report.unaligned[:6])}{', ...' if len(report.unaligned) > 6 else ''})")
     if family:
         notes.append(f"auto settings for the {family}")
     out_score = values["ot_finetuned"] if ft is not None else values["ot"]

@@ -1,6 +1,7 @@
 """Beyond the eleven registered families: each failure class of issue 16 at its cause, and a fast subset of
 bench/coverage.py's timm families (the full sweep is the bench script; its table is docs/COVERAGE.md)."""
 
+import functools
 import json
 from pathlib import Path
 
@@ -21,6 +22,17 @@ COVERAGE = json.loads((Path(__file__).resolve().parents[1] / "bench" / "coverage
 # one family per failure class the issue names, plus cheap representatives of other timm module styles
 FAST = ["pvt_v2", "maxxvit", "beit", "tiny_vit", "metaformer", "efficientvit_mit", "levit", "regnet", "densenet",
         "efficientnet", "xcit", "cait"]
+
+
+class MLP(nn.Module):
+    """fc2(relu(fc1(x))): the smallest network with one hidden space."""
+
+    def __init__(self, hidden: int = 6):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, hidden), nn.Linear(hidden, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
 
 
 def coverage_model(family: str, seed: int = 0):
@@ -139,14 +151,7 @@ def test_correlation_of_constant_activations_is_bounded_and_flagged():
 def test_fusion_of_a_constant_space_is_matched_on_weights_and_says_so():
     from fuse import FuseConfig, fuse_models
 
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc1, self.fc2 = nn.Linear(8, 6), nn.Linear(6, 3)
-
-        def forward(self, x):
-            return self.fc2(torch.relu(self.fc1(x)))
-
+    Net = MLP
     torch.manual_seed(0)
     models = [Net().eval(), Net().eval()]
     for m in models:
@@ -207,13 +212,18 @@ def test_a_wrong_rule_is_caught_by_the_invariance_check_and_its_space_dropped(mo
     inherited = find_spaces(Net().eval(), x[:1], verify=checked)
     assert inherited.rejected == checked.rejected
     assert [s.name for s in inherited.spaces] == [s.name for s in checked.spaces]
+    # and fusion says which spaces it averaged without aligning them
+    from fuse import FuseConfig, fuse_models
+
+    _, report = fuse_models([twin, model], torch.randn(16, 6), FuseConfig(ground="acts", calib=16, batch_size=8,
+                                                                           repair=False))
+    assert report.unaligned == ["fc1.weight:0"]
 
 
 def test_a_few_constant_neurons_are_matched_on_their_own_weights():
     """Class 6, partly: three of eight hidden units constant over the calibration images (dead ReLUs of a
     random network) are tied for the activations; their own weights break the tie, so a permuted copy fuses
     back exactly (a wrong pair among them would change the output elsewhere) and the report says so."""
-    from fuse import FuseConfig, fuse_models
 
     class Net(nn.Module):
         def __init__(self):
@@ -228,14 +238,25 @@ def test_a_few_constant_neurons_are_matched_on_their_own_weights():
     with torch.no_grad():
         model.fc1.weight[:3] = 0  # units 0 to 2 output their biases, whatever the image
         model.fc1.bias[:3] = torch.tensor([0.5, 0.9, -0.7])
-    sg = find_spaces(model, x[:1])
-    twin = Net().eval()
-    twin.load_state_dict(sg.permute_state(model.state_dict(), sg.random_permutations(torch.Generator().manual_seed(0))))
-    fused, report = fuse_models([twin, model], x, FuseConfig(ground="acts", solver="hungarian", calib=64,
-                                                             batch_size=32, repair=False))
-    for k, v in model.state_dict().items():
-        assert torch.allclose(fused[k], v, atol=1e-6), k
-    assert any(f.startswith("fc1.weight:0: 3 of 8 neurons constant") for f in report.fallbacks), report.fallbacks
+    report = _fused_with_a_permuted_copy_is_itself(model, Net, x, seed=0)
+    assert any(f.startswith("fc1.weight:0: 3 of 8 neurons tied by their activations (3 constant")
+               for f in report.fallbacks), report.fallbacks
+
+
+def test_neurons_with_one_activation_up_to_scale_are_told_apart_by_their_weights():
+    """LCNetV2: a hundred of a wide conv's channels fire on the same few positions, so their correlations are
+    all 1 up to float32 noise (1e-6, which the cost's square root makes 1e-3) and the noise picked the pairs.
+    Correlations within 1e-4 are now ties, broken by the weights: here four hidden units are positive multiples
+    of one unit (correlation exactly 1), and a permuted copy fuses back exactly."""
+    Net = functools.partial(MLP, hidden=12)
+    torch.manual_seed(0)
+    model, x = Net().eval(), torch.randn(64, 8)
+    with torch.no_grad():
+        scale = torch.tensor([1.0, 1.7, 0.6, 2.3])[:, None]
+        model.fc1.weight[:4] = scale * model.fc1.weight[:1]
+        model.fc1.bias[:4] = scale[:, 0] * model.fc1.bias[0]
+    report = _fused_with_a_permuted_copy_is_itself(model, Net, x, seed=3)
+    assert any(f.startswith("fc1.weight:0: 4 of 12 neurons tied") for f in report.fallbacks), report.fallbacks
 
 
 def test_a_flat_model_has_its_composite_children_as_blocks():
@@ -475,9 +496,69 @@ def test_few_samples_fall_back_to_weights_only_where_their_inputs_are_solved():
     cost, but their input is a concatenation whose parts are solved after them: their weights would compare
     unaligned rows and a permuted copy fused back wrong (1.4e-3). They stay on activations (exact for a copy);
     the pooled head, whose inputs are solved, is still matched on weights."""
+    report = _fuses_a_permuted_copy_back_exactly("fasternet")
+    on_weights = [f.split(":")[0] for f in report.fallbacks if "matched on weights" in f]
+    assert on_weights == ["conv_head.weight"], report.fallbacks
+
+
+def test_spaces_do_not_depend_on_the_batch_size():
+    """SAM's attention merges the batch with the heads (`reshape(3, B * heads, N, -1)`) before unbinding q, k
+    and v. Each slice's copy of the heads axis was put back only where the axis stood alone, which a batch of
+    one hides: from two images on, q, k and v kept the merged axis' old heads, the weights' heads became three
+    free spaces, the invariance check rejected every space, and fusion silently averaged unaligned models."""
+    model, name, kwargs, size = coverage_model("vision_transformer_sam")
+    x = torch.randn(2, 3, size, size)
+    one, two = find_spaces(model, x[:1], verify=False), find_spaces(model, x)
+    assert [(s.name, s.size) for s in two.spaces] == [(s.name, s.size) for s in one.spaces]
+    assert not two.rejected
+
+
+def test_a_space_no_activation_carries_is_matched_on_weights():
+    """A relative-position MLP (Swin-V2's cpb_mlp, ViT-relpos) runs on a constant coordinate table, so no
+    activation of the images carries its hidden units: they were left unaligned, and a permuted copy fused back
+    wrong (1.9e-3). They are matched on their weights, and the report says so."""
+    report = _fuses_a_permuted_copy_back_exactly("vision_transformer_relpos")
+    assert not report.unmatched
+    assert any("rel_pos.mlp.fc1.weight:0: no activation" in f for f in report.fallbacks), report.fallbacks
+
+
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_a_conv_over_a_non_spatial_axis_passes_it_through_only_when_pointwise(kernel):
+    """EfficientViM mixes its hidden state with 1x1 Conv1d over the state axis as the length. The conv rule gave
+    every output position a fresh axis and left the input's unpinned, so the states written (b) and read (c)
+    were split into a free and a pinned space, and permuting the free one changed the logits (3e-2). A
+    pointwise conv now passes its positions through; any other conv pins the positions it reads."""
+
+    class StateMixer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.write, self.read = nn.Conv1d(8, 6, 1), nn.Conv1d(8, 6, 1)
+            self.mix = nn.Conv1d(8, 8, kernel, padding=kernel // 2)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):  # x: (batch, channels, tokens)
+            h = x @ self.write(x).softmax(-1).transpose(1, 2)  # (batch, channels, states)
+            return self.head((self.mix(h) @ self.read(x)).mean(-1))
+
+    torch.manual_seed(0)
+    model, x = StateMixer().eval(), torch.randn(4, 8, 10)
+    sg = find_spaces(model, x, verify=False)
+    states = [s for s in sg.spaces if s.size == 6]
+    assert len(states) == (1 if kernel == 1 else 0)
+    if states:
+        assert {m.tensor for m in states[0].members} >= {"write.weight", "read.weight"}
+    twin = StateMixer().eval()
+    twin.load_state_dict(sg.permute_state(model.state_dict(), sg.random_permutations(torch.Generator().manual_seed(1))))
+    with torch.no_grad():
+        assert torch.allclose(twin(x), model(x), atol=1e-5)
+
+
+def _fuses_a_permuted_copy_back_exactly(family: str):
+    """Fuse a family's coverage model with a permuted copy of itself (activation costs, as the sweep's
+    self-fuse check); asserts the logits come back within 1e-4 and returns the fusion report."""
     from fuse import FuseConfig, fuse_models
 
-    model, name, kwargs, size = coverage_model("fasternet")
+    model, name, kwargs, size = coverage_model(family)
     perturb_(model)
     x = torch.randn(32, 3, size, size, generator=torch.Generator().manual_seed(0))
     sg = find_spaces(model, x[:1])
@@ -490,5 +571,19 @@ def test_few_samples_fall_back_to_weights_only_where_their_inputs_are_solved():
     with torch.no_grad():
         ref = model(x[:8])
         assert (other(x[:8]) - ref).abs().max() <= 1e-4 * max(1.0, ref.abs().max().item())
-    on_weights = [f.split(":")[0] for f in report.fallbacks if "matched on weights" in f]
-    assert on_weights == ["conv_head.weight"], report.fallbacks
+    return report
+
+
+def _fused_with_a_permuted_copy_is_itself(model: nn.Module, make, x: torch.Tensor, seed: int):
+    """Fuse a small model with a permuted copy of itself (activation costs on `x`); asserts every fused tensor
+    equals the model's and returns the fusion report."""
+    from fuse import FuseConfig, fuse_models
+
+    sg = find_spaces(model, x[:1])
+    twin = make().eval()
+    twin.load_state_dict(sg.permute_state(model.state_dict(), sg.random_permutations(torch.Generator().manual_seed(seed))))
+    fused, report = fuse_models([twin, model], x, FuseConfig(ground="acts", solver="hungarian", calib=len(x),
+                                                             batch_size=len(x) // 2, repair=False))
+    for k, v in model.state_dict().items():
+        assert torch.allclose(fused[k], v, atol=1e-6), k
+    return report

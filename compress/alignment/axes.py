@@ -125,6 +125,24 @@ def unbind_factor(u: Atom) -> list[dict[int, Atom]] | None:
     return slices
 
 
+def substitute(a: Atom, copies: dict[int, Atom]) -> Atom:
+    """`a` with every atom of its tree whose root id is in `copies` replaced by that copy (a new product or
+    sum where a factor or segment changed): after `unbind_factor`, an axis that merged a cloned factor with
+    another one (SAM's `reshape(3, B * heads, N, -1)`: the batch merged with the heads) must carry the
+    slice's own copy, or q, k and v keep the old heads and lose their tie to the weights."""
+    r = find(a)
+    if r.id in copies:
+        return copies[r.id]
+    if r.kind == "leaf":
+        return r
+    kids = [substitute(c, copies) for c in r.children]
+    if all(k is find(c) for k, c in zip(kids, r.children)):
+        return r
+    if r.kind == "prod":
+        return _product(kids)
+    return concat(kids)
+
+
 def factors(a: Atom) -> list[Atom]:
     """The leaf-level product factors of an axis (size-1 factors dropped)."""
     r = find(a)

@@ -445,6 +445,11 @@ def _conv(node, args, env):
         unify(xin[1], w[1])
     if b is not None:
         unify(b[0], w[0])
+    stride, padding = node.args[3], node.args[4]
+    if all(a.size == 1 for a in w[2:]) and all(s == 1 for s in stride) and not any(padding):
+        return [x[0], w[0]] + x[2:]  # pointwise: each position maps to itself (EfficientViM's 1x1 over states)
+    for a in x[2:]:
+        pin(a)  # the kernel reads its input's positions: they cannot be permuted alone
     return [x[0], w[0]] + [fresh(s) for s in out_shape[2:]]
 
 
@@ -555,7 +560,7 @@ def _unbind(node, args, env):
         pin(x[dim])
         return [list(rest) for _ in range(x[dim].size)]
     # q, k and v of a fused projection get their own head axes; the attention op ties q and k back together
-    return [[copies.get(find(a).id, a) for a in rest] for copies in slices]
+    return [[ax.substitute(a, copies) for a in rest] for copies in slices]
 
 
 def _index(node, args, env):
