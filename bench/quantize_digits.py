@@ -8,6 +8,7 @@ ViT of `bench/train_digits.py` (bench/results/vit-s0.pt); missing ones are train
 Results are appended to bench/results/quantize_digits.json as they come (a rerun skips what is there).
 
 Run: .venv/bin/python bench/quantize_digits.py [--bits w8a8 w6a6 w4a8 w4a4] [--models ...] [--methods ...]
+     [--recon-iters N --out OTHER.json]   (Q-HyViT's bridge reconstruction, side by side in another file)
 """
 
 import argparse
@@ -47,6 +48,8 @@ def main() -> None:
     p.add_argument("--models", nargs="*", default=MODELS)
     p.add_argument("--methods", nargs="*", default=METHODS)
     p.add_argument("--out", default=str(RESULTS / "quantize_digits.json"))
+    p.add_argument("--recon-iters", type=int, default=QuantConfig().recon_iters,
+                   help="qhyvit: learned-rounding steps per bridge block (0: none, as the Q-HyViT code)")
     args = p.parse_args()
     torch.set_num_threads(2)
     out = Path(args.out)
@@ -66,7 +69,7 @@ def main() -> None:
                     continue
                 torch.manual_seed(0)
                 model = copy.deepcopy(original)
-                qm, info = calibrate(model, images, QuantConfig(method=method, bits=bits))
+                qm, info = calibrate(model, images, QuantConfig(method=method, bits=bits, recon_iters=args.recon_iters))
                 with torch.no_grad():
                     logits = qm(data.test.tensors[0])
                 row = {"model": arch, "method": method, "bits": bits, "fp32_top1": fp32, "top1": top1(qm, data.test),

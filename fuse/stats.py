@@ -21,16 +21,16 @@ from torch import fx
 from torch.utils._pytree import tree_flatten
 
 from compress.alignment import axes as ax
-from compress.alignment.spaces import SpaceGraph
+from compress.alignment.spaces import SpaceGraph, op_name
 from compress.errors import CompressError
 
 SITES = {"convolution", "addmm", "mm", "add", "add_"}  # adds only where two activations meet (residuals)
 
 
 def _is_site(node: fx.Node) -> bool:
-    if node.op != "call_function" or _op(node) not in SITES or not node.meta.get("compress_dynamic"):
+    if node.op != "call_function" or op_name(node) not in SITES or not node.meta.get("compress_dynamic"):
         return False
-    if _op(node) in ("add", "add_"):  # an attention mask or a position bias added is not a neuron's output
+    if op_name(node) in ("add", "add_"):  # an attention mask or a position bias added is not a neuron's output
         return sum(bool(a.meta.get("compress_dynamic")) for a in node.all_input_nodes) >= 2
     return True
 
@@ -95,10 +95,6 @@ class Statistics:
     joint: dict[tuple, tuple[tuple, CrossStats]] = field(default_factory=dict)  # key -> (joint_keys, sums)
 
 
-def _op(node: fx.Node) -> str:
-    return getattr(node.target, "__name__", str(node.target)).split(".")[0]
-
-
 def cross_statistics(sg_a: SpaceGraph, sg_b: SpaceGraph, state_a: dict, state_b: dict,
                      batches: list[torch.Tensor], tokens: str = "all", window: int = 6,
                      sublayers: bool = False, attention: str = "heads") -> Statistics:
@@ -112,7 +108,7 @@ def cross_statistics(sg_a: SpaceGraph, sg_b: SpaceGraph, state_a: dict, state_b:
     """
     ga, gb = sg_a.traced, sg_b.traced
     nodes_a, nodes_b = list(ga.graph.nodes), list(gb.graph.nodes)
-    if len(nodes_a) != len(nodes_b) or any(_op(x) != _op(y) for x, y in zip(nodes_a, nodes_b)):
+    if len(nodes_a) != len(nodes_b) or any(op_name(x) != op_name(y) for x, y in zip(nodes_a, nodes_b)):
         raise CompressError("the models do not have the same structure",
                             expected="one architecture (widths may differ)",
                             found=f"graphs of {len(nodes_a)} and {len(nodes_b)} ops")
@@ -152,7 +148,7 @@ def cross_statistics(sg_a: SpaceGraph, sg_b: SpaceGraph, state_a: dict, state_b:
                     # A residual stream is read where it is (the sums), not from the branches writing into it:
                     # measured on digits ViTs, this aligns better than pooling writers and sums.
                     axes = sg_a.node_axes[nodes_a[i]], sg_b.node_axes[nodes_b[i]]
-                    is_add = _op(nodes_a[i]) in ("add", "add_")
+                    is_add = op_name(nodes_a[i]) in ("add", "add_")
                     for la, lb, ra, rb in _leaf_views(vals, *axes, tokens, window):
                         if la.id not in wanted:
                             continue

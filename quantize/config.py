@@ -63,7 +63,8 @@ class QuantConfig:
     calib: int = option(32, "calibration images from the training split")
     exclude: list[str] = option([], "fnmatch patterns of sites / modules kept in float")
     search: SearchConfig = option(cli=False, default_factory=SearchConfig)
-    recon_iters: int = option(200, "qhyvit: learned-rounding steps per bridge block")
+    recon_iters: int = option(200, "qhyvit: learned-rounding steps per bridge block (learned on half the calibration "
+                                   "images, kept only where it helps on the other half; 0: none, as the Q-HyViT code)")
     recon_lr: float = option(1e-2, "qhyvit: learned-rounding learning rate (above AdaRound's 1e-3: our "
                                    "schedules are ~100x shorter than its 20k steps)", cli=False)
     seed: int = option(0, "random seed")

@@ -72,6 +72,11 @@ def run(inputs, data, cfg: QuantizeRun, **_) -> tuple[Checkpoint, Result]:
         values["minmax_sites"] = info["minmax_sites"]
         notes.append(f"{cfg.method}: min-max's quantizers kept at {len(info['minmax_sites'])} site(s) where they gave "
                      f"the logits a higher SQNR, e.g. {info['minmax_sites'][0]}")
+    recon = info["reconstruction"]
+    if recon and cfg.recon_iters > 0:
+        kept = [k for k, v in recon.items() if v["mse_after"] < v["mse_before"]]
+        notes.append(f"bridge reconstruction: learned rounding kept on {len(kept)} of {len(recon)} bridge blocks (where "
+                     "it lowered the block's error on held-out calibration images); the others keep nearest rounding")
     ruinous = {k: v for k, v in sens.items() if v < 10}
     if ruinous:  # one site that alone takes the logits below 10 dB SQNR is the first thing a user must see
         worst_site = min(ruinous, key=ruinous.get)
@@ -197,7 +202,7 @@ def deploy_onnxruntime(original, images, qm, info, path: Path, test, metadata: d
     from compress.measure import compare_latency
     from compress.programs import OrtProgram
 
-    from .deploy import agreement
+    from .deploy import agreement, fastest_agreeing
     from .ort import ORT_VARIANTS, export_onnx, float_ops, quantize_onnx, weight_type
 
     fp32_path = path.with_name(path.name.removesuffix(path.suffix) + ".fp32.onnx")
@@ -216,8 +221,7 @@ def deploy_onnxruntime(original, images, qm, info, path: Path, test, metadata: d
         variants = {label: {"latency_ms": round(t, 3), "fp32_latency_ms": round(ms[0], 3),
                             "agreement": agreement(fp32, programs[label], images)}
                     for label, t in zip(programs, ms[1:])}
-        ok = [k for k, v in variants.items() if v["agreement"] >= 0.97] or list(variants)
-        choice = min(ok, key=lambda k: variants[k]["latency_ms"])
+        choice = fastest_agreeing(variants, lambda k: variants[k]["latency_ms"])
         del programs  # the sessions hold the files open on some systems
         os.replace(paths[choice], path)
     int8 = OrtProgram(path)

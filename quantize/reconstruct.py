@@ -76,8 +76,13 @@ def capture(qm: QuantizedModel, module: nn.Module, x: torch.Tensor, floating: bo
     return seen["args"], seen["kwargs"], seen["out"]
 
 
-def block_error(qm: QuantizedModel, module: nn.Module, args: tuple, kwargs: dict, target: list[torch.Tensor]
-                ) -> float:
+def block_error(qm: QuantizedModel, module: nn.Module, args: tuple, kwargs: dict, target: list[torch.Tensor],
+                rows: torch.Tensor | None = None) -> float:
+    """The block's output MSE on its recorded inputs against `target` (only the sample `rows` when given)."""
+    if rows is not None:
+        n = target[0].shape[0]
+        args, kwargs = tuple(_rows(a, rows, n) for a in args), {k: _rows(v, rows, n) for k, v in kwargs.items()}
+        target = [t[rows] for t in target]
     with torch.no_grad():
         out = output_tensors(qm.run(module, *args, **kwargs))
         return float(sum((o - t).pow(2).sum() for o, t in zip(out, target)) / sum(t.numel() for t in target))
@@ -91,11 +96,18 @@ def _rows(a, idx: torch.Tensor, n: int):
 def reconstruct_block(qm: QuantizedModel, name: str, x: torch.Tensor, iters: int = 200, lr: float = 1e-3,
                       weight: float = 0.01, batch: int = 32, seed: int = 0) -> tuple[float, float]:
     """Learn the rounding of every quantized weight in block `name`; returns the block's output MSE before and
-    after (quantized input, float target, as BRECQ)."""
+    after (quantized input, float target, as BRECQ) on held-out calibration images.
+
+    The rounding is learned on the first half of the images and kept only if it lowers the block's error on
+    the second half; else the weights keep nearest rounding. BRECQ learns from 1024 images; from 32, learned
+    rounding can fit the calibration set and raise the error on new images (a random SKNet: logit SQNR on
+    unseen images 37.6 dB without reconstruction, 34.4 with it judged in-sample)."""
     block = qm.model.get_submodule(name)
     args, kwargs, _ = capture(qm, block, x, floating=False)
     _, _, target = capture(qm, block, x, floating=True)
-    before = block_error(qm, block, args, kwargs, target)
+    n = target[0].shape[0]
+    fit, held = (torch.arange(n // 2), torch.arange(n // 2, n)) if n >= 2 else (torch.arange(n), torch.arange(n))
+    before = block_error(qm, block, args, kwargs, target, held)
     weights = {s.key("w"): s.weight_of(qm.model) for s in qm.sites.values()
                if s.inside(name) and s.key("w") in qm.quantizers and isinstance(qm.quantizers[s.key("w")], Uniform)
                and qm.quantizers[s.key("w")].calibrated}
@@ -108,11 +120,10 @@ def reconstruct_block(qm: QuantizedModel, name: str, x: torch.Tensor, iters: int
         qm.quantizers[k] = rounders[k]
     opt = torch.optim.Adam([r.v for r in rounders.values()], lr=lr)
     g = torch.Generator().manual_seed(seed)
-    n = target[0].shape[0]
     warm = int(0.2 * iters)
     try:
         for it in range(iters):
-            idx = torch.randperm(n, generator=g)[:batch]
+            idx = fit[torch.randperm(len(fit), generator=g)[:batch]]
             out = qm.run(block, *(_rows(a, idx, n) for a in args), **{k: _rows(v, idx, n) for k, v in kwargs.items()})
             rec = _sq_error(out, [t[idx] for t in target])
             loss = rec
@@ -129,8 +140,8 @@ def reconstruct_block(qm: QuantizedModel, name: str, x: torch.Tensor, iters: int
     finally:
         for k in keys:
             qm.quantizers[k] = original[k]
-    after = block_error(qm, block, args, kwargs, target)
-    if after > before:  # a short schedule can end worse than nearest rounding: then keep nearest
+    after = block_error(qm, block, args, kwargs, target, held)
+    if after > before:  # learned rounding that does not carry to unseen images: keep nearest
         with torch.no_grad():
             for k in keys:
                 weights[k].copy_(nearest[k])

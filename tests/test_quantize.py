@@ -158,7 +158,9 @@ def test_repq_folding_keeps_the_float_function():
 
 
 @pytest.mark.parametrize("arch", ["mobilevit", "efficientformer"])
-def test_qhyvit_finds_bridge_blocks_and_reconstruction_lowers_their_error(arch):
+def test_qhyvit_finds_bridge_blocks_and_reconstruction_never_raises_their_error(arch):
+    """Bridges come from the alignment layer; each one's learned rounding is kept only where it lowers the
+    block's error on held-out calibration images (tests/test_families.py shows it both kept and dropped)."""
     model, size = small_model(arch)
     perturb_(model)
     x = _images(size, 16)
@@ -168,9 +170,7 @@ def test_qhyvit_finds_bridge_blocks_and_reconstruction_lowers_their_error(arch):
     qm, info = calibrate(model, x, cfg)  # the bridge blocks come from the alignment layer
     assert info["bridges"] and set(info["bridges"]) <= {b.name for b in blocks if b.kind == "bridge"}
     recon = info["reconstruction"].values()
-    assert all(r["mse_after"] <= r["mse_before"] for r in recon)  # never worse: nearest rounding is the floor
-    if arch == "mobilevit":  # (efficientformer's random-weight attention stage outputs ~1e-8: nothing to fix)
-        assert any(r["mse_after"] < 0.95 * r["mse_before"] for r in recon), info["reconstruction"]
+    assert len(recon) == len(info["bridges"]) and all(0 < r["mse_after"] <= r["mse_before"] for r in recon)
 
 
 def test_fisher_loss_gives_nonzero_site_gradients():

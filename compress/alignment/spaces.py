@@ -207,11 +207,34 @@ def _fixed_axes(t: torch.Tensor) -> list[bool]:
     return [t.shape[d] > 1 and not torch.equal(t, t.narrow(d, 0, 1).expand_as(t)) for d in range(t.ndim)]
 
 
+def _live(graph: fx.Graph) -> set[fx.Node]:
+    """The nodes the outputs depend on, and every op that mutates an input (with what it reads)."""
+    roots = [n for n in graph.nodes if n.op == "output" or (
+        n.op == "call_function" and getattr(getattr(n.target, "_schema", None), "is_mutable", False))]
+    live, todo = set(roots), list(roots)
+    while todo:
+        for a in todo.pop().all_input_nodes:
+            if a not in live:
+                live.add(a)
+                todo.append(a)
+    return live
+
+
+def _fresh_like(val):
+    if isinstance(val, (tuple, list)):
+        return [_fresh_like(v) for v in val]
+    return [fresh(s) for s in val.shape] if isinstance(val, torch.Tensor) else None
+
+
 def _propagate(g: TracedGraph, state: dict[str, torch.Tensor], computed: set[str] = frozenset()) -> SpaceGraph:
     env: dict[fx.Node, object] = {}  # node -> list[Atom] (a tensor) or a list of those (a tuple)
     tensor_axes: dict[str, list[Atom]] = {}
     unknown: set[str] = set()
+    live = _live(g.graph)
     for node in g.graph.nodes:
+        if node.op == "call_function" and node not in live:
+            env[node] = _fresh_like(_val(node))  # dead code (nn.LSTM's unused final states): no constraint
+            continue
         if node.op == "placeholder":
             shape = _val(node).shape
             free = node in g.tensors
@@ -264,6 +287,11 @@ def _tensor_args(args, env) -> list[list[Atom]]:
     return out
 
 
+def op_name(node) -> str:
+    """The aten op's name without its overload: `upsample_bilinear2d` for aten.upsample_bilinear2d.vec."""
+    return getattr(node.target, "__name__", str(node.target)).split(".")[0]
+
+
 def _shape(node) -> list[int]:
     return list(_val(node).shape)
 
@@ -271,8 +299,7 @@ def _shape(node) -> list[int]:
 def _apply(node: fx.Node, env, unknown: set[str]):
     if node.target is operator.getitem:
         return env[node.args[0]][node.args[1]]
-    name = getattr(node.target, "__name__", str(node.target))
-    op = name.split(".")[0]
+    op = op_name(node)
     rule = _RULES.get(op)
     if rule is not None:
         return rule(node, [_lookup(a, env) for a in node.args], env)
@@ -281,10 +308,7 @@ def _apply(node: fx.Node, env, unknown: set[str]):
     for a in _tensor_args(node.args, env):
         for atom in a:
             pin(atom)
-    val = _val(node)
-    if isinstance(val, (tuple, list)):
-        return [[fresh(s) for s in v.shape] if isinstance(v, torch.Tensor) else None for v in val]
-    return [fresh(s) for s in val.shape] if isinstance(val, torch.Tensor) else None
+    return _fresh_like(_val(node))
 
 
 # ---- rules ------------------------------------------------------------------------------------------
@@ -453,6 +477,50 @@ def _conv(node, args, env):
     return [x[0], w[0]] + [fresh(s) for s in out_shape[2:]]
 
 
+_CONSTANT_STATE = {"zeros", "new_zeros", "zeros_like", "full", "new_full", "full_like"}
+_VIEWS = {"select", "slice", "view", "_unsafe_view", "reshape", "clone", "contiguous", "expand", "unsqueeze", "squeeze",
+          "alias", "_to_copy"}
+
+
+def _constant_fill(a) -> bool:
+    """Whether graph value `a` is a constant fill (nn.LSTM's zero initial state, selected per layer)."""
+    while isinstance(a, fx.Node) and op_name(a) in _VIEWS:
+        a = a.args[0]
+    return isinstance(a, fx.Node) and op_name(a) in _CONSTANT_STATE
+
+
+def _rnn_layer(node, args, env):
+    """One LSTM layer and direction (`mkldnn_rnn_layer`, what nn.LSTM runs on CPU): its hidden units are a space
+    shared by the four gates' rows of both weights and biases, the recurrent weight's columns, the states and
+    the output features. The input's features are contracted with the input weight; the time axis is read in
+    order (pinned). A zero initial state (nn.LSTM's default) is the same under any permutation; a given one
+    carries the space. Other cells (GRU's three gates) pin everything."""
+    x, w_ih, w_hh, b_ih, b_hh, hx, cx = args[:7]
+    hidden, batch_first = node.args[10], node.args[14]
+    outs = [[fresh(s) for s in v.shape] for v in _val(node)]
+    if w_ih[0].size != 4 * hidden or len(x) != 3:
+        for a in [*x, *w_ih, *w_hh, *(b_ih or []), *(b_hh or []), *(hx or []), *(cx or [])]:
+            pin(a)
+        return outs
+    h = fresh(hidden, pinned=False)
+    for rows in (w_ih[0], w_hh[0], *(b[0] for b in (b_ih, b_hh) if b is not None)):
+        gate, unit = ax.regroup([rows], [4, hidden])
+        pin(gate)
+        unify(unit, h)
+    for i, (col, feat) in enumerate(((w_ih[1], x[-1]), (w_hh[1], h)), start=1):
+        if _static(node, i):
+            col.contracted = True
+        unify(col, feat)
+    for i, state in ((5, hx), (6, cx)):
+        if state is not None and not _constant_fill(node.args[i]):
+            unify(state[-1], h)
+    time = 1 if batch_first else 0
+    pin(x[time])
+    out = list(x)
+    out[time], out[-1] = outs[0][time], h
+    return [out, outs[1][:-1] + [h], outs[2][:-1] + [h], outs[3]]
+
+
 def _layer_norm(node, args, env):
     x, nshape, w, b = args[0], args[1], args[2], args[3]
     k = len(nshape)
@@ -498,10 +566,14 @@ def _reduced(x: list, dims, keep: bool) -> list:
 
 
 def _spatial(node, args, env):
-    """Pooling / resizing: channels (and batch) kept, spatial axes new."""
+    """Pooling / resizing over the last 1, 2 or 3 axes (by the op's name): channels (and batch) kept, the
+    positions it reads pinned (they cannot be permuted alone), new ones out."""
     x, out = args[0], _val(node)
     shape = (out[0] if isinstance(out, tuple) else out).shape
-    n_sp = 2
+    name = op_name(node)
+    n_sp = 1 if "1d" in name else 3 if "3d" in name else 2
+    for a in x[len(x) - n_sp:]:
+        pin(a)
     res = x[: len(shape) - n_sp] + [fresh(s) for s in shape[len(shape) - n_sp:]]
     return [res, [fresh(s) for s in shape]] if isinstance(out, tuple) else res
 
@@ -635,9 +707,15 @@ _RULES.update({
     "cumprod": _along, "linalg_vector_norm": _vector_norm, "prod": _reduce, "amin": _reduce,
     "native_layer_norm": _layer_norm, "native_batch_norm": _batch_norm,
     "_native_batch_norm_legit_no_training": _batch_norm, "native_group_norm": _group_norm,
+    "mkldnn_rnn_layer": _rnn_layer,
     "mean": _reduce, "sum": _reduce, "amax": _reduce, "var": _reduce, "avg_pool2d": _spatial,
-    "max_pool2d_with_indices": _spatial, "upsample_bilinear2d": _spatial, "upsample_nearest2d": _spatial,
-    "adaptive_avg_pool2d": _spatial, "_adaptive_avg_pool2d": _spatial, "cat": _cat, "split_with_sizes": _split,
+    **{op: _spatial for op in (
+        "avg_pool1d", "avg_pool3d", "max_pool1d_with_indices", "max_pool2d_with_indices", "max_pool3d_with_indices",
+        "adaptive_avg_pool1d", "adaptive_avg_pool2d", "_adaptive_avg_pool2d", "adaptive_avg_pool3d",
+        "_adaptive_avg_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d",
+        "upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d", "_upsample_nearest_exact1d",
+        "_upsample_nearest_exact2d", "upsample_linear1d", "upsample_bilinear2d", "_upsample_bilinear2d_aa",
+        "upsample_bicubic2d", "_upsample_bicubic2d_aa", "upsample_trilinear3d")}, "cat": _cat, "split_with_sizes": _split,
     "split": _split, "slice": _slice, "select": _select, "unbind": _unbind, "index": _index, "roll": _roll,
     "constant_pad_nd": _pad, "empty": _new, "zeros": _new, "ones": _new, "full": _new, "arange": _new,
     "scalar_tensor": _new, "as_strided": _restride, "as_strided_": _restride,
