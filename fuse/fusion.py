@@ -158,9 +158,10 @@ def _unsolved(sg: SpaceGraph, member, space, maps: dict) -> bool:
     """Whether the member's tensor has an axis of another space not solved yet: a weight cost through it would
     compare unaligned rows, so that even a permuted copy's true pairs look distant (FasterNet's last-stage MLPs
     read a concatenation whose parts are solved after them; LCNetV2's squeeze-excite gates a channel from a
-    space solved after it)."""
-    return any(leaf.id != space.id and leaf.id not in maps
-               for atom in sg.tensor_axes[member.tensor] for leaf in ax.leaves(atom))
+    space solved after it). The space itself on another axis of the tensor counts as unsolved: an LSTM's
+    recurrent weight carries its hidden units on both axes, and its columns are not aligned yet."""
+    return any(leaf.id not in maps if leaf.id != space.id else axis != member.axis
+               for axis, atom in enumerate(sg.tensor_axes[member.tensor]) for leaf in ax.leaves(atom))
 
 
 def _unsolved_axes(sg: SpaceGraph, space, maps: dict, own: bool = False) -> bool:
