@@ -80,17 +80,21 @@ def block_error(qm: QuantizedModel, module: nn.Module, args: tuple, kwargs: dict
                 rows: torch.Tensor | None = None) -> float:
     """The block's output MSE on its recorded inputs against `target` (only the sample `rows` when given)."""
     if rows is not None:
-        n = target[0].shape[0]
-        args, kwargs = tuple(_rows(a, rows, n) for a in args), {k: _rows(v, rows, n) for k, v in kwargs.items()}
-        target = [t[rows] for t in target]
+        args, kwargs, target = _sample(args, kwargs, target, rows)
     with torch.no_grad():
         out = output_tensors(qm.run(module, *args, **kwargs))
         return float(sum((o - t).pow(2).sum() for o, t in zip(out, target)) / sum(t.numel() for t in target))
 
 
-def _rows(a, idx: torch.Tensor, n: int):
-    """The sampled rows of a batch-major tensor argument; any other argument as it is."""
-    return a[idx] if torch.is_tensor(a) and a.shape[:1] == (n,) else a
+def _sample(args: tuple, kwargs: dict, target: list[torch.Tensor], idx: torch.Tensor):
+    """The block's recorded inputs and targets at sample rows `idx`: batch-major tensor arguments are indexed,
+    any other argument is passed as it is."""
+    n = target[0].shape[0]
+
+    def rows(a):
+        return a[idx] if torch.is_tensor(a) and a.shape[:1] == (n,) else a
+
+    return tuple(rows(a) for a in args), {k: rows(v) for k, v in kwargs.items()}, [t[idx] for t in target]
 
 
 def reconstruct_block(qm: QuantizedModel, name: str, x: torch.Tensor, iters: int = 200, lr: float = 1e-3,
@@ -124,8 +128,8 @@ def reconstruct_block(qm: QuantizedModel, name: str, x: torch.Tensor, iters: int
     try:
         for it in range(iters):
             idx = fit[torch.randperm(len(fit), generator=g)[:batch]]
-            out = qm.run(block, *(_rows(a, idx, n) for a in args), **{k: _rows(v, idx, n) for k, v in kwargs.items()})
-            rec = _sq_error(out, [t[idx] for t in target])
+            a, kw, t = _sample(args, kwargs, target, idx)
+            rec = _sq_error(qm.run(block, *a, **kw), t)
             loss = rec
             if it >= warm:
                 beta = 20 + (2 - 20) * (it - warm) / max(1, iters - warm)
