@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .alignment.taps import canonical_stages, stage_features
+from .alignment.taps import all_stages, canonical_stages, stage_features
 from .registry import create_model
 
 
@@ -35,9 +35,27 @@ class SegmentationNet(nn.Module):
         self.classifier = nn.Conv2d(head_dim, num_classes, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        feats = stage_features(self.backbone, x, self.stages)
+        return self.forward_head(self.forward_intermediates(x, [])[0])
+
+    def forward_intermediates(self, x: torch.Tensor, indices: list[int], intermediates_only: bool = False):
+        """timm's protocol, indexed by the backbone's feature_info: (what the head reads: the canonical stage
+        maps and the input size; the NCHW maps of the stages at `indices`) from one backbone pass.
+        Distillation taps a backbone whose feature_info names modules it does not have (HRNet's `stage1`,
+        MViTv2's `block.0`) through it.
+
+        Example:
+            >>> final, [s1] = net.forward_intermediates(x, [net.stages[0].index])
+        """
+        extra = [s for s in all_stages(self.backbone) if s.index in indices and s not in self.stages]
+        stages = sorted(self.stages + extra, key=lambda s: s.index)
+        maps = dict(zip((s.index for s in stages), stage_features(self.backbone, x, stages)))
+        taken = [maps[i] for i in indices]
+        return taken if intermediates_only else (([maps[s.index] for s in self.stages], x.shape[-2:]), taken)
+
+    def forward_head(self, final: tuple[list[torch.Tensor], torch.Size]) -> torch.Tensor:
+        feats, x_size = final
         size = max((f.shape[-2:] for f in feats), key=lambda s: s[0] * s[1])
         y = sum(F.interpolate(lat(f), size=size, mode="bilinear", align_corners=False)
                 for lat, f in zip(self.lateral, feats))
         y = self.classifier(self.fuse(y))
-        return F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return F.interpolate(y, size=x_size, mode="bilinear", align_corners=False)

@@ -331,6 +331,44 @@ def test_stages_the_classifier_lacks_come_from_forward_intermediates():
     assert _one_ofa_step(model, size)
 
 
+def test_stages_named_by_missing_modules_are_placed_by_resolution():
+    """MViTv2's feature_info says `block.N` for `stages.N`: its stages' blocks are found by their output's
+    grid, so each stage's entry is its first block, and its blocks make it a token stage."""
+    model, _, _, size = coverage_model("mvitv2")
+    al = align(model, size)
+    assert [s.module for s in al.stages] == [f"block.{i}" for i in range(4)]
+    assert al.stage_entries == [f"stages.{i}.blocks.0" for i in range(4)]
+    assert al.stage_families == ["token"] * 4 and not al.gaps()["stages_without_blocks"]
+
+
+@pytest.mark.parametrize("family", ["hrnet", "mvitv2"])
+def test_transkd_taps_a_segmentation_backbone_whose_stages_are_missing_modules(family):
+    """A segmentation network over such a backbone exposes timm's forward_intermediates / forward_head, so
+    distillation reads its stage maps and embeddings in the same pass as its logits."""
+    from compress.alignment.taps import logits_and_features
+    from compress.checkpoint import InputSpec
+    from compress.segmentation import SegmentationNet
+    from distill import DistillConfig, Distiller
+
+    name, kwargs, size = COVERAGE[family]
+    torch.manual_seed(0)
+    student, teacher = (SegmentationNet(name, 10, kwargs, size) for _ in range(2))
+    x = torch.randn(2, 3, size, size)
+    d = Distiller(student, teacher.eval(), DistillConfig("transkd"), InputSpec(size), InputSpec(size), 10)
+    with torch.no_grad():
+        final, maps = student.eval().forward_intermediates(x, [s.index for s in student.stages])
+        assert torch.equal(student.forward_head(final), student(x))
+        logits, feats, embeds = logits_and_features(student, x, d.student_taps.all, d.student_taps.entries)
+    assert torch.equal(logits, student(x)) and len(embeds) == 4
+    assert all(torch.allclose(f, m, atol=1e-5) for f, m in zip(feats, maps))
+    d.train()
+    before = [p.detach().clone() for p in student.parameters()]
+    loss = d(x, torch.randint(0, 10, (2, size, size)))
+    loss.backward()
+    torch.optim.SGD([p for p in d.parameters() if p.requires_grad], lr=0.01).step()
+    assert torch.isfinite(loss) and any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
+
+
 def test_a_stage_returning_one_map_per_branch_gives_the_one_with_its_channels():
     """CrossViT's blocks return the tokens of both scales; a stage tap takes the one with its channels."""
     from compress.alignment.taps import _first

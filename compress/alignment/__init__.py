@@ -18,12 +18,14 @@ Example:
 
 from __future__ import annotations
 
+import math
 from functools import cached_property
 
 import torch
 from torch import nn
 
 from ..device import device_of
+from ..errors import CompressError
 from .blocks import Block, find_blocks
 from .spaces import Member, Space, SpaceGraph, find_spaces
 from .taps import (
@@ -77,11 +79,55 @@ class Alignment:
         """Per canonical stage, the first block inside it: its input is the stage's embedding (the tokens or
         map after the stage's patch embedding / downsampling), which TransKD aligns. A stage without blocks
         (MobileViT's final conv) is its own entry."""
-        return [next((b.name for b in self._blocks_in(s) if b.name != s.module), s.module) for s in self.stages]
+        known = dict(self.model.named_modules())
+        out = []
+        for s, inside in zip(self.stages, self._stage_blocks):
+            entry = next((b.name for b in inside if b.name != s.module), s.module)
+            if entry not in known:
+                raise CompressError(f"{type(self.model).__name__}: no block found for stage `{s.module}`",
+                                    expected=f"a module `{s.module}` or a block at 1/{s.reduction} resolution",
+                                    found=f"blocks at {sorted({b.out_shape for b in self.blocks})}")
+            out.append(entry)
+        return out
 
     def _blocks_in(self, stage: Stage) -> list[Block]:
+        return self._stage_blocks[self.stages.index(stage)] if stage in self.stages else self._inside(stage)
+
+    def _inside(self, stage: Stage) -> list[Block]:
         """The blocks that are the stage module or lie inside it (ViT's stage `blocks.3` is one block)."""
         return [b for b in self.blocks if b.name == stage.module or b.name.startswith(stage.module + ".")]
+
+    @cached_property
+    def _stage_blocks(self) -> list[list[Block]]:
+        """Per canonical stage, its blocks. Where feature_info names a module the model does not have (HRNet's
+        `stage1` of its features-only wrapper, MViTv2's `block.0` for `stages.0`), they are found by
+        resolution: the blocks at the stage's grid from the first after the previous stage's first one up to
+        the next stage's first."""
+        known = dict(self.model.named_modules())
+        found: list[list[Block] | None] = [self._inside(s) if s.module in known else None for s in self.stages]
+        start = 0
+        for i, s in enumerate(self.stages):
+            if found[i] is None:
+                grid = [self._at_grid(b, s.reduction) for b in self.blocks]
+                first = next((b.index for b in self.blocks[start:] if grid[b.index]), None)
+                nxt = next((f[0].index for f in found[i + 1:] if f), len(self.blocks))
+                found[i] = [] if first is None else [b for b in self.blocks[first:nxt] if grid[b.index]]
+            start = found[i][0].index + 1 if found[i] else start
+        for i, s in enumerate(self.stages):  # a stage found by resolution ends where the next one starts
+            later = [f[0].index for f in found[i + 1:] if f]
+            if s.module not in known and later:
+                found[i] = [b for b in found[i] if b.index < later[0]]
+        return found
+
+    def _at_grid(self, block: Block, reduction: int) -> bool:
+        """Whether `block`'s output holds the grid of a stage at `reduction` (a map, NCHW or NHWC, or a token
+        sequence with at most its prefix tokens more)."""
+        side = {max(math.floor(self.input_size / reduction), 1), math.ceil(self.input_size / reduction)}
+        shape = block.out_shape
+        if len(shape) == 3:
+            return any(shape[a] in side and shape[a + 1] in side for a in (0, 1))
+        prefix = int(getattr(self.model, "num_prefix_tokens", 0) or 0)
+        return len(shape) == 2 and any(shape[0] - p == h * h for h in side for p in {0, prefix})
 
     def gaps(self) -> dict:
         """What the alignment layer could not understand in this model, for a user to see before running a

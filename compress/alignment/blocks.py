@@ -45,8 +45,9 @@ class Branch:
 
 @dataclass(frozen=True)
 class Block:
-    """One residual unit: its module path, position, kind, input/output ranks (4 = maps, 3 = tokens) and
-    residual branches."""
+    """One residual unit: its module path, position, kind, input/output ranks (4 = maps, 3 = tokens),
+    residual branches, and its output's shape past the batch at the traced input size (its resolution
+    places it in a stage where a model names no stage module)."""
 
     index: int
     name: str
@@ -54,6 +55,7 @@ class Block:
     in_rank: int
     out_rank: int
     branches: tuple[Branch, ...] = field(default=())
+    out_shape: tuple[int, ...] = ()
 
     def branch(self, kind: str) -> Branch | None:
         """The attention branch (`attn`: the first that attends) or the MLP branch (`mlp`: the last branch,
@@ -187,6 +189,7 @@ def find_blocks(model: nn.Module, example: torch.Tensor) -> list[Block]:
     modules = dict(model.named_modules(remove_duplicate=False))
     children = {n: [f"{n}.{c}" for c, _ in modules[n].named_children()] for n in names}
     ranks: dict[str, tuple[int, int]] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
     order: dict[str, list[str]] = {n: [] for n in names}  # children of each block in call order
     inputs, outputs = {}, {}  # first input / output tensor of each watched module (kept alive: compared by identity)
     calls = _Calls()
@@ -211,6 +214,7 @@ def find_blocks(model: nn.Module, example: torch.Tensor) -> list[Block]:
                 output = output[0]  # a block that also returns a state (EfficientViM's (x, h))
             if path in order and isinstance(first, torch.Tensor) and isinstance(output, torch.Tensor):
                 ranks[path] = (first.ndim, output.ndim)
+                shapes[path] = tuple(output.shape[1:])
         return fn
 
     pre = {n: enter(n) for n in names}
@@ -248,7 +252,7 @@ def find_blocks(model: nn.Module, example: torch.Tensor) -> list[Block]:
                 if 0 <= j < len(raw) and raw[j][1] != "reshape":
                     raw[j][1] = "bridge"
     kept = [r for r in raw if r[1] != "reshape"]
-    return [Block(i, n, k, a, b, br) for i, (n, k, a, b, br) in enumerate(kept)]
+    return [Block(i, n, k, a, b, br, shapes[n]) for i, (n, k, a, b, br) in enumerate(kept)]
 
 
 def _branches(block: str, order: list[str], seen: dict[str, set[str]], modules: dict[str, nn.Module],
