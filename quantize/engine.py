@@ -317,10 +317,15 @@ class QuantizedModel(nn.Module):
         else:
             out = run_op(site, inputs, extra, {}) if recording else None
         if recording:
-            # the inputs are what this site receives from upstream (quantized there if active)
+            # the inputs are what this site receives from upstream (quantized there if active). The record
+            # holds copies, and the model goes on with its own copy of the output: a model that then writes
+            # into either in place (naflexvit adds its position embedding with `x.add_`) must not change
+            # what the site is calibrated against.
             if out.requires_grad:
                 out.retain_grad()
-            self.recording[name] = Record({r: t.detach() for r, t in inputs.items()}, extra, out)
+            self.recording[name] = Record({r: t.detach() if r == "w" else t.detach().clone()
+                                           for r, t in inputs.items()}, extra, out)
+            return run_op(site, inputs, extra, quant) if quant else out.clone()
         return run_op(site, inputs, extra, quant) if quant else out
 
     def record(self, x: torch.Tensor, sites: list[str], grad_loss=None) -> dict[str, Record]:

@@ -173,6 +173,37 @@ def test_qhyvit_finds_bridge_blocks_and_reconstruction_never_raises_their_error(
     assert len(recon) == len(info["bridges"]) and all(0 < r["mse_after"] <= r["mse_before"] for r in recon)
 
 
+def test_records_survive_the_model_writing_in_place():
+    """naflexvit adds its position embedding with `x.add_` to the patch projection's output, and a model may
+    write into a tensor a later site read: every record must still be what its site computed from what it
+    read (before, the projection was calibrated against its output plus the embedding)."""
+    from quantize.engine import run_op
+
+    class InPlace(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2, self.pos = torch.nn.Linear(12, 12), torch.nn.Linear(12, 10), torch.nn.Parameter(torch.randn(12))
+
+        def forward(self, x):
+            a = self.fc1(x.flatten(1))
+            a.add_(self.pos)
+            b = self.fc2(a)
+            a.mul_(2)
+            return b + a[:, :10]
+
+    model = InPlace().eval().requires_grad_(False)
+    x = torch.randn(8, 3, 2, 2)
+    sites = discover(model, x[:1])
+    qm = QuantizedModel(model, sites)
+    with torch.no_grad():
+        ref = model(x)
+        recs = qm.record(x, [s.name for s in sites])
+    assert len(recs) == 2 and torch.allclose(qm(x), ref)
+    for s in sites:
+        assert torch.allclose(run_op(s, recs[s.name].inputs, recs[s.name].extra, {}), recs[s.name].out, atol=1e-6)
+    assert recs["fc2:linear0"].inputs["a"].equal(model.fc1(x.flatten(1)) + model.pos)
+
+
 def test_fisher_loss_gives_nonzero_site_gradients():
     model, size = small_model("vit")
     perturb_(model)
