@@ -286,7 +286,8 @@ class DataOptions:
 
     subset: str | None = option(None, "train (calibrate, finetune) on part of the training split: classes=0-4,"
                                       "others=0.1 (all of classes 0-4 + 10%% of the rest), shard=2/4 (the 2nd of 4 "
-                                      "disjoint shards) or fraction=0.1; add ,seed=N; the test split stays whole")
+                                      "disjoint shards) or fraction=0.1 (the last two also for segmentation data, image by image); "
+                                      "add ,seed=N; the test split stays whole")
 
     def check_subset(self) -> None:
         parse_subset(self.subset)

@@ -74,15 +74,24 @@ def dataset_labels(ds: Dataset) -> torch.Tensor:
 
 
 def take_subset(ds: Dataset, spec: SubsetSpec, num_classes: int, task: str = "classification"
-                ) -> tuple[Dataset, list[int]]:
-    """The part of `ds` that `spec` names, and the images per class it keeps. Naming a class the data does not
-    have, or leaving a class with no image, is an error (the model would never see it).
+                ) -> tuple[Dataset, list[int] | None]:
+    """The part of `ds` that `spec` names, and the images per class it keeps (None for segmentation, whose
+    shards and fractions are taken image by image). Naming a class the data does not have, or leaving a class
+    with no image, is an error (the model would never see it).
 
     Example:
         >>> train, counts = take_subset(d.train, parse_subset("shard=1/4"), 10)
     """
-    if task != "classification":
-        raise CompressError("--subset selects classes of classification data", found=f"task {task}")
+    if task != "classification":  # no class per image: shards and fractions are taken image by image
+        if spec.classes:
+            raise CompressError("--subset classes=... selects classes of classification data",
+                                expected="shard=I/K or fraction=F for this data", found=f"task {task}")
+        order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(spec.seed))
+        keep = (order.tensor_split(spec.shard[1])[spec.shard[0] - 1] if spec.shard
+                else order[: max(1, round(spec.fraction * len(order)))]).sort().values
+        if isinstance(ds, TensorDataset):
+            return TensorDataset(*(t[keep] for t in ds.tensors)), None
+        return Subset(ds, keep.tolist()), None
     labels = dataset_labels(ds)
     unknown = [c for c in spec.classes if not 0 <= c < num_classes]
     if unknown:

@@ -100,7 +100,7 @@ def test_a_changed_setting_reruns_from_that_step(tmp_path):
 def test_kill_during_training_resumes_from_the_last_epoch(tmp_path):
     """kill -9 in the middle of a step: started again, the step continues from its resume file and ends
     with the weights of an uninterrupted run."""
-    path = recipe(tmp_path, [{"name": "base", "kind": "train", **TINY, "epochs": 12}])
+    path = recipe(tmp_path, [{"name": "base", "kind": "train", **TINY, "epochs": 12, "subset": "fraction=0.25"}])
     run_recipe(path, tmp_path / "clean", report=False)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "cli", "run", str(path), "--out-dir", str(tmp_path / "run")],

@@ -87,6 +87,7 @@ def test_demo_is_the_shipped_chain(tmp_path):
     """`compress demo` is `compress run recipes/demo.yaml` (here shrunk with --set so the test is quick; the
     full demo is timed in docs/BENCHMARKS.md)."""
     shrink = ["vit-a.epochs=1", "vit-b.epochs=1", "fused.finetune-epochs=0", "student.epochs=1",
+              *(f"{step}.subset=fraction=0.25" for step in ("vit-a", "vit-b", "student")),
               "pruned.finetune-epochs=0", "pruned.target-macs=0", "pruned.ratio=0.3", "pruned.calib=16",
               "quantized.method=minmax", "quantized.calib=8", "quantized.deploy=false"]
     argv = ["demo", "--out-dir", str(tmp_path / "demo"), "--json", str(tmp_path / "d.json")]

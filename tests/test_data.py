@@ -84,6 +84,25 @@ def test_shards_partition_the_training_split():
     assert all(12 <= n <= 15 for n in tenth)  # 10% of every class
 
 
+def test_segmentation_data_takes_shards_and_fractions_by_image():
+    """digit-scenes has no class per image: a shard or fraction is taken image by image (scenes and their masks
+    together), and a class subset is refused with what would work instead."""
+    from compress.data import as_data
+
+    full = load_data("digit-scenes", InputSpec(size=16))
+    shards = [as_data("digit-scenes", InputSpec(size=16), subset=f"shard={i}/3").train for i in range(1, 4)]
+    rows = [_rows(s) for s in shards]
+    assert sum(len(s) for s in shards) == len(full.train) and set().union(*rows) == _rows(full.train)
+    assert all(not (a & b) for i, a in enumerate(rows) for b in rows[i + 1:])
+    quarter = as_data("digit-scenes", InputSpec(size=16), subset="fraction=0.25")
+    x, y = quarter.train.tensors
+    assert len(x) == round(0.25 * len(full.train)) and y.shape[1:] == full.train.tensors[1].shape[1:]
+    i = next(i for i in range(len(full.train)) if full.train.tensors[0][i].equal(x[0]))
+    assert full.train.tensors[1][i].equal(y[0])  # each scene keeps its own mask
+    with pytest.raises(CompressError, match="expected shard=I/K or fraction=F"):
+        as_data("digit-scenes", InputSpec(size=16), subset="classes=0-4")
+
+
 @pytest.mark.parametrize("spec,message", [
     ("classes=3-12", "classes the data does not have: [10, 11, 12]"),
     ("classes=0-4", "leaves classes [5, 6, 7, 8, 9] with no training image"),

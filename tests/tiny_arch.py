@@ -9,3 +9,6 @@ def tiny_cnn(num_classes: int = 10, width: int = 16) -> nn.Module:
     model.feature_info = [{"module": "1", "num_chs": width, "reduction": 1},
                           {"module": "3", "num_chs": width, "reduction": 2}]
     return model
+
+
+tiny_cnn.default_img_size = 32  # the input size a builder may declare (else timm's cfg, else 224)
