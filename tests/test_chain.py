@@ -102,7 +102,8 @@ def test_kill_during_training_resumes_from_the_last_epoch(tmp_path):
     with the weights of an uninterrupted run."""
     path = recipe(tmp_path, [{"name": "base", "kind": "train", **TINY, "epochs": 12, "subset": "fraction=0.25"}])
     run_recipe(path, tmp_path / "clean", report=False)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # the killed run computes with as many threads as the clean one here: float sums differ across thread counts
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = subprocess.Popen([sys.executable, "-m", "cli", "run", str(path), "--out-dir", str(tmp_path / "run")],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = tmp_path / "run" / "base" / "model.pt.resume.pt"
