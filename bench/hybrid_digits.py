@@ -10,7 +10,7 @@ collab (digits and digit-scenes): a slim ResNet-18 (0.7 M) and the small ViT tra
 scratch. Rows: each alone, plain mutual learning (dml), collab; the share of regions / positions
 transferred in each direction.
 
-Run: .venv/bin/python bench/hybrid_digits.py [--only hybrid|collab] [--collab-data digits digit-scenes]   (writes bench/results/hybrid_digits.json)
+Run: .venv/bin/python bench/hybrid_digits.py [--only hybrid|hybrid-layer|collab] [--collab-data digits digit-scenes]   (writes bench/results/hybrid_digits.json)
 """
 
 import argparse
@@ -73,6 +73,28 @@ def hybrid(seeds: list[int], epochs: int, mim_epochs: int) -> dict:
     return out
 
 
+def hybrid_layer(seeds: list[int], epochs: int, mim_epochs: int) -> dict:
+    """The layer schedule (`--mask-schedule layer`: tokens pruned block by block inside the student, every
+    masked epoch) beside no masking, timed side by side in this run."""
+    teacher, mim = R / "vit-s0.pt", mim_teacher(mim_epochs)
+    base = ["distill", "--teacher", str(teacher), "--mim-teacher", str(mim), "--student", "vit", "--method",
+            "hybrid", "--epochs", str(epochs), "--data", "digits", "--no-baselines"]
+    layer, plain = [], []
+    for s in seeds:
+        layer.append(run(f"hybrid-layer-e{epochs}-s{s}", [*base, "--seed", str(s), "--mask-schedule", "layer"]))
+        plain.append(run(f"hybrid-nomask-e{epochs}-s{s}", [*base, "--seed", str(s), "--mask-max", "0"]))
+    out = {"layer_top1": mean(layer, "top1"), "layer_seconds": mean(layer, "train_seconds"),
+           "layer_flops_saving": mean(layer, "masking_flops_saving"), "layer_nomask_top1": mean(plain, "top1"),
+           "layer_nomask_seconds": mean(plain, "train_seconds"),
+           "layer_attention_nmi": round(statistics.mean(statistics.mean(
+               v for layer_ in r["attention_nmi"]["student"].values() for v in layer_) for r in layer), 3),
+           "layer_attention_distance": round(statistics.mean(statistics.mean(
+               v for layer_ in r["attention_distance"]["student"].values() for v in layer_) for r in layer), 3)}
+    out["layer_time_saving"] = round(1 - out["layer_seconds"] / out["layer_nomask_seconds"], 4)
+    out["layer_runs"] = layer
+    return out
+
+
 def collab(seeds: list[int], data: str, epochs: int) -> dict:
     peer = ["--peer", "vit"] + (["--peer-args", "img_size=64"] if data == "digit-scenes" else [])
     runs = [run(f"collab-{data}-e{epochs}-s{s}", ["distill", "--method", "collab", "--student", "resnet", *SLIM,
@@ -89,7 +111,7 @@ def collab(seeds: list[int], data: str, epochs: int) -> dict:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--only", choices=["hybrid", "collab"], default=None)
+    ap.add_argument("--only", choices=["hybrid", "hybrid-layer", "collab"], default=None)
     ap.add_argument("--hybrid-epochs", type=int, default=10)
     ap.add_argument("--mim-epochs", type=int, default=30)
     ap.add_argument("--collab-epochs", type=int, default=10)
@@ -100,6 +122,9 @@ if __name__ == "__main__":
     res = json.loads(path.read_text()) if path.exists() else {}
     if args.only in (None, "hybrid"):
         res["hybrid"] = hybrid(args.seeds, args.hybrid_epochs, args.mim_epochs)
+        path.write_text(json.dumps(res, indent=1))
+    if args.only in (None, "hybrid-layer"):
+        res.setdefault("hybrid", {}).update(hybrid_layer(args.seeds, args.hybrid_epochs, args.mim_epochs))
         path.write_text(json.dumps(res, indent=1))
     if args.only in (None, "collab"):
         for data in args.collab_data:
@@ -113,7 +138,10 @@ if __name__ == "__main__":
         print(f"| {h['teacher_top1']:.2f} | {h['scratch_top1']:.2f} | {h['kd_top1']:.2f} | {h['fd_top1']:.2f} | "
               f"{h['nomask_top1']:.2f} | {h['top1']:.2f} | {h['time_saving']:.0%} / {h['masking_flops_saving']:.0%} |")
         print("attention distance (patches), mean / spread across heads:", h["attention_distance"])
-        print("attention query-key NMI, mean / spread across heads:", h["attention_nmi"])
+        print("attention query-key NMI, mean / spread across heads:", h.get("attention_nmi"))
+        if "layer_top1" in h:
+            print(f"layer schedule: {h['layer_top1']:.2f} (no masking {h['layer_nomask_top1']:.2f} in the same run), "
+                  f"time / FLOPs saved {h['layer_time_saving']:.0%} / {h['layer_flops_saving']:.0%}")
     for key in ("collab digits", "collab digit-scenes"):
         if key in res:
             c, m = res[key], res[key]["metric"]

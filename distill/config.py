@@ -64,6 +64,10 @@ class DistillConfig:
     mask_full_share: float = option(0.2, "hybrid: share of the last epochs trained on every token (the masking "
                                          "rises over the epochs before): the student is used on full images, as "
                                          "the paper's finetune after masked pre-training is")
+    mask_schedule: str = option("epoch", "hybrid: how the masked share rises: epoch (over training, tokens removed "
+                                         "from the student's input) or layer (across the student's blocks, each "
+                                         "epoch: token pruning inside its forward, from none before the first block "
+                                         "to --mask-max before the last)", choices=("epoch", "layer"))
     mask_score: str = option("auto", "hybrid: whose CLS attention picks the redundant tokens (auto: the "
                                      "discriminative teacher's when it has one on the student's grid, else the MIM "
                                      "teacher's)", choices=("auto", "teacher", "mim", "random"))

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress.alignment import attention_maps, gather_tokens, keep_tokens, token_layout
+from compress.alignment import attention_maps, gather_tokens, keep_tokens, keep_tokens_from, token_layout
 from compress.alignment.taps import _first, hooked_outputs
 from compress.errors import CompressError
 from compress.mim import random_keep
@@ -45,6 +45,17 @@ def mask_ratio(epoch: int, epochs: int, r_max: float, full_share: float = 0.0) -
     if epoch >= masked:
         return 0.0
     return r_max if masked <= 1 else r_max * epoch / (masked - 1)
+
+
+def layer_ratios(blocks: int, r_max: float) -> list[float]:
+    """The layer schedule: the share of patches removed before each block, 0 at the first rising linearly to
+    `r_max` at the last (token pruning inside the student).
+
+    Example:
+        >>> layer_ratios(5, 0.5)
+        [0.0, 0.125, 0.25, 0.375, 0.5]
+    """
+    return [r_max * i / (blocks - 1) if blocks > 1 else r_max for i in range(blocks)]
 
 
 def kept_count(patches: int, ratio: float) -> int:
@@ -164,6 +175,9 @@ class FeatureDistill(Method):
         self.student = token_layout(d.student, "student of --method " + cfg.method)
         self.last = d.student_taps.all[-1].module  # the last block: its output tokens are the student's features
         self.ratio = 0.0
+        self.schedule = cfg.mask_schedule if self.relations else "epoch"
+        # the layer schedule prunes at each attention's block: the module whose first argument is the sequence
+        self.blocks = [a.rpartition(".")[0] for a in self.student.attention]
         self.relation_pairs: list[tuple[str, str]] = []
         self.score_from = None
         if self.relations:
@@ -181,7 +195,7 @@ class FeatureDistill(Method):
             raise CompressError("the MIM teacher's token grid cannot be matched to the student's",
                                 expected=f"a {s.grid[0]}x{s.grid[1]} patch grid with {s.prefix} prefix tokens at the "
                                          "student's input", found=f"{m.grid[0]}x{m.grid[1]} with {m.prefix}")
-        if cfg.mask_max > 0 and not s.droppable:
+        if cfg.mask_max > 0 and cfg.mask_schedule == "epoch" and not s.droppable:
             raise CompressError("the student cannot drop tokens from its sequence",
                                 expected="a timm ViT-like student, or --mask-max 0")
         n_s, n_t = len(s.attention), len(m.attention)
@@ -205,11 +219,17 @@ class FeatureDistill(Method):
             self.teacher_last = t.attention[-1]
 
     def set_epoch(self, epoch: int, epochs: int, cfg) -> None:
-        self.ratio = mask_ratio(epoch, epochs, cfg.mask_max, cfg.mask_full_share) if self.relations else 0.0
+        """The epoch's masked share: rising over the epochs, or (layer schedule) --mask-max at the last block
+        every epoch; 0 in the last `mask_full_share` of the epochs either way."""
+        if not self.relations:
+            self.ratio = 0.0
+        elif self.schedule == "layer":
+            self.ratio = cfg.mask_max if epoch < epochs - round(cfg.mask_full_share * epochs) else 0.0
+        else:
+            self.ratio = mask_ratio(epoch, epochs, cfg.mask_max, cfg.mask_full_share)
 
     def step(self, d, x, y):
-        cfg, grid, n = d.cfg, self.student.grid, self.student.patches
-        keep_n = kept_count(n, self.ratio)
+        cfg, grid, prefix = d.cfg, self.student.grid, self.student.prefix
         with torch.no_grad():
             t_in = d.teacher_input(x)
             reads = [self.teacher_last] if self.score_from == "teacher" else []
@@ -222,33 +242,48 @@ class FeatureDistill(Method):
                 with attention_maps(d.mim_teacher, only=sorted(set(reads))) as got:
                     d.mim_teacher(d.mim_input(x))
                 m_maps = dict(got)
-            keep = self.keep(x.shape[0], n, keep_n, t_maps, m_maps, x.device)
+            seen = self.seen_patches(x, t_maps, m_maps)
             target = teacher_tokens(t_feats[-1], grid)
-            if keep is not None:
-                target = gather_tokens(target, keep)
-        student_reads = [s for s, _ in self.relation_pairs]
-        ctx = keep_tokens(d.student, keep) if keep is not None else contextlib.nullcontext()
-        with ctx, attention_maps(d.student, only=student_reads, detach=False) as s_maps, \
+            if seen[-1] is not None:  # the last block's tokens are the student's features
+                target = gather_tokens(target, seen[-1])
+        if self.schedule == "layer":
+            ctx = keep_tokens_from(d.student, {b: k for b, k in zip(self.blocks, seen) if k is not None})
+        else:
+            ctx = keep_tokens(d.student, seen[0]) if seen[0] is not None else contextlib.nullcontext()
+        with ctx, attention_maps(d.student, only=[s for s, _ in self.relation_pairs], detach=False) as s_maps, \
                 hooked_outputs(d.student, [self.last]) as outs:
             logits = d.student(x)
-        tokens = _first(outs[self.last])[:, self.student.prefix:]
+        tokens = _first(outs[self.last])[:, prefix:]
         loss = cfg.ce_weight * F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
         loss = loss + cfg.feat_weight * feature_loss(d.helpers["proj"](tokens), target)
-        if self.relation_pairs:  # with every token kept the teacher's maps are already the student's shape
-            rel = sum(relation_loss(m_maps[t] if keep is None else select_relations(m_maps[t], keep, self.student.prefix),
+        if self.relation_pairs:  # each block's attention compares over the tokens that block sees
+            keep = dict(zip(self.student.attention, seen))
+            rel = sum(relation_loss(m_maps[t] if keep[s] is None else select_relations(m_maps[t], keep[s], prefix),
                                     s_maps[s]) for s, t in self.relation_pairs)
             loss = loss + cfg.relation_weight * rel / len(self.relation_pairs)
         return loss
 
-    def keep(self, b, n, keep_n, t_maps, m_maps, device):
-        """The patches the student sees this step (None: all of them)."""
-        if keep_n >= n:
-            return None
-        if self.score_from == "random":
-            return random_keep(b, n, keep_n, device)
+    def seen_patches(self, x, t_maps, m_maps) -> list[torch.Tensor | None]:
+        """Per student block, the patches it sees this step (None: all of them). The epoch schedule removes
+        the least attended at the input (the same for every block); the layer schedule removes more before each
+        block (`layer_ratios`), from one ranking, so each block's patches lie among the previous block's."""
+        b, n, blocks = x.shape[0], self.student.patches, len(self.blocks)
+        counts = ([kept_count(n, r) for r in layer_ratios(blocks, self.ratio)] if self.schedule == "layer"
+                  else [kept_count(n, self.ratio)] * blocks)
+        if min(counts) >= n:
+            return [None] * blocks
+        if self.schedule == "epoch":
+            keep = (random_keep(b, n, counts[0], x.device) if self.score_from == "random"
+                    else least_attended_dropped(self.cls_attention(t_maps, m_maps), counts[0]))
+            return [keep] * blocks
+        score = torch.rand(b, n, device=x.device) if self.score_from == "random" else self.cls_attention(t_maps, m_maps)
+        order = score.argsort(dim=1, descending=True, stable=True)  # ties broken once, for every block
+        return [order[:, :k].sort(dim=1).values if k < n else None for k in counts]
+
+    def cls_attention(self, t_maps, m_maps) -> torch.Tensor:
+        """(B, N) the scoring teacher's last-layer CLS attention to each patch, averaged over heads."""
         a = t_maps[self.teacher_last] if self.score_from == "teacher" else m_maps[self.mim_last]
-        prefix = self.student.prefix
-        return least_attended_dropped(a[:, :, 0, prefix:].mean(1), keep_n)
+        return a[:, :, 0, self.student.prefix:].mean(1)
 
 
 @register_method("hybrid")
@@ -272,28 +307,34 @@ def auto_relation_layers(depth: int) -> list[int]:
 
 
 def masking_flops_saving(student: nn.Module, layout, input_size: int, in_chans: int, epochs: int,
-                         r_max: float, full_share: float = 0.0) -> float:
+                         r_max: float, full_share: float = 0.0, blocks: list[str] | None = None) -> float:
     """1 - (mean over the schedule's epochs of the student's forward FLOPs at the kept tokens) / (its FLOPs on
-    every token): the compute the masking saves in the student (its backward scales the same way)."""
+    every token): the compute the masking saves in the student (its backward scales the same way). With
+    `blocks` (the layer schedule) each masked epoch prunes before those blocks, by `layer_ratios`."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from compress.device import device_of
 
     x = torch.zeros(1, in_chans, input_size, input_size, device=device_of(student))
+    n = layout.patches
 
-    def flops(keep: int) -> int:
-        idx = torch.arange(keep, device=x.device).unsqueeze(0)
-        with torch.no_grad(), FlopCounterMode(display=False) as counter, keep_tokens(student, idx):
+    def flops(counts: tuple[int, ...]) -> int:  # patches kept: at the input, or before each of `blocks`
+        def idx(k):
+            return torch.arange(k, device=x.device).unsqueeze(0)
+        ctx = (keep_tokens(student, idx(counts[0])) if blocks is None
+               else keep_tokens_from(student, {b: idx(k) for b, k in zip(blocks, counts) if k < n}))
+        with torch.no_grad(), FlopCounterMode(display=False) as counter, ctx:
             student(x)
         return counter.get_total_flops()
 
-    n = layout.patches
-    cache: dict[int, int] = {}
-    per_epoch = [cache.setdefault(k, flops(k)) for k in
-                 (kept_count(n, mask_ratio(e, epochs, r_max, full_share)) for e in range(epochs))]
-    return 1 - sum(per_epoch) / (epochs * (cache.get(n) or flops(n)))
-
-
+    masked = epochs - round(full_share * epochs)
+    plans = [(kept_count(n, mask_ratio(e, epochs, r_max, full_share)),) if blocks is None else
+             tuple(kept_count(n, r) for r in layer_ratios(len(blocks), r_max if e < masked else 0.0))
+             for e in range(epochs)]
+    cache: dict[tuple[int, ...], int] = {}
+    per_epoch = [cache.setdefault(p, flops(p)) for p in plans]
+    full = (n,) if blocks is None else (n,) * len(blocks)
+    return 1 - sum(per_epoch) / (epochs * cache.get(full, flops(full)))
 
 
 @torch.no_grad()

@@ -128,7 +128,7 @@ def run(inputs, data, cfg: DistillRun, *, state: str | Path | None = None,
     x = batch_of(d.test, 256).to(device_of(student))
     if cfg.method == "hybrid":
         values.update(_hybrid_values(main, trained.get("fd"), mim, x[:64], base, cfg))
-        notes.append(f"hybrid: masking removed up to {cfg.mask_max:.0%} of the student's tokens, "
+        notes.append(f"hybrid: masking ({cfg.mask_schedule} schedule) removed up to {cfg.mask_max:.0%} of the student's tokens, "
                      f"{values['masking_flops_saving']:.0%} of its training forward FLOPs over the schedule; "
                      f"redundancy scored by the {values['mask_score']} CLS attention")
     nets = [getattr(m, "backbone", m) for m in (teacher, student)]  # a segmentation network's backbone
@@ -174,7 +174,10 @@ def _hybrid_values(main: Distiller, fd: Distiller | None, mim: nn.Module, x: tor
             diversity[key]["fd_student"] = measure(fd.student, s_layers, x)
     return {"masking_flops_saving": round(masking_flops_saving(main.student, method.student, base.input.size,
                                                                len(base.input.mean), cfg.epochs, cfg.mask_max,
-                                                               cfg.mask_full_share), 4),
+                                                               cfg.mask_full_share,
+                                                               method.blocks if cfg.mask_schedule == "layer" else None),
+                                         4),
+            "mask_schedule": cfg.mask_schedule,
             "mask_score": method.score_from, "relation_layers": [list(p) for p in pairs],
             **diversity}
 

@@ -22,8 +22,10 @@ from distill.hybrid import (
     attention_nmi,
     auto_relation_layers,
     kept_count,
+    layer_ratios,
     least_attended_dropped,
     mask_ratio,
+    masking_flops_saving,
     match_heads,
     mean_attention_distance,
     relation_loss,
@@ -82,6 +84,48 @@ def test_masking_schedule_keeps_cls_and_removes_exactly_the_scheduled_tokens():
     with keep_tokens(m, keep), hooked_outputs(m, ["patch_drop"]) as short:
         m(x)
     assert torch.equal(short["patch_drop"], full["patch_drop"][:, [0, 1, 8, 64]])
+
+
+def test_layer_schedule_prunes_tokens_block_by_block():
+    """--mask-schedule layer: before each block of a 4-block student, the patches the teacher's CLS attends
+    most, 0 to 50% removed across the blocks (64, 53, 43, 32 patches), the CLS token always first; each block's
+    patches among the previous block's; the last epochs (mask_full_share) on every token."""
+    from compress.alignment import keep_tokens_from
+
+    assert layer_ratios(4, 0.5) == [0.0, 0.5 / 3, 1 / 3, 0.5]
+    torch.manual_seed(0)
+    s = create_model("vit", num_classes=10)  # 4 blocks
+    t, mim = (create_model("vit", num_classes=10, **VIT2).eval() for _ in range(2))
+    d = Distiller(s, t, DistillConfig("hybrid", mask_schedule="layer"), InputSpec(32), InputSpec(32), 10,
+                  mim_teacher=mim, mim_spec=InputSpec(32))
+    seen = {i: [] for i in range(4)}
+    for i, blk in enumerate(s.blocks):  # what each block computes on (its pruning runs at its own input)
+        blk.norm1.register_forward_pre_hook(lambda m, a, i=i: seen[i].append(a[0]))
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    for epoch, want in [(0, [65, 54, 44, 33]), (4, [65] * 4)]:
+        d.set_epoch(epoch, 5)
+        d.train()
+        loss = d(x, y)
+        assert torch.isfinite(loss) and [seen[i][-1].shape[1] for i in range(4)] == want
+    loss.backward()  # the relation and feature terms reach the student through the shortened sequences
+    assert all(p.grad is not None for p in s.blocks[3].parameters())
+    with torch.no_grad():  # the CLS token is kept, and block 2 sees exactly the patches it was given
+        ref = s.eval()
+        full = {}
+        hooks = [blk.norm1.register_forward_pre_hook(lambda m, a, i=i: full.__setitem__(i, a[0]))
+                 for i, blk in enumerate(ref.blocks)]
+        keep2, keep3 = torch.tensor([[1, 5, 9, 30]]), torch.tensor([[5, 30]])
+        with keep_tokens_from(ref, {"blocks.2": keep2, "blocks.3": keep3}):
+            ref(x[:1])
+        pruned = dict(full)
+        ref(x[:1])
+        for h in hooks:
+            h.remove()
+    assert pruned[2].shape[1] == 5 and torch.allclose(pruned[2], full[2][:, [0, 2, 6, 10, 31]], atol=1e-6)
+    with pytest.raises(CompressError, match="not among the sequence's"):
+        with keep_tokens_from(ref, {"blocks.2": keep2, "blocks.3": torch.tensor([[5, 31]])}):
+            ref(x[:1])
+    assert masking_flops_saving(s, token_layout(s), 32, 3, 5, 0.5, 0.2, [f"blocks.{i}" for i in range(4)]) > 0.1
 
 
 def test_attention_maps_unfuse_only_what_they_read_and_keep_gradients():

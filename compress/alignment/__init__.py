@@ -37,10 +37,10 @@ from .taps import (
     logits_and_features,
     stage_features,
 )
-from .tokens import TokenLayout, gather_tokens, keep_tokens, token_layout
+from .tokens import TokenLayout, gather_tokens, keep_tokens, keep_tokens_from, token_layout
 
 __all__ = ["Alignment", "align", "Block", "Space", "SpaceGraph", "Member", "Stage", "attention_maps",
-           "logits_and_features", "TokenLayout", "token_layout", "keep_tokens", "gather_tokens"]
+           "logits_and_features", "TokenLayout", "token_layout", "keep_tokens", "keep_tokens_from", "gather_tokens"]
 
 
 class Alignment:
@@ -71,8 +71,8 @@ class Alignment:
     def stage_families(self) -> list[str]:
         """Per canonical stage, `token` when its blocks attend or mix tokens (attention, mlp, bridge), else
         `conv`: which kind of projector a distillation method should put behind it."""
-        return ["token" if {b.kind for b in self._blocks_in(s)} & {"attention", "mlp", "bridge"} else "conv"
-                for s in self.stages]
+        return ["token" if {b.kind for b in inside} & {"attention", "mlp", "bridge"} else "conv"
+                for inside in self._stage_blocks]
 
     @cached_property
     def stage_entries(self) -> list[str]:
@@ -90,33 +90,27 @@ class Alignment:
             out.append(entry)
         return out
 
-    def _blocks_in(self, stage: Stage) -> list[Block]:
-        return self._stage_blocks[self.stages.index(stage)] if stage in self.stages else self._inside(stage)
-
     def _inside(self, stage: Stage) -> list[Block]:
         """The blocks that are the stage module or lie inside it (ViT's stage `blocks.3` is one block)."""
         return [b for b in self.blocks if b.name == stage.module or b.name.startswith(stage.module + ".")]
 
     @cached_property
     def _stage_blocks(self) -> list[list[Block]]:
-        """Per canonical stage, its blocks. Where feature_info names a module the model does not have (HRNet's
-        `stage1` of its features-only wrapper, MViTv2's `block.0` for `stages.0`), they are found by
-        resolution: the blocks at the stage's grid from the first after the previous stage's first one up to
-        the next stage's first."""
+        """Per canonical stage, its blocks: those inside its module. Where feature_info names a module the model
+        does not have (HRNet's `stage1` of its features-only wrapper, MViTv2's `block.0` for `stages.0`), they
+        are found by resolution: the blocks at the stage's grid after the previous stage's first one, up to the
+        next stage's first."""
         known = dict(self.model.named_modules())
-        found: list[list[Block] | None] = [self._inside(s) if s.module in known else None for s in self.stages]
+        found = [self._inside(s) if s.module in known else None for s in self.stages]
         start = 0
         for i, s in enumerate(self.stages):
             if found[i] is None:
-                grid = [self._at_grid(b, s.reduction) for b in self.blocks]
-                first = next((b.index for b in self.blocks[start:] if grid[b.index]), None)
-                nxt = next((f[0].index for f in found[i + 1:] if f), len(self.blocks))
-                found[i] = [] if first is None else [b for b in self.blocks[first:nxt] if grid[b.index]]
+                found[i] = [b for b in self.blocks[start:] if self._at_grid(b, s.reduction)]
             start = found[i][0].index + 1 if found[i] else start
-        for i, s in enumerate(self.stages):  # a stage found by resolution ends where the next one starts
-            later = [f[0].index for f in found[i + 1:] if f]
-            if s.module not in known and later:
-                found[i] = [b for b in found[i] if b.index < later[0]]
+        for i, s in enumerate(self.stages):
+            if s.module not in known:
+                end = next((f[0].index for f in found[i + 1:] if f), len(self.blocks))
+                found[i] = [b for b in found[i] if b.index < end]
         return found
 
     def _at_grid(self, block: Block, reduction: int) -> bool:
@@ -149,7 +143,7 @@ class Alignment:
         return {"unknown_ops": self.spaces.unknown_ops, "rejected_spaces": self.spaces.rejected,
                 "pinned_tensors": [n for n, _ in sorted(pinned, key=lambda p: -p[1])],
                 "pinned_share": round(sum(k for _, k in pinned) / total, 4),
-                "stages_without_blocks": [s.module for s in self.stages if not self._blocks_in(s)
+                "stages_without_blocks": [s.module for s, inside in zip(self.stages, self._stage_blocks) if not inside
                                           and not any(s.module.startswith(b.name + ".") for b in self.blocks)],
                 "coverage": round(self.spaces.coverage(self.model.state_dict()), 4)}
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import CompressError
+from .hooks import hooks
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,45 @@ def keep_tokens(model: nn.Module, index: torch.Tensor):
         yield
     finally:
         model.patch_drop = original
+
+
+@contextlib.contextmanager
+def keep_tokens_from(model: nn.Module, plan: dict[str, torch.Tensor]):
+    """Inside the context, each block named in `plan` and every block after it runs on the prefix tokens plus
+    the patches `plan[block]` (B, K; positions in the patch grid) only: token pruning inside the model, the
+    sequence shortening block by block. Each block's patches must lie among those of the block before it.
+
+    Example:
+        >>> plan = {"blocks.2": torch.arange(32).expand(8, -1), "blocks.3": torch.arange(16).expand(8, -1)}
+        >>> with keep_tokens_from(vit, plan):        # blocks 0-1 see 64 patches, block 2 32, block 3 16
+        ...     vit(x)
+    """
+    grid, prefix = _grid_and_prefix(model)
+    if grid is None:
+        raise CompressError(f"{type(model).__name__} has no patch grid to prune tokens from",
+                            expected="a timm ViT-like model")
+    patches = grid[0] * grid[1]
+    state: dict[str, torch.Tensor | None] = {"kept": None}  # the patches the sequence holds now (None: all)
+
+    def start(module, args):
+        state["kept"] = None
+
+    def prune(name):
+        def fn(module, args):
+            x, want = args[0], plan[name].to(args[0].device)
+            kept = state["kept"]
+            rel = want if kept is None else torch.searchsorted(kept, want)
+            if x.shape[1] - prefix != (patches if kept is None else kept.shape[1]) or (
+                    kept is not None and not torch.equal(kept.gather(1, rel.clamp_max(kept.shape[1] - 1)), want)):
+                raise CompressError(f"token pruning at `{name}`: its patches are not among the sequence's",
+                                    expected="each block's kept patches a subset of the block before's",
+                                    found=f"{x.shape[1] - prefix} tokens in, {want.shape[1]} asked")
+            state["kept"] = want
+            return (torch.cat([x[:, :prefix], gather_tokens(x[:, prefix:], rel)], dim=1), *args[1:])
+        return fn
+
+    with hooks(model, pre={"": start, **{name: prune(name) for name in plan}}):
+        yield
 
 
 def gather_tokens(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
