@@ -89,9 +89,7 @@ def take_subset(ds: Dataset, spec: SubsetSpec, num_classes: int, task: str = "cl
         order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(spec.seed))
         keep = (order.tensor_split(spec.shard[1])[spec.shard[0] - 1] if spec.shard
                 else order[: max(1, round(spec.fraction * len(order)))]).sort().values
-        if isinstance(ds, TensorDataset):
-            return TensorDataset(*(t[keep] for t in ds.tensors)), None
-        return Subset(ds, keep.tolist()), None
+        return _rows_of(ds, keep), None
     labels = dataset_labels(ds)
     unknown = [c for c in spec.classes if not 0 <= c < num_classes]
     if unknown:
@@ -115,9 +113,14 @@ def take_subset(ds: Dataset, spec: SubsetSpec, num_classes: int, task: str = "cl
     if empty:
         raise CompressError(f"--subset leaves classes {empty} with no training image",
                             expected="every class present (add others=F, or more of the data)")
-    if isinstance(ds, TensorDataset):  # stays a TensorDataset: batches are slices, not image-by-image loads
-        return TensorDataset(*(t[keep] for t in ds.tensors)), counts
-    return Subset(ds, keep.tolist()), counts
+    return _rows_of(ds, keep), counts
+
+
+def _rows_of(ds: Dataset, keep: torch.Tensor) -> Dataset:
+    """The samples `keep` of `ds`; a TensorDataset stays one (batches are slices, not image-by-image loads)."""
+    if isinstance(ds, TensorDataset):
+        return TensorDataset(*(t[keep] for t in ds.tensors))
+    return Subset(ds, keep.tolist())
 
 
 def data_for(ckpt, data: str | Data, command: str, classifier: bool = False, subset: str | None = None) -> Data:

@@ -46,7 +46,9 @@ class SegmentationNet(nn.Module):
         Example:
             >>> final, [s1] = net.forward_intermediates(x, [net.stages[0].index])
         """
-        extra = [s for s in all_stages(self.backbone) if s.index in indices and s not in self.stages]
+        have = {s.index for s in self.stages}  # the head's own stages; others looked up only when asked for
+        extra = [s for s in all_stages(self.backbone) if s.index in indices and s.index not in have] \
+            if set(indices) - have else []
         stages = sorted(self.stages + extra, key=lambda s: s.index)
         maps = dict(zip((s.index for s in stages), stage_features(self.backbone, x, stages)))
         taken = [maps[i] for i in indices]

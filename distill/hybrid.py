@@ -31,20 +31,23 @@ from .losses import resize_map, whiten
 from .methods import Method
 
 
-def mask_ratio(epoch: int, epochs: int, r_max: float, full_share: float = 0.0) -> float:
+def mask_ratio(epoch: int, epochs: int, r_max: float, full_share: float = 0.0, schedule: str = "epoch") -> float:
     """Progressive masking: 0 at the first epoch rising linearly to `r_max` at the last masked epoch; the
-    last `full_share` of the epochs see every token again.
+    last `full_share` of the epochs see every token again. The layer schedule masks `r_max` (before the
+    student's last block, `layer_ratios`) in every masked epoch.
 
     Example:
         >>> [mask_ratio(e, 5, 0.5) for e in range(5)]
         [0.0, 0.125, 0.25, 0.375, 0.5]
         >>> [mask_ratio(e, 5, 0.5, full_share=0.2) for e in range(5)]
         [0.0, 0.16666666666666666, 0.3333333333333333, 0.5, 0.0]
+        >>> [mask_ratio(e, 5, 0.5, full_share=0.2, schedule="layer") for e in range(5)]
+        [0.5, 0.5, 0.5, 0.5, 0.0]
     """
     masked = epochs - round(full_share * epochs)
     if epoch >= masked:
         return 0.0
-    return r_max if masked <= 1 else r_max * epoch / (masked - 1)
+    return r_max if masked <= 1 or schedule == "layer" else r_max * epoch / (masked - 1)
 
 
 def layer_ratios(blocks: int, r_max: float) -> list[float]:
@@ -219,14 +222,8 @@ class FeatureDistill(Method):
             self.teacher_last = t.attention[-1]
 
     def set_epoch(self, epoch: int, epochs: int, cfg) -> None:
-        """The epoch's masked share: rising over the epochs, or (layer schedule) --mask-max at the last block
-        every epoch; 0 in the last `mask_full_share` of the epochs either way."""
-        if not self.relations:
-            self.ratio = 0.0
-        elif self.schedule == "layer":
-            self.ratio = cfg.mask_max if epoch < epochs - round(cfg.mask_full_share * epochs) else 0.0
-        else:
-            self.ratio = mask_ratio(epoch, epochs, cfg.mask_max, cfg.mask_full_share)
+        self.ratio = mask_ratio(epoch, epochs, cfg.mask_max, cfg.mask_full_share, self.schedule) if self.relations \
+            else 0.0
 
     def step(self, d, x, y):
         cfg, grid, prefix = d.cfg, self.student.grid, self.student.prefix
@@ -327,10 +324,9 @@ def masking_flops_saving(student: nn.Module, layout, input_size: int, in_chans: 
             student(x)
         return counter.get_total_flops()
 
-    masked = epochs - round(full_share * epochs)
-    plans = [(kept_count(n, mask_ratio(e, epochs, r_max, full_share)),) if blocks is None else
-             tuple(kept_count(n, r) for r in layer_ratios(len(blocks), r_max if e < masked else 0.0))
-             for e in range(epochs)]
+    ratios = [mask_ratio(e, epochs, r_max, full_share, "epoch" if blocks is None else "layer") for e in range(epochs)]
+    plans = [(kept_count(n, r),) if blocks is None else tuple(kept_count(n, q) for q in layer_ratios(len(blocks), r))
+             for r in ratios]
     cache: dict[tuple[int, ...], int] = {}
     per_epoch = [cache.setdefault(p, flops(p)) for p in plans]
     full = (n,) if blocks is None else (n,) * len(blocks)

@@ -175,7 +175,7 @@ def _hybrid_values(main: Distiller, fd: Distiller | None, mim: nn.Module, x: tor
     return {"masking_flops_saving": round(masking_flops_saving(main.student, method.student, base.input.size,
                                                                len(base.input.mean), cfg.epochs, cfg.mask_max,
                                                                cfg.mask_full_share,
-                                                               method.blocks if cfg.mask_schedule == "layer" else None),
+                                                               method.blocks if method.schedule == "layer" else None),
                                          4),
             "mask_schedule": cfg.mask_schedule,
             "mask_score": method.score_from, "relation_layers": [list(p) for p in pairs],

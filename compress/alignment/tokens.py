@@ -79,7 +79,12 @@ class _Keep(nn.Module):
         self.index, self.prefix = index, prefix
 
     def forward(self, x):
-        return torch.cat([x[:, :self.prefix], gather_tokens(x[:, self.prefix:], self.index.to(x.device))], dim=1)
+        return _keep_rows(x, self.prefix, self.index.to(x.device))
+
+
+def _keep_rows(x: torch.Tensor, prefix: int, index: torch.Tensor) -> torch.Tensor:
+    """The prefix tokens of a (B, prefix + N, C) sequence, then its patches `index` (B, K), in order."""
+    return torch.cat([x[:, :prefix], gather_tokens(x[:, prefix:], index)], dim=1)
 
 
 @contextlib.contextmanager
@@ -140,7 +145,7 @@ def keep_tokens_from(model: nn.Module, plan: dict[str, torch.Tensor]):
                                     expected="each block's kept patches a subset of the block before's",
                                     found=f"{x.shape[1] - prefix} tokens in, {want.shape[1]} asked")
             state["kept"] = want
-            return (torch.cat([x[:, :prefix], gather_tokens(x[:, prefix:], rel)], dim=1), *args[1:])
+            return (_keep_rows(x, prefix, rel), *args[1:])
         return fn
 
     with hooks(model, pre={"": start, **{name: prune(name) for name in plan}}):
