@@ -9,6 +9,7 @@ Results are appended to bench/results/quantize_digits.json as they come (a rerun
 
 Run: .venv/bin/python bench/quantize_digits.py [--bits w8a8 w6a6 w4a8 w4a4] [--models ...] [--methods ...]
      [--recon-iters N --out OTHER.json]   (Q-HyViT's bridge reconstruction, side by side in another file)
+     [--stride S --out OTHER.json]        (the range grid searched coarse to fine, or whole with --stride 1)
 """
 
 import argparse
@@ -27,6 +28,7 @@ from compress.data import load_data  # noqa: E402
 from compress.measure import top1  # noqa: E402
 from quantize import QuantConfig, calibrate  # noqa: E402
 from quantize.calibrate import sqnr  # noqa: E402
+from quantize.config import SearchConfig  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 MODELS = ["vit", "deit", "swin", "mobilevit", "mobilevitv2", "efficientformer", "efficientformerv2"]
@@ -50,6 +52,8 @@ def main() -> None:
     p.add_argument("--out", default=str(RESULTS / "quantize_digits.json"))
     p.add_argument("--recon-iters", type=int, default=QuantConfig().recon_iters,
                    help="qhyvit: learned-rounding steps per bridge block (0: none, as the Q-HyViT code)")
+    p.add_argument("--stride", type=int, default=SearchConfig().stride,
+                   help="ptq4vit / qhyvit: score every S-th grid point, then the points around the best (1: all)")
     args = p.parse_args()
     torch.set_num_threads(2)
     out = Path(args.out)
@@ -69,13 +73,14 @@ def main() -> None:
                     continue
                 torch.manual_seed(0)
                 model = copy.deepcopy(original)
-                qm, info = calibrate(model, images, QuantConfig(method=method, bits=bits, recon_iters=args.recon_iters))
+                qm, info = calibrate(model, images, QuantConfig(method=method, bits=bits, recon_iters=args.recon_iters,
+                                                              search_stride=args.stride))
                 with torch.no_grad():
                     logits = qm(data.test.tensors[0])
                 row = {"model": arch, "method": method, "bits": bits, "fp32_top1": fp32, "top1": top1(qm, data.test),
                        "sqnr_db": round(sqnr(reference, logits), 2),
                        "calib_seconds": round(info["calib_seconds"], 2), "bridges": info["bridges"],
-                       "reconstruction": info["reconstruction"]}
+                       "reconstruction": info["reconstruction"], "stride": args.stride}
                 rows.append(row)
                 out.write_text(json.dumps(rows, indent=1))
                 print(json.dumps({k: row[k] for k in ("model", "method", "bits", "fp32_top1", "top1", "sqnr_db",

@@ -25,6 +25,7 @@ from compress.device import device_of
 from .config import BRIDGES, GUARDED, HESSIAN, METHODS, QuantConfig, parse_bits
 from .engine import QuantizedModel, Site, discover
 from .methods import describe
+from .prefix import Prefix
 from .reconstruct import reconstruct_block
 from .reparam import reparameterize
 
@@ -114,19 +115,21 @@ def keep_better(qm: QuantizedModel, baselines: dict[str, dict], images: torch.Te
     the better of the two kept. Returns the sites that hold min-max's quantizers."""
     kept = []
     with torch.no_grad():
-        qm.floating = True
-        ref = qm(images)
-        qm.floating = False
+        prefix = Prefix(qm, images)  # the float pass; each site's forwards replay the units before it
+        ref = prefix.logits
         for name, base in baselines.items():
             site = qm.sites[name]
             ours = {role: qm.quantizers[site.key(role)] for role in base if site.key(role) in qm.quantizers}
+            if _same(ours, base):  # the method chose min-max's quantizers itself: nothing to compare
+                continue
             qm.active = {name}
-            mine = sqnr(ref, qm(images))
-            qm.quantizers.update({site.key(role): q for role, q in base.items()})
-            if sqnr(ref, qm(images)) > mine:
-                kept.append(name)
-            else:
-                qm.quantizers.update({site.key(role): q for role, q in ours.items()})
+            with prefix.skipping(site.module):
+                mine = sqnr(ref, qm(images))
+                qm.quantizers.update({site.key(role): q for role, q in base.items()})
+                if sqnr(ref, qm(images)) > mine:
+                    kept.append(name)
+                else:
+                    qm.quantizers.update({site.key(role): q for role, q in ours.items()})
         qm.active = None
         if baselines and len(kept) < len(baselines):
             mixed, chosen = sqnr(ref, qm(images)), dict(qm.quantizers)
@@ -136,6 +139,18 @@ def keep_better(qm: QuantizedModel, baselines: dict[str, dict], images: torch.Te
                 return list(baselines)
             qm.quantizers.update(chosen)
     return kept
+
+
+def _same(a: dict[str, nn.Module], b: dict[str, nn.Module]) -> bool:
+    """Whether two sets of quantizers compute the same thing (same kinds, settings and calibrated state)."""
+    if a.keys() != b.keys():
+        return False
+    for role in a:
+        x, y = a[role].state_dict(), b[role].state_dict()
+        if a[role].spec() != b[role].spec() or x.keys() != y.keys() or \
+                not all(torch.equal(x[k], y[k]) for k in x):
+            return False
+    return True
 
 
 def _grad_input(images: torch.Tensor, grad_loss) -> torch.Tensor:
@@ -152,15 +167,14 @@ def sensitivity(qm: QuantizedModel, images: torch.Tensor) -> dict[str, float]:
     """Per site, the SQNR (dB) of the logits when only that site is quantized: low means sensitive."""
     images = images.to(device_of(qm))
     with torch.no_grad():
-        qm.floating = True
-        ref = qm(images)
-        qm.floating = False
+        prefix = Prefix(qm, images)
         out = {}
-        for name in qm.sites:
-            if not qm.site_quantizers(qm.sites[name]):
+        for name, site in qm.sites.items():
+            if not qm.site_quantizers(site):
                 continue
             qm.active = {name}
-            out[name] = sqnr(ref, qm(images))
+            with prefix.skipping(site.module):
+                out[name] = sqnr(prefix.logits, qm(images))
         qm.active = None
     return out
 

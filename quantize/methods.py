@@ -15,7 +15,9 @@
 A method is `fn(site, record, w_bits, a_bits, cfg) -> {role: Quantizer}`; register new ones in METHODS.
 
 Deviations, stated: PTQ4ViT quantizes Linear weights per tensor (qkv in three blocks); every method here
-quantizes weights per output channel, which the int8 backends run natively and which is never worse.
+quantizes weights per output channel, which the int8 backends run natively and which is never worse. The
+range grid is searched coarse to fine (`SearchConfig.stride`; stride 1 scores every point, as the papers'
+code does).
 Q-HyViT's granularity / scheme candidates are compared on the half of the calibration batch they were not
 fitted on (then the winner is refitted on all of it): compared in-sample, per-channel ranges always win
 and then clip on new images (digits MobileViTv2 W8A8: logit SQNR 20.2 dB in-sample choice, 34.7 held-out).

@@ -60,9 +60,21 @@ def uniform_params(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: boo
     return scale, zp.clamp(qmin, qmax), overflow
 
 
-def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
-    """Quantize then dequantize: (clamp(round(x / s) + z, qmin, qmax) - z) * s."""
-    return (torch.clamp(round_ste(x / scale) + zero_point, qmin, qmax) - zero_point) * scale
+def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, qmin: int, qmax: int
+               ) -> torch.Tensor:
+    """Quantize then dequantize: (clamp(round(x / s) + z, qmin, qmax) - z) * s (z = 0 when None)."""
+    if torch.is_grad_enabled() and (x.requires_grad or getattr(scale, "requires_grad", False)):
+        z = 0 if zero_point is None else zero_point
+        return (torch.clamp(round_ste(x / scale) + z, qmin, qmax) - z) * scale
+    # nothing to differentiate (calibration's range search runs this hundreds of times per site): the same
+    # values, computed in one buffer instead of seven
+    y = torch.div(x, scale).round_()
+    if zero_point is not None:
+        y.add_(zero_point)
+    y.clamp_(qmin, qmax)
+    if zero_point is not None:
+        y.sub_(zero_point)
+    return y.mul_(scale)
 
 
 def _shape(t: torch.Tensor, ndim: int, axis: int | None) -> torch.Tensor:
@@ -145,8 +157,8 @@ class Uniform(Quantizer):
         if not self.calibrated:
             return x
         qmin, qmax = self.qrange
-        return fake_quant(x, _shape(self.scale, x.ndim, self.axis), _shape(self.zero_point, x.ndim, self.axis),
-                          qmin, qmax)
+        zero_point = None if self.symmetric else _shape(self.zero_point, x.ndim, self.axis)
+        return fake_quant(x, _shape(self.scale, x.ndim, self.axis), zero_point, qmin, qmax)
 
 
 class TwinUniform(Quantizer):
@@ -178,11 +190,11 @@ class TwinUniform(Quantizer):
         levels = 2 ** (self.bits - 1) - 1
         if self.mode == "softmax":
             fine, coarse = self.split / levels, 1.0 / levels
-            small = fake_quant(x, fine, torch.zeros(()), 0, levels)
-            large = fake_quant(x, coarse, torch.zeros(()), 0, levels)
+            small = fake_quant(x, fine, None, 0, levels)
+            large = fake_quant(x, coarse, None, 0, levels)
             return torch.where(x < self.split, small, large)
-        pos = fake_quant(x, (self.split / levels).clamp_min(EPS), torch.zeros(()), 0, levels)
-        neg = fake_quant(x, torch.tensor(GELU_MIN / 2 ** (self.bits - 1)), torch.zeros(()), -levels - 1, 0)
+        pos = fake_quant(x, (self.split / levels).clamp_min(EPS), None, 0, levels)
+        neg = fake_quant(x, torch.tensor(GELU_MIN / 2 ** (self.bits - 1)), None, -levels - 1, 0)
         return torch.where(x >= 0, pos, neg)
 
 

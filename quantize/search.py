@@ -43,24 +43,36 @@ def set_minmax(q: Uniform, x: torch.Tensor, percentile: float | None = None) -> 
     return q.set_range(lo, hi)
 
 
-def score(site: Site, rec: Record, quant: dict[str, Quantizer], per_channel: bool = False) -> torch.Tensor:
-    """Hessian-guided output error of the site under `quant` (per output channel when asked)."""
+def score(site: Site, rec: Record, quant: dict[str, Quantizer], per_channel: bool = False,
+          inputs: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """Hessian-guided output error of the site under `quant` (per output channel when asked). `inputs`
+    replaces the record's inputs (a search passes the roles it holds fixed already quantized)."""
     with torch.no_grad():
-        out = run_op(site, rec.inputs, rec.extra, quant)
-        err = out - rec.out
+        out = run_op(site, rec.inputs if inputs is None else inputs, rec.extra, quant)
+        # in place where the op made a new tensor (an unquantized softmax / GELU output is the record's own)
+        err = out - rec.out if site.op in ("softmax", "gelu") else out.sub_(rec.out)
         if rec.grad is not None:
-            err = err * rec.grad
-        err = err.pow(2)
-        if per_channel:
-            axis = 1 if site.op == "conv" else -1
-            return err.movedim(axis, 0).reshape(err.shape[axis], -1).mean(dim=1)
-        return err.mean()
+            err.mul_(rec.grad)
+        err.square_()
+        if not per_channel:
+            return err.mean()
+        if site.op == "conv":  # (N, C, *spatial): every dim but the channel's
+            return err.mean(dim=[d for d in range(err.ndim) if d != 1])
+        return err.reshape(-1, err.shape[-1]).mean(dim=0)
+
+
+def _fixed_inputs(rec: Record, quant: dict[str, Quantizer], role: str) -> dict[str, torch.Tensor]:
+    """The record's inputs with every role but `role` quantized once, for a search that only varies `role`
+    (softmax / GELU sites quantize their output, which is the one role they have)."""
+    with torch.no_grad():
+        return {r: t if r == role or r not in quant else quant[r](t) for r, t in rec.inputs.items()}
 
 
 def search(site: Site, rec: Record, quant: dict[str, Quantizer], role: str, cfg: SearchConfig) -> float:
     """Grid-search the range of `quant[role]` (others fixed) by the Hessian-guided score; returns the best
     score. Per-output-channel weight ranges are searched channel by channel in one pass, since each output
-    channel's error depends on its own weight row only."""
+    channel's error depends on its own weight row only. With a stride above 1 the grid is searched coarse to
+    fine (`SearchConfig`)."""
     q = quant[role]
     x = rec.inputs[role]
     if isinstance(q, TwinUniform):
@@ -71,26 +83,45 @@ def search(site: Site, rec: Record, quant: dict[str, Quantizer], role: str, cfg:
     lo, hi = channel_minmax(x, q.axis)
     if q.symmetric:
         lo, hi = -torch.maximum(lo.abs(), hi.abs()), torch.maximum(lo.abs(), hi.abs())
+    per_channel = role == "w" and q.axis == 0
+    inputs, only = _fixed_inputs(rec, quant, role), {role: q}
+    grid = torch.linspace(cfg.alpha, cfg.beta, cfg.points + 1)
+    best, best_i = None, None
+
+    def consider(i: torch.Tensor) -> None:  # grid indices, -1 for min-max; a zero-point overflow is skipped
+        nonlocal best, best_i
+        q.set_range(lo * _multiplier(grid, i), hi * _multiplier(grid, i))
+        if not q.symmetric and q.overflow:
+            return
+        s = score(site, rec, only, per_channel, inputs)
+        if best is None:
+            best, best_i = s, i.expand(s.shape).clone()
+        else:
+            better = s < best  # strict: earlier candidates win ties
+            best, best_i = torch.where(better, s, best), torch.where(better, i, best_i)
+
     # the min-max range (1.0) is tried first and kept on ties: a channel whose Hessian-weighted error is flat
     # (zero gradient on the calibration images) must not fall to the grid's floor (alpha, 1% of its range)
-    mults = torch.cat([torch.ones(1), torch.linspace(cfg.alpha, cfg.beta, cfg.points + 1)])
-    per_channel = role == "w" and q.axis == 0
-    best, best_m = None, None
-    for m in mults:
-        q.set_range(lo * m, hi * m)
-        if not q.symmetric and q.overflow:
-            continue
-        s = score(site, rec, quant, per_channel)
-        if best is None:
-            best, best_m = s, torch.full_like(s, float(m))
-        else:
-            better = s < best
-            best, best_m = torch.where(better, s, best), torch.where(better, float(m), best_m)
+    for i in [-1] + _coarse(cfg.points, cfg.stride):
+        consider(torch.tensor(i))
     if best is None:  # every candidate overflowed (asymmetric over a one-sided range): plain min-max
         q.set_range(lo, hi)
         return float(score(site, rec, quant))
-    q.set_range(lo * best_m, hi * best_m)
+    # the grid points around each channel's coarse best (the grid point nearest 1.0 where min-max won)
+    centre = torch.where(best_i < 0, int(torch.argmin((grid - 1.0).abs())), best_i)
+    for step in [o for k in range(1, cfg.stride) for o in (-k, k)]:
+        consider((centre + step).clamp(0, cfg.points))
+    q.set_range(lo * _multiplier(grid, best_i), hi * _multiplier(grid, best_i))
     return float(score(site, rec, quant))
+
+
+def _coarse(points: int, stride: int) -> list[int]:
+    """Every `stride`-th index of a grid of `points + 1`, both ends included."""
+    return sorted(set(range(0, points + 1, stride)) | {points})
+
+
+def _multiplier(grid: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return torch.where(index < 0, torch.ones(()), grid[index.clamp_min(0)])
 
 
 def _search_twin(site, rec, quant, role, q: TwinUniform, x, cfg) -> float:

@@ -122,6 +122,68 @@ def test_hessian_search_beats_minmax_at_low_bits():
     assert scores["ptq4vit"] > scores["minmax"] + 3 and scores["qhyvit"] > scores["minmax"] + 3, scores
 
 
+def test_range_grid_searched_coarse_to_fine(monkeypatch):
+    """With stride 5 the search scores 30 of the grid's 102 candidates (min-max, every 5th point, the 8 around
+    the best), lands on grid points, and is never worse in-sample than the best of its coarse points alone;
+    stride 1 scores all of them and is the lower bound."""
+    import quantize.search as S
+    from quantize.engine import Record
+    from quantize.quantizers import Uniform
+
+    g = torch.Generator().manual_seed(0)
+    site = Site("fc:linear0", "linear", "fc", ["a", "w"])
+    x = torch.distributions.StudentT(3.0).sample((256, 32))  # heavy tails: clipping pays
+    w = torch.randn(16, 32, generator=g)
+    rec = Record({"a": x, "w": w}, (None,), x @ w.T, torch.rand(256, 16, generator=g))
+    runs, real = [], S.run_op
+    monkeypatch.setattr(S, "run_op", lambda *args: runs.append(1) or real(*args))
+    grid = torch.linspace(0.01, 1.2, 101)
+
+    def quantizers(role, m=1.0):  # min-max ranges, `role`'s scaled by m (per channel for weights)
+        quant = {"a": S.set_minmax(Uniform(6, True), x), "w": S.set_minmax(Uniform(6, True, 0, 16), w)}
+        span = x.abs().max() if role == "a" else w.abs().amax(1)
+        quant[role].set_range(-span * m, span * m)
+        return quant, span
+
+    for role in ("a", "w"):
+        found = {}
+        for stride in (1, 5):
+            quant, span = quantizers(role)
+            runs.clear()
+            found[stride] = S.search(site, rec, quant, role, S.SearchConfig(stride=stride))
+            assert len(runs) == (103 if stride == 1 else 31), (role, stride, len(runs))  # + the final score
+            m = quant[role].scale * (2 ** 5 - 0.5) / span  # a grid point, or 1.0 where min-max won
+            assert ((m.reshape(1, -1) - torch.cat([grid, torch.ones(1)])[:, None]).abs().min(0).values < 1e-5).all()
+        per_point = torch.stack([S.score(site, rec, quantizers(role, grid[i])[0], per_channel=role == "w")
+                                 for i in range(0, 101, 5)])
+        coarse_best = float(per_point.min(0).values.mean())
+        assert found[1] <= found[5] <= coarse_best + 1e-9, (role, found, coarse_best)
+
+
+@pytest.mark.parametrize("arch", ["vit", "resnet", "mobilevit"])
+def test_per_site_forwards_replay_the_float_prefix_exactly(arch):
+    """Sensitivity (and the guard's per-site comparisons) replay the units that ran before a site's module from
+    one float pass: the per-site SQNRs equal those of whole forwards, and most sites skip some units."""
+    from quantize.calibrate import sensitivity
+    from quantize.prefix import Prefix
+
+    model, size, x, ref = _perturbed(arch, 8)
+    qm, _ = calibrate(model, x, QuantConfig(method="minmax", bits="w6a6"))
+    whole = {}
+    with torch.no_grad():
+        qm.floating = True
+        ref = qm(x)  # the reference of the per-site SQNRs: attention decomposed as in the quantized forwards
+        qm.floating = False
+        for name in qm.sites:
+            qm.active = {name}
+            whole[name] = sqnr(ref, qm(x))
+    qm.active = None
+    assert sensitivity(qm, x) == whole
+    prefix = Prefix(qm, x)
+    skips = [len(prefix.replayable(s.module)) for s in qm.sites.values()]
+    assert sum(k > 0 for k in skips) > len(skips) / 2, skips
+
+
 def test_qhyvit_choice_generalises_where_per_channel_ranges_overfit():
     """A depthwise conv on 2x2 maps sees 128 values per channel from 32 images: per-channel ranges win on
     those images and clip on new ones. Q-HyViT's choice, scored on held-out calibration images, must not."""
