@@ -223,9 +223,14 @@ def weight_matching(sg_m: SpaceGraph, sg_a: SpaceGraph, state_m: dict, state_a: 
     maps: dict[int, dict[str, torch.Tensor]] = {}
     t = time.perf_counter()
     for _ in range(cfg.sweeps):
+        moved = False
         for sm, sa in pairs:
             cost = weight_cost(sg_m, sg_a, sm, sa, state_m, state_a, maps)
-            maps[sm.id] = _record(solve(cost, cfg.solver, cfg.softness), sm.name, report).maps()
+            new = _record(solve(cost, cfg.solver, cfg.softness), sm.name, report).maps()
+            moved |= sm.id not in maps or not all(torch.equal(new[k], maps[sm.id][k]) for k in new)
+            maps[sm.id] = new
+        if not moved:  # every space kept its map: the next sweep would see the same costs and repeat this one
+            break
     report.seconds_solve += time.perf_counter() - t
     report.spaces += len(maps)
     return maps

@@ -31,22 +31,23 @@ def _stats(model: nn.Module, names: list[str], images: torch.Tensor, batch_size:
             if name in seen:  # a module called twice: its first call, as in `repair`
                 return
             seen.add(name)
-            flat = output.detach().double().reshape(-1, output.shape[-1])
-            acc = sums.setdefault(name, [0, 0.0, 0.0])
-            acc[0] += flat.shape[0]
-            acc[1] = acc[1] + flat.sum(0)
-            acc[2] = acc[2] + flat.pow(2).sum(0)
+            # the batch's own mean and spread (two passes in float32, no cancellation), merged into the running
+            # ones in float64 by Chan et al.'s pairwise update
+            flat = output.detach().float().reshape(-1, output.shape[-1])
+            var, mean = torch.var_mean(flat, dim=0, correction=0)
+            n_b, mean, m2 = flat.shape[0], mean.double(), var.double() * flat.shape[0]
+            if name not in sums:
+                sums[name] = [n_b, mean, m2]
+                return
+            n_a, mean_a, m2_a = sums[name]
+            delta, n = mean - mean_a, n_a + n_b
+            sums[name] = [n, mean_a + delta * (n_b / n), m2_a + m2 + delta**2 * (n_a * n_b / n)]
         return hook
 
     for batch in images.split(batch_size):
         seen: set[str] = set()
         _run_hooked(model, names, keep, batch)
-    out = {}
-    for name, (n, s1, s2) in sums.items():
-        mean = s1 / n
-        var = (s2 / n - mean**2).clamp_min(0) * n / max(n - 1, 1)
-        out[name] = (mean.float(), var.sqrt().float())
-    return out
+    return {name: (mean.float(), (m2 / max(n - 1, 1)).sqrt().float()) for name, (n, mean, m2) in sums.items()}
 
 
 def repair(fused: nn.Module, parents: list[nn.Module], images: torch.Tensor, correction_images: int = 64) -> int:
@@ -82,7 +83,11 @@ def repair(fused: nn.Module, parents: list[nn.Module], images: torch.Tensor, cor
                 module.weight.mul_(scale[:, None])
                 if module.bias is not None:  # without a bias only the spread can be restored
                     module.bias.copy_(scale * (module.bias - mean) + t_mean)
-            return module(*args)  # the layers after this one see its corrected output
+                if type(module) is not nn.Linear:  # a subclass may compute more than x W^T + b: run it again
+                    return module(*args)
+                # the layers after this one see its corrected output, x (s W)^T + s (b - mean) + t_mean, which is
+                # the output already computed, moved: no second run of the layer
+                return (output - mean) * scale + t_mean if module.bias is not None else output * scale
 
         return hook
 
@@ -97,8 +102,8 @@ def _run_hooked(model: nn.Module, names: list[str], make_hook, images: torch.Ten
 
 
 def _moments(output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    flat = output.detach().float().reshape(-1, output.shape[-1])
-    return flat.mean(0), flat.std(0)
+    std, mean = torch.std_mean(output.detach().float().reshape(-1, output.shape[-1]), dim=0)
+    return mean, std
 
 
 def _classifiers(model: nn.Module) -> list[nn.Module]:
