@@ -87,7 +87,8 @@ def repair(fused: nn.Module, parents: list[nn.Module], images: torch.Tensor, cor
                     return module(*args)
                 # the layers after this one see its corrected output, x (s W)^T + s (b - mean) + t_mean, which is
                 # the output already computed, moved: no second run of the layer
-                return (output - mean) * scale + t_mean if module.bias is not None else output * scale
+                moved = (output - mean) * scale + t_mean if module.bias is not None else output * scale
+                return moved.to(output.dtype)
 
         return hook
 

@@ -65,7 +65,7 @@ class QuantConfig:
     bits: str = option("w8a8", "wXaY, X and Y from 2 to 8 (w8a8, w6a6, w4a8, w4a4)")
     calib: int = option(32, "calibration images from the training split")
     exclude: list[str] = option([], "fnmatch patterns of sites / modules kept in float")
-    search: SearchConfig = option(cli=False, default_factory=SearchConfig)
+    search: SearchConfig = option(cli=False, default_factory=SearchConfig)  # its stride is set from search_stride
     search_stride: int = option(5, "ptq4vit / qhyvit: score every Nth point of the 101-point range grid, then the "
                                    "points around the best (1: every point, as the papers' code, 3.4x slower)")
     recon_iters: int = option(200, "qhyvit: learned-rounding steps per bridge block (learned on half the calibration "

@@ -78,6 +78,9 @@ def test_bits_are_parsed_and_checked():
     for bad in ("w9a8", "w8a1", "w8", "int8"):
         with pytest.raises(CompressError, match="bits"):
             parse_bits(bad)
+    assert QuantConfig(search_stride=1).search.stride == 1  # the flag reaches the search
+    with pytest.raises(CompressError, match="search-stride"):
+        QuantConfig(search_stride=0)
 
 
 @pytest.mark.parametrize("arch", ["vit", "swin", "mobilevit", "efficientformer", "efficientformerv2", "resnet"])
