@@ -29,6 +29,8 @@ from .prefix import Prefix
 from .reconstruct import reconstruct_block
 from .reparam import reparameterize
 
+RECORD_BYTES = 4 * 1024**3  # calibration records held at once; sites beyond are recorded in another pass
+
 __all__ = ["QuantConfig", "parse_bits", "calibrate", "sensitivity", "sqnr", "fisher_loss", "excluded"]
 
 
@@ -77,25 +79,30 @@ def calibrate(model: nn.Module, images: torch.Tensor, cfg: QuantConfig) -> tuple
     todo, bridge_sites = [s.name for s in sites], []
     baselines: dict[str, dict] = {}
     while todo:
-        qm.active = set(bridge_sites)  # bridges calibrated so far stay quantized; the rest records float
-        recs = qm.record(_grad_input(images, grad_loss), todo, grad_loss)
         nxt = next((b for b in bridges if b not in info["bridges"]), None)
-        chunk = todo if nxt is None else todo[: _last_index(todo, qm.sites, nxt) + 1]
-        for name in chunk:
-            site = qm.sites[name]
-            if name not in recs:  # did not run on this input (a branch not taken): nothing to calibrate
-                skipped[name] = "not executed on the calibration data"
-                continue
-            quant = method(site, recs[name], w_bits, a_bits, cfg.search)
-            for role, q in quant.items():
-                qm.quantizers[site.key(role)] = q
-            info["sites"][name] = describe(quant)
-            if cfg.method in GUARDED:
-                baselines[name] = METHODS.get("minmax")(site, recs[name], w_bits, a_bits, cfg.search)
-        todo = todo[len(chunk):]
+        segment = todo if nxt is None else todo[: _last_index(todo, qm.sites, nxt) + 1]
+        done = 0
+        while done < len(segment):  # the segment's sites, as many per recording pass as RECORD_BYTES holds
+            chunk = _fitting(segment[done:], qm.sites, len(images))
+            qm.active = set(bridge_sites)  # bridges calibrated so far stay quantized; the rest records float
+            recs = qm.record(_grad_input(images, grad_loss), chunk, grad_loss)
+            for name in chunk:
+                site = qm.sites[name]
+                if name not in recs:  # did not run on this input (a branch not taken): nothing to calibrate
+                    skipped[name] = "not executed on the calibration data"
+                    continue
+                quant = method(site, recs[name], w_bits, a_bits, cfg.search)
+                for role, q in quant.items():
+                    qm.quantizers[site.key(role)] = q
+                info["sites"][name] = describe(quant)
+                if cfg.method in GUARDED:
+                    baselines[name] = METHODS.get("minmax")(site, recs[name], w_bits, a_bits, cfg.search)
+            done += len(chunk)
+            del recs
+        todo = todo[len(segment):]
         if nxt is not None:
             info["bridges"].append(nxt)
-            bridge_sites += [n for n in chunk if qm.sites[n].inside(nxt)]
+            bridge_sites += [n for n in segment if qm.sites[n].inside(nxt)]
             qm.active = set(bridge_sites)
             before, after = reconstruct_block(qm, nxt, images, cfg.recon_iters, cfg.recon_lr, seed=cfg.seed)
             info["reconstruction"][nxt] = {"mse_before": before, "mse_after": after}
@@ -156,6 +163,17 @@ def _same(a: dict[str, nn.Module], b: dict[str, nn.Module]) -> bool:
 def _grad_input(images: torch.Tensor, grad_loss) -> torch.Tensor:
     # parameters are frozen; the input carries requires_grad so site outputs get gradients
     return images.clone().requires_grad_(grad_loss is not None)
+
+
+def _fitting(names: list[str], sites: dict[str, Site], images: int) -> list[str]:
+    """The longest head of `names` whose records fit in RECORD_BYTES (at least one site): a model's records are
+    taken in as many passes as that needs, not all at once (DeiT-S at 32 images: about 5 GiB of them)."""
+    total = 0
+    for i, name in enumerate(names):
+        total += sites[name].record_bytes(images)
+        if total > RECORD_BYTES and i > 0:
+            return names[:i]
+    return names
 
 
 def _last_index(todo: list[str], sites: dict[str, Site], block: str) -> int:

@@ -62,6 +62,7 @@ class Site:
     groups: int = 1          # conv groups (depthwise convs get channel-wise activations in Q-HyViT)
     reason: str = ""         # why a site without quantizers stays float
     after_norm: str = ""     # the norm module whose output this site's input is (RepQ-ViT reparameterisation)
+    out_numel: int = 0       # its output's size on one image (discovery), for the memory of its record
 
     def key(self, role: str) -> str:
         return f"{self.name.replace('.', '/')}/{role}"
@@ -69,6 +70,12 @@ class Site:
     def inside(self, block: str) -> bool:
         """Whether this site's module is `block` or lies within it."""
         return self.module == block or self.module.startswith(block + ".")
+
+    def record_bytes(self, images: int) -> int:
+        """What its calibration record holds over `images` (inputs but the weight, output and output gradient,
+        float32), from the shapes seen on one image at discovery."""
+        inputs = sum(math.prod(shape) for role, shape in self.shapes.items() if role != "w")
+        return 4 * images * (inputs + 2 * self.out_numel)
 
     def weight_of(self, model: nn.Module) -> nn.Parameter | None:
         """The weight this site reads (linear / conv sites of a module with `.weight`)."""
@@ -179,6 +186,7 @@ class _Intercept(TorchFunctionMode):
         roles = [r for r in ROLES[op] if r == "out" or r == "w" or not getattr(inputs[r], _QUANTIZED, False)]
         site = self.found.get(name) or Site(name, op, module, roles)
         site.shapes = {r: list((inputs.get(r) if r != "out" else out).shape) for r in roles}
+        site.out_numel = out.numel()
         if op == "conv":
             site.groups = int(extra[-1])
         if op in ("linear", "conv"):

@@ -1,6 +1,7 @@
 """Post-training quantization: quantizer error bounds, closeness at 8 bits, the engine's site coverage and
 transparency, RepQ folding, bridge-block reconstruction, the checkpoint round trip and the int8 artifact."""
 
+import copy
 import json
 
 import pytest
@@ -185,6 +186,25 @@ def test_per_site_forwards_replay_the_float_prefix_exactly(arch):
     prefix = Prefix(qm, x)
     skips = [len(prefix.replayable(s.module)) for s in qm.sites.values()]
     assert sum(k > 0 for k in skips) > len(skips) / 2, skips
+
+
+def test_records_beyond_the_memory_budget_come_from_more_passes_with_the_same_result(monkeypatch):
+    """Calibration records at most RECORD_BYTES at once; with a budget of one site per pass (a hybrid, bridge
+    blocks calibrated in sequence) every quantizer equals the one calibrated with every record at once."""
+    import importlib
+
+    C = importlib.import_module("quantize.calibrate")  # the module: the package's `calibrate` is the function
+    model, size, x, _ = _perturbed("mobilevit", 8)
+    cfg = QuantConfig(method="qhyvit", bits="w6a6", recon_iters=0)
+    cfg.search.points = 10  # a short grid keeps the test short
+    whole, info = calibrate(copy.deepcopy(model), x, cfg)
+    passes, real = [], QuantizedModel.record
+    monkeypatch.setattr(QuantizedModel, "record", lambda self, *a, **k: passes.append(1) or real(self, *a, **k))
+    monkeypatch.setattr(C, "RECORD_BYTES", 1)
+    split, _ = calibrate(copy.deepcopy(model), x, cfg)
+    assert len(passes) == len(info["sites"]) and info["bridges"]
+    a, b = whole.quantizers.state_dict(), split.quantizers.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_qhyvit_choice_generalises_where_per_channel_ranges_overfit():
