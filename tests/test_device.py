@@ -27,6 +27,7 @@ HOST_COPIES = {
     "compress/train.py": 1,  # the resume state is read on the host, then loaded onto the model's device
     "compress/device.py": 2,  # the CPU device itself, when that is what was asked for
     "fuse/transport.py": 1,  # the OT solvers (POT, scipy) run on the host
+    "fuse/fusion.py": 1,  # weight matching digests each cost on the host, where its solver then runs
     "distill/distiller.py": 1,  # the teacher cache hashes pixels on the host
 }
 

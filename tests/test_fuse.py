@@ -180,9 +180,10 @@ def test_self_fusion_with_window_tokens():
 
 @pytest.mark.parametrize("arch", ["vit", "resnet", "swin", "mobilevit"])
 def test_weight_matching_recovers_a_permuted_copy(arch, monkeypatch):
-    """...and stops once a sweep moves no map: the first sweep finds the permutation, the second repeats it,
-    a third would repeat it again (`sweeps` is 3). Where the first sweep solves a space before the spaces its
-    cost depends on (the small ResNet's stem: 43 of its 64 neurons), the second corrects it and all three run."""
+    """...without solving a space twice on the same cost, and stopping once a pass moves no map: of the 3
+    passes' solves (`sweeps` x spaces), the second pass repeats only the spaces whose costs moved, and a third
+    runs only where the second changed a map (the small ResNet's stem, solved in the first pass before the
+    spaces its cost depends on)."""
     import fuse.fusion as fusion
 
     calls, real = [], fusion.solve
@@ -193,8 +194,7 @@ def test_weight_matching_recovers_a_permuted_copy(arch, monkeypatch):
     state, report = fuse_models([twin, model], torch.randn(32, 3, size, size), FuseConfig(ground="wts", calib=32,
                                                                                          repair=False))
     assert_same_function(arch, state, model, size)
-    if arch in ("vit", "swin"):
-        assert len(calls) == 2 * report.spaces, (len(calls), report.spaces)
+    assert report.spaces < len(calls) < 2 * report.spaces, (len(calls), report.spaces)
 
 
 def test_three_models_fuse_into_the_anchor_with_equal_weights():
