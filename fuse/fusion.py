@@ -217,7 +217,9 @@ def weight_matching(sg_m: SpaceGraph, sg_a: SpaceGraph, state_m: dict, state_a: 
                     report: FuseReport) -> dict:
     """Ground cost from weights (Git Re-Basin's weight matching, with any of our solvers): for each space,
     neuron i of the model and j of the anchor are compared through every tensor carrying the space, the
-    model's other axes moved by the current maps; repeated for `cfg.sweeps` passes over all spaces."""
+    model's other axes moved by the current maps; passes over all spaces repeat up to `cfg.sweeps` times and
+    stop after one that moves no map, and a space whose cost has not changed since its last solve keeps its map
+    (Git Re-Basin iterates to convergence the same way: both skip only solves that would repeat)."""
     if [s.name for s in sg_m.spaces] != [s.name for s in sg_a.spaces]:
         raise CompressError("the models' spaces differ", expected="one architecture (widths may differ)")
     pairs = list(zip(sg_m.spaces, sg_a.spaces))
