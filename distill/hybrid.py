@@ -330,7 +330,7 @@ def masking_flops_saving(student: nn.Module, layout, input_size: int, in_chans: 
     cache: dict[tuple[int, ...], int] = {}
     per_epoch = [cache.setdefault(p, flops(p)) for p in plans]
     full = (n,) if blocks is None else (n,) * len(blocks)
-    return 1 - sum(per_epoch) / (epochs * cache.get(full, flops(full)))
+    return 1 - sum(per_epoch) / (epochs * (cache[full] if full in cache else flops(full)))
 
 
 @torch.no_grad()
