@@ -6,7 +6,11 @@ ICCV 2023): a CNN and a ViT trained together from scratch, each teaching the oth
 - BSD region-wise: the second-stage maps are cut into a grid of regions; in each region the peer with the
   lower loss there teaches the other (adapter + MSE on that region), decided per region and per step.
 - BSD pixel-wise (per sample for classification): the learner imitates the peer's prediction (KL) only where
-  the peer is reliable: right, and more confident in the true class than the learner.
+  the peer is reliable (right, and more confident in the true class than the learner) and, by default
+  (`pixel_rule="where_wrong"`), where the learner itself is wrong.
+- Defaults per task (`COLLAB_DEFAULTS`): for classification a region's direction is decided by the whole
+  image's loss; for segmentation the two feature terms are off (measured to cost the CNN peer), and the
+  result's notes say so.
 - `dml` is plain mutual learning (Zhang et al. 2018): symmetric KL between the peers, no selection.
 
 Only the abstract could be read (../shared/research/hybrid.md): the loss forms, stages, region rule and
@@ -58,7 +62,8 @@ def region_teachers(e_a: torch.Tensor, e_b: torch.Tensor) -> tuple[torch.Tensor,
 def reliable(p_teacher: torch.Tensor, p_learner: torch.Tensor, y: torch.Tensor, rule: str) -> torch.Tensor:
     """Where the teacher's prediction is transferred: probabilities (B, C, ...) and labels (B, ...) give a
     mask (B, ...). Rules: `correct` (the teacher's argmax is the label), `confident` (the teacher is more
-    confident in the label than the learner), `correct_and_confident` (both). Ignored labels never transfer.
+    confident in the label than the learner), `correct_and_confident` (both), `where_wrong` (both, where the
+    learner's own argmax is wrong: only what the learner lacks). Ignored labels never transfer.
 
     Example:
         >>> p_t = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7]])
@@ -70,7 +75,9 @@ def reliable(p_teacher: torch.Tensor, p_learner: torch.Tensor, y: torch.Tensor, 
     yy = y.clamp(0, p_teacher.shape[1] - 1).unsqueeze(1)
     correct = p_teacher.argmax(1) == y
     confident = p_teacher.gather(1, yy).squeeze(1) > p_learner.gather(1, yy).squeeze(1)
-    mask = {"correct": correct, "confident": confident, "correct_and_confident": correct & confident}[rule]
+    wrong = p_learner.argmax(1) != y
+    mask = {"correct": correct, "confident": confident, "correct_and_confident": correct & confident,
+            "where_wrong": correct & confident & wrong}[rule]
     return mask & valid
 
 
@@ -100,6 +107,7 @@ class Peers(nn.Module):
     def __init__(self, a: nn.Module, b: nn.Module, a_spec: InputSpec, b_spec: InputSpec, cfg: DistillRun,
                  num_classes: int, task: str):
         super().__init__()
+        cfg = cfg.for_task(task)
         self.a, self.b, self.cfg, self.task, self.mode = a, b, cfg, task, cfg.method
         self.b_input = TeacherInput(a_spec, b_spec)
         self.taps = [_Taps(a, a_spec, True, False), _Taps(b, b_spec, True, False)]
@@ -236,6 +244,7 @@ def run_collab(inputs, data, cfg: DistillRun, *, state=None, resume: bool = Fals
         raise CompressError(f"--method {cfg.method} trains two peers from scratch: it takes no teacher",
                             found=f"--teacher {inputs[0] if isinstance(inputs, (list, tuple)) else inputs}")
     task = task_of(data)
+    asked, cfg = cfg, cfg.for_task(task)
     specs = [InputSpec(size=default_img_size(arch, args)) for arch, args in
              ((cfg.student, cfg.student_args), (cfg.peer, cfg.peer_args))]
     if task == "segmentation":  # a CNN backbone works at any size, a ViT's is fixed: both at the larger one
@@ -298,6 +307,9 @@ def run_collab(inputs, data, cfg: DistillRun, *, state=None, resume: bool = Fals
             values[f"dml_{metric}"], values[f"peer_dml_{metric}"] = test(dml.a), test(dml.b, dml.b_input)
             values["dml_seconds"] = round(sec, 2)
     notes = []
+    if task == "segmentation" and cfg.method == "collab" and (asked.hfd_weight, asked.region_weight) == (None, None):
+        notes.append("segmentation: the HFD and region feature terms are off by default (on digit-scenes they cost the "
+                     "CNN peer up to 15 mIoU: docs/BENCHMARKS.md); --hfd-weight 1 --region-weight 1 turns them on")
     for who, key in (("student", ""), ("peer", "peer_")):
         alone = values.get(f"{key}solo_{metric}")
         if alone is not None and values[f"{key}{metric}"] < alone:

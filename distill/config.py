@@ -6,7 +6,7 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from compress.config import DataOptions, Hardware, TrainConfig, option, validate_choices
 from compress.errors import CompressError
@@ -18,7 +18,13 @@ METHODS = Registry("distillation method", lazy={
     "fd": "distill.hybrid", "hybrid": "distill.hybrid", "collab": "distill.collab", "dml": "distill.collab"})
 TRANSKD_VARIANTS = ("base", "gl", "ea")
 PEER_METHODS = ("collab", "dml")  # online: two peers trained together, no teacher
-PIXEL_RULES = ("correct_and_confident", "correct", "confident")
+PIXEL_RULES = ("where_wrong", "correct_and_confident", "correct", "confident")
+# collab's defaults per task (the reconstruction's weights are all 1). On digit-scenes the two feature terms
+# pull the segmentation CNN's stage maps, which its head reads directly, toward the weaker ViT's: against the
+# pixel term alone they cost it 1-15 mIoU (seed 0) at every weight and direction rule tried. For classification
+# the per-image direction lets the CNN teach the ViT its features (docs/BENCHMARKS.md, collaborative learning).
+COLLAB_DEFAULTS = {"classification": {"hfd_weight": 1.0, "region_weight": 1.0, "region_metric": "sample"},
+                   "segmentation": {"hfd_weight": 0.0, "region_weight": 0.0, "region_metric": "cell"}}
 
 
 def register_method(name: str):
@@ -73,16 +79,30 @@ class DistillConfig:
                                      "teacher's)", choices=("auto", "teacher", "mim", "random"))
     ce_weight: float = option(1.0, "hybrid / fd: weight of the student's cross-entropy (0: the paper's label-free "
                                    "pretraining; finetune after with compress train --init)")
-    hfd_weight: float = option(1.0, "collab: weight of the low-stage feature mimicry (HFD)")
-    region_weight: float = option(1.0, "collab: weight of the region-wise selective feature term (BSD)")
+    hfd_weight: float | None = option(None, "collab: weight of the low-stage feature mimicry (HFD); default 1 for "
+                                            "classification, 0 for segmentation (COLLAB_DEFAULTS)")
+    region_weight: float | None = option(None, "collab: weight of the region-wise selective feature term (BSD); "
+                                               "default 1 for classification, 0 for segmentation (COLLAB_DEFAULTS)")
     pixel_weight: float = option(1.0, "collab: weight of the pixel-wise (per-sample) selective KL term (BSD)")
     region_grid: int = option(8, "collab: regions per side of the stage map (capped by the map's side)")
-    region_metric: str = option("cell", "collab: the loss that decides a region's direction (cell: the peer's loss "
+    region_metric: str = option("auto", "collab: the loss that decides a region's direction (cell: the peer's loss "
                                         "in the region: pixel CE for segmentation, a per-cell probe for "
-                                        "classification; sample: the peer's loss on the whole image)",
-                                choices=("cell", "sample"))
-    pixel_rule: str = option("correct_and_confident", "collab: when a peer's prediction is transferred",
-                             choices=PIXEL_RULES)
+                                        "classification; sample: the peer's loss on the whole image; auto: sample "
+                                        "for classification, cell for segmentation)",
+                                choices=("auto", "cell", "sample"))
+    pixel_rule: str = option("where_wrong", "collab: when a peer's prediction is transferred (where_wrong: the "
+                                            "peer is right and more confident in the label where the learner is "
+                                            "wrong)", choices=PIXEL_RULES)
+
+    def for_task(self, task: str):
+        """The collab settings left to their task default (None / auto) resolved for `task` (COLLAB_DEFAULTS).
+
+        Example:
+            >>> DistillRun(student="resnet", peer="vit", method="collab").for_task("segmentation").hfd_weight
+            0.0
+        """
+        chosen = {k: v for k, v in COLLAB_DEFAULTS[task].items() if getattr(self, k) in (None, "auto")}
+        return replace(self, **chosen)
 
     def __post_init__(self):
         validate_choices(self)
@@ -92,7 +112,8 @@ class DistillConfig:
                                 found=f"temperature={self.temperature}, kd_temperature={self.kd_temperature}, "
                                       f"kd_alpha={self.kd_alpha}")
         if min(self.gamma, *self.stage_gammas, self.ofa_weight, self.hint_weight, self.transkd_weight, self.feat_weight,
-               self.relation_weight, self.ce_weight, self.hfd_weight, self.region_weight, self.pixel_weight) < 0:
+               self.relation_weight, self.ce_weight, self.hfd_weight or 0, self.region_weight or 0,
+               self.pixel_weight) < 0:
             raise CompressError("negative loss weight", expected="gamma and every weight >= 0")
         if not 0 <= self.mask_max < 1 or not 0 <= self.mask_full_share <= 1 or self.region_grid < 1:
             raise CompressError("invalid hybrid / collab settings",

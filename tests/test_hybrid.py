@@ -228,6 +228,13 @@ def test_bsd_masks_by_hand():
     assert reliable(p_t, p_l, y, "correct_and_confident").tolist() == [[[True, False, False, False]]]
     assert reliable(p_t, p_l, y, "correct").tolist() == [[[True, True, True, False]]]
     assert reliable(p_t, p_l, y, "confident").tolist() == [[[True, False, False, False]]]
+    assert reliable(p_t, p_l, y, "where_wrong").tolist() == [[[False, False, False, False]]]  # the learner is right
+    # per sample: teacher right / learner wrong, both right, both wrong, teacher wrong / learner right, and teacher
+    # right / learner wrong but more confident in the label than the teacher
+    p_t = torch.tensor([[0.6, 0.4, 0.0], [0.9, 0.1, 0.0], [0.3, 0.7, 0.0], [0.2, 0.8, 0.0], [0.4, 0.3, 0.3]])
+    p_l = torch.tensor([[0.4, 0.6, 0.0], [0.6, 0.4, 0.0], [0.1, 0.9, 0.0], [0.7, 0.3, 0.0], [0.45, 0.55, 0.0]])
+    mask = reliable(p_t, p_l, torch.zeros(5, dtype=torch.long), "where_wrong")
+    assert mask.tolist() == [True, False, False, False, False]
     z = torch.randn(2, 5)
     assert pixel_kl(z, z, torch.ones(2)).abs().item() < 1e-6
     assert pixel_kl(z, torch.randn(2, 5), torch.zeros(2)).item() == 0
@@ -239,7 +246,7 @@ def test_bsd_masks_by_hand():
 @pytest.mark.parametrize("method", ["collab", "dml"])
 def test_peers_one_step(task, student, peer, method):
     torch.manual_seed(0)
-    cfg = DistillRun(student=student, peer=peer, method=method)
+    cfg = DistillRun(student=student, peer=peer, method=method, region_metric="cell" if peer == "swin" else "auto")
     size = 32
     classes = 11 if task == "segmentation" else 10
     a_ck = Checkpoint(student, dict(SLIM_RESNET) if student == "resnet" else {}, classes, task, InputSpec(size))
@@ -380,6 +387,12 @@ def test_region_direction_by_whole_image_loss():
     a = Checkpoint("resnet", dict(SLIM_RESNET), 10, "classification", InputSpec(32)).instantiate()
     peers = Peers(a, create_model("vit", **VIT2), InputSpec(32), InputSpec(32), cfg, 10, "classification")
     assert "probe" not in peers.a_side
+    auto = Peers(a, create_model("vit", **VIT2), InputSpec(32), InputSpec(32),
+                 DistillRun(student="resnet", peer="vit", method="collab"), 10, "classification").cfg
+    assert (auto.region_metric, auto.hfd_weight, auto.region_weight, auto.pixel_rule) == ("sample", 1, 1, "where_wrong")
+    seg = DistillRun(student="resnet", peer="vit", method="collab").for_task("segmentation")
+    assert (seg.hfd_weight, seg.region_weight, seg.region_metric) == (0, 0, "cell")
+    assert DistillRun(student="resnet", peer="vit", method="collab", hfd_weight=0.5).for_task("segmentation").hfd_weight == 0.5
     za, zb, y = torch.randn(3, 10), torch.randn(3, 10), torch.tensor([1, 2, 3])
     e_a, e_b, extra = peers._region_losses(None, None, za, zb, y)
     ce_a = F.cross_entropy(za, y, reduction="none")
