@@ -126,11 +126,13 @@ class Peers(nn.Module):
         ca, cb = [f.shape[1] for f in fa], [f.shape[1] for f in fb]
         self.side = min(fa[1].shape[-1], fb[1].shape[-1])
         self.grid = min(cfg.region_grid, self.side)
-        if self.mode == "collab":
-            self.a_side = nn.ModuleDict({"hfd": _adapter(ca[0], cb[0]), "region": _adapter(ca[1], cb[1])})
-            self.b_side = nn.ModuleDict({"hfd": _adapter(cb[0], ca[0]), "region": _adapter(cb[1], ca[1])})
+        if self.mode == "collab":  # adapters for the feature terms that are on
+            self.a_side, self.b_side = nn.ModuleDict(), nn.ModuleDict()
+            for term, i, weight in (("hfd", 0, cfg.hfd_weight), ("region", 1, cfg.region_weight)):
+                if weight:
+                    self.a_side[term], self.b_side[term] = _adapter(ca[i], cb[i]), _adapter(cb[i], ca[i])
             # per-cell probes that score each region (on detached maps: they never train a peer)
-            if task == "classification" and cfg.region_metric == "cell":
+            if task == "classification" and cfg.region_weight and cfg.region_metric == "cell":
                 self.a_side["probe"] = nn.Conv2d(ca[1], num_classes, 1)
                 self.b_side["probe"] = nn.Conv2d(cb[1], num_classes, 1)
         # transfers counted on the device, read once per epoch: regions b->a, a->b, positions b->a, a->b, totals
@@ -158,10 +160,9 @@ class Peers(nn.Module):
     def record(self, epoch: int) -> None:
         """Close an epoch's transfer counts (shares of regions and positions, in each direction)."""
         c = self.counts.tolist()
-        if c[4] or c[5]:
-            self.history.append({"epoch": epoch + 1, "regions_b_to_a": round(c[0] / max(c[4], 1), 4),
-                                 "regions_a_to_b": round(c[1] / max(c[4], 1), 4),
-                                 "positions_b_to_a": round(c[2] / max(c[5], 1), 4),
+        if c[4] or c[5]:  # the region shares only where the region term is on
+            shares = {"regions_b_to_a": round(c[0] / c[4], 4), "regions_a_to_b": round(c[1] / c[4], 4)} if c[4] else {}
+            self.history.append({"epoch": epoch + 1, **shares, "positions_b_to_a": round(c[2] / max(c[5], 1), 4),
                                  "positions_a_to_b": round(c[3] / max(c[5], 1), 4)})
         self.counts.zero_()
 
@@ -178,30 +179,33 @@ class Peers(nn.Module):
         if self.mode == "dml":
             every = (y != IGNORE).float()
             return ce_a + ce_b + pixel_kl(za, zb, every) + pixel_kl(zb, za, every)
-        cfg = self.cfg
-        # HFD: first-stage maps, each through its adapter at the other's grid and width
-        hfd_a = F.mse_loss(resize_map(self.a_side["hfd"](fa[0]), fb[0].shape[-2:]), whiten(fb[0]))
-        hfd_b = F.mse_loss(resize_map(self.b_side["hfd"](fb[0]), fa[0].shape[-2:]), whiten(fa[0]))
-        # BSD region-wise on the second-stage maps at a common grid
-        ma, mb = resize_map(fa[1], (self.side, self.side)), resize_map(fb[1], (self.side, self.side))
-        e_a, e_b, probes = self._region_losses(ma, mb, za, zb, y)
-        a_teaches, b_teaches = region_teachers(e_a, e_b)
-        sq_a = (self.a_side["region"](ma) - whiten(mb)).pow(2).mean(1, keepdim=True)  # a learning from b
-        sq_b = (self.b_side["region"](mb) - whiten(ma)).pow(2).mean(1, keepdim=True)
-        reg_a = (F.adaptive_avg_pool2d(sq_a, self.grid).squeeze(1) * b_teaches).mean()
-        reg_b = (F.adaptive_avg_pool2d(sq_b, self.grid).squeeze(1) * a_teaches).mean()
+        cfg, zero = self.cfg, za.new_zeros(())
+        loss_a, loss_b, probes = ce_a, ce_b, zero
+        if cfg.hfd_weight:  # HFD: first-stage maps, each through its adapter at the other's grid and width
+            loss_a = loss_a + cfg.hfd_weight * F.mse_loss(resize_map(self.a_side["hfd"](fa[0]), fb[0].shape[-2:]),
+                                                          whiten(fb[0]))
+            loss_b = loss_b + cfg.hfd_weight * F.mse_loss(resize_map(self.b_side["hfd"](fb[0]), fa[0].shape[-2:]),
+                                                          whiten(fa[0]))
+        regions = [zero, zero, zero]  # regions b -> a, a -> b, all: counted only where the term is on
+        if cfg.region_weight:  # BSD region-wise on the second-stage maps at a common grid
+            ma, mb = resize_map(fa[1], (self.side, self.side)), resize_map(fb[1], (self.side, self.side))
+            e_a, e_b, probes = self._region_losses(ma, mb, za, zb, y)
+            a_teaches, b_teaches = region_teachers(e_a, e_b)
+            sq_a = (self.a_side["region"](ma) - whiten(mb)).pow(2).mean(1, keepdim=True)  # a learning from b
+            sq_b = (self.b_side["region"](mb) - whiten(ma)).pow(2).mean(1, keepdim=True)
+            loss_a = loss_a + cfg.region_weight * (F.adaptive_avg_pool2d(sq_a, self.grid).squeeze(1) * b_teaches).mean()
+            loss_b = loss_b + cfg.region_weight * (F.adaptive_avg_pool2d(sq_b, self.grid).squeeze(1) * a_teaches).mean()
+            regions = [b_teaches.sum(), a_teaches.sum(), zero + b_teaches.numel()]
         # BSD pixel-wise (per sample for classification)
         with torch.no_grad():
             pa, pb = F.softmax(za, 1), F.softmax(zb, 1)
             b_to_a = reliable(pb, pa, y, cfg.pixel_rule)
             a_to_b = reliable(pa, pb, y, cfg.pixel_rule)
-        pix_a, pix_b = pixel_kl(za, zb, b_to_a), pixel_kl(zb, za, a_to_b)
+        loss_a = loss_a + cfg.pixel_weight * pixel_kl(za, zb, b_to_a)
+        loss_b = loss_b + cfg.pixel_weight * pixel_kl(zb, za, a_to_b)
         with torch.no_grad():
-            self.counts += torch.stack([b_teaches.sum(), a_teaches.sum(), b_to_a.sum(), a_to_b.sum(),
-                                        torch.tensor(float(b_teaches.numel()), device=x.device),
+            self.counts += torch.stack([regions[0], regions[1], b_to_a.sum(), a_to_b.sum(), regions[2],
                                         (y != IGNORE).sum()]).float()
-        loss_a = ce_a + cfg.hfd_weight * hfd_a + cfg.region_weight * reg_a + cfg.pixel_weight * pix_a
-        loss_b = ce_b + cfg.hfd_weight * hfd_b + cfg.region_weight * reg_b + cfg.pixel_weight * pix_b
         return loss_a + loss_b + probes
 
     def _region_losses(self, ma, mb, za, zb, y):

@@ -240,13 +240,15 @@ def test_bsd_masks_by_hand():
     assert pixel_kl(z, torch.randn(2, 5), torch.zeros(2)).item() == 0
 
 
-@pytest.mark.parametrize("task,student,peer", [("classification", "resnet", "vit"),
-                                               ("classification", "convnext", "swin"),
-                                               ("segmentation", "resnet", "vit")])
+@pytest.mark.parametrize("task,student,peer,features", [("classification", "resnet", "vit", None),
+                                                        ("classification", "convnext", "swin", None),
+                                                        ("segmentation", "resnet", "vit", None),
+                                                        ("segmentation", "resnet", "vit", 1.0)])
 @pytest.mark.parametrize("method", ["collab", "dml"])
-def test_peers_one_step(task, student, peer, method):
+def test_peers_one_step(task, student, peer, features, method):
     torch.manual_seed(0)
-    cfg = DistillRun(student=student, peer=peer, method=method, region_metric="cell" if peer == "swin" else "auto")
+    cfg = DistillRun(student=student, peer=peer, method=method, region_metric="cell" if peer == "swin" else "auto",
+                     hfd_weight=features, region_weight=features)
     size = 32
     classes = 11 if task == "segmentation" else 10
     a_ck = Checkpoint(student, dict(SLIM_RESNET) if student == "resnet" else {}, classes, task, InputSpec(size))
@@ -266,7 +268,10 @@ def test_peers_one_step(task, student, peer, method):
     if method == "collab":
         peers.record(0)
         h = peers.history[-1]
-        assert 0 <= h["regions_a_to_b"] + h["regions_b_to_a"] <= 1
+        if task == "segmentation" and features is None:  # the feature terms are off: no adapters, no region shares
+            assert "regions_a_to_b" not in h and len(peers.a_side) == len(peers.b_side) == 0
+        else:
+            assert 0 <= h["regions_a_to_b"] + h["regions_b_to_a"] <= 1 and "region" in peers.a_side
 
 
 def test_collab_transfer_history_survives_a_resume(tmp_path):
