@@ -10,7 +10,8 @@ collab (digits and digit-scenes): a slim ResNet-18 (0.7 M) and the small ViT tra
 scratch. Rows: each alone, plain mutual learning (dml), collab; the share of regions / positions
 transferred in each direction.
 
-Run: .venv/bin/python bench/hybrid_digits.py [--only hybrid|hybrid-layer|collab] [--collab-data digits digit-scenes]   (writes bench/results/hybrid_digits.json)
+Run: .venv/bin/python bench/hybrid_digits.py [--only hybrid|hybrid-layer|collab] [--collab-data digits digit-scenes]
+     [--scenes-peer vit|swin]   (writes bench/results/hybrid_digits.json)
 """
 
 import argparse
@@ -95,9 +96,10 @@ def hybrid_layer(seeds: list[int], epochs: int, mim_epochs: int) -> dict:
     return out
 
 
-def collab(seeds: list[int], data: str, epochs: int) -> dict:
-    peer = ["--peer", "vit"] + (["--peer-args", "img_size=64"] if data == "digit-scenes" else [])
-    runs = [run(f"collab-{data}-e{epochs}-s{s}", ["distill", "--method", "collab", "--student", "resnet", *SLIM,
+def collab(seeds: list[int], data: str, epochs: int, peer_arch: str = "vit") -> dict:
+    peer = ["--peer", peer_arch] + (["--peer-args", "img_size=64"] if data == "digit-scenes" else [])
+    tag = data if peer_arch == "vit" else f"{data}-{peer_arch}"
+    runs = [run(f"collab-{tag}-e{epochs}-s{s}", ["distill", "--method", "collab", "--student", "resnet", *SLIM,
                                                    *peer, "--epochs", str(epochs), "--data", data, "--seed", str(s)])
             for s in seeds]
     m = runs[0]["metric"]
@@ -117,6 +119,9 @@ if __name__ == "__main__":
     ap.add_argument("--collab-epochs", type=int, default=10)
     ap.add_argument("--scenes-epochs", type=int, default=10)
     ap.add_argument("--collab-data", nargs="+", choices=["digits", "digit-scenes"], default=["digits", "digit-scenes"])
+    ap.add_argument("--scenes-peer", choices=["vit", "swin"], default="vit",
+                    help="the peer on digit-scenes: the plain ViT, or the hierarchical Swin alias (the paper's "
+                         "ViT peer is a hierarchical segmenter, SegFormer)")
     args = ap.parse_args()
     path = R / "hybrid_digits.json"
     res = json.loads(path.read_text()) if path.exists() else {}
@@ -129,7 +134,9 @@ if __name__ == "__main__":
     if args.only in (None, "collab"):
         for data in args.collab_data:
             epochs = args.scenes_epochs if data == "digit-scenes" else args.collab_epochs
-            res[f"collab {data}"] = collab(args.seeds, data, epochs)
+            peer = args.scenes_peer if data == "digit-scenes" else "vit"
+            key = f"collab {data}" + ("" if peer == "vit" else f" {peer}")
+            res[key] = collab(args.seeds, data, epochs, peer)
             path.write_text(json.dumps(res, indent=1))
     if "hybrid" in res:
         h = res["hybrid"]
@@ -142,7 +149,7 @@ if __name__ == "__main__":
         if "layer_top1" in h:
             print(f"layer schedule: {h['layer_top1']:.2f} (no masking {h['layer_nomask_top1']:.2f} in the same run), "
                   f"time / FLOPs saved {h['layer_time_saving']:.0%} / {h['layer_flops_saving']:.0%}")
-    for key in ("collab digits", "collab digit-scenes"):
+    for key in ("collab digits", "collab digit-scenes", "collab digit-scenes swin"):
         if key in res:
             c, m = res[key], res[key]["metric"]
             print(f"{key}: student alone {c[f'solo_{m}']:.2f} dml {c[f'dml_{m}']:.2f} collab {c[m]:.2f} | "

@@ -25,6 +25,8 @@ and then clip on new images (digits MobileViTv2 W8A8: logit SQNR 20.2 dB in-samp
 
 from __future__ import annotations
 
+import torch
+
 from .config import METHODS, SearchConfig
 from .engine import Record, Site
 from .quantizers import Log, Quantizer, TwinUniform, Uniform
@@ -69,13 +71,26 @@ def ptq4vit(site: Site, rec: Record, w_bits: int, a_bits: int, cfg: SearchConfig
 
 
 def _alternate(site: Site, rec: Record, quant: dict, cfg: SearchConfig) -> float:
-    """PTQ4ViT's alternating search: `rounds` passes, weight first, then each activation."""
+    """PTQ4ViT's alternating search: `rounds` passes, weight first, then each activation. A pass that leaves
+    every quantizer as it found it ends the search: each role's search depends only on the data and the other
+    roles' quantizers, so every later pass would repeat it (the same result in fewer op runs)."""
     order = [r for r in ("w", "a", "b", "out") if r in quant]
     best = float("inf")
     for _ in range(cfg.rounds if len(order) > 1 else 1):
+        before = _snapshot(quant)
         for role in order:
             best = search(site, rec, quant, role, cfg)
+        if _same_state(before, _snapshot(quant)):
+            break
     return best
+
+
+def _snapshot(quant: dict) -> dict:
+    return {role: {k: v.clone() for k, v in q.state_dict().items()} for role, q in quant.items()}
+
+
+def _same_state(a: dict, b: dict) -> bool:
+    return all(torch.equal(a[r][k], b[r][k]) for r in a for k in a[r])
 
 
 @METHODS.register("repq")

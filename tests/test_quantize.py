@@ -2,6 +2,7 @@
 transparency, RepQ folding, bridge-block reconstruction, the checkpoint round trip and the int8 artifact."""
 
 import copy
+import importlib
 import json
 
 import pytest
@@ -162,6 +163,31 @@ def test_range_grid_searched_coarse_to_fine(monkeypatch):
                                  for i in range(0, 101, 5)])
         coarse_best = float(per_point.min(0).values.mean())
         assert found[1] <= found[5] <= coarse_best + 1e-9, (role, found, coarse_best)
+
+
+def test_alternating_search_stops_at_a_fixed_point(monkeypatch):
+    """PTQ4ViT's alternating search ends after a pass that changed no quantizer: the same quantizers as all
+    three passes, from fewer searches."""
+    M = importlib.import_module("quantize.methods")
+    from quantize.config import SearchConfig
+    from quantize.engine import Record
+
+    g = torch.Generator().manual_seed(0)
+    site = Site("fc:linear0", "linear", "fc", ["a", "w"])
+    x, w = torch.randn(256, 32, generator=g), torch.randn(16, 32, generator=g)
+    rec = Record({"a": x, "w": w}, (None,), x @ w.T, torch.rand(256, 16, generator=g))
+    calls, real = [], M.search
+    monkeypatch.setattr(M, "search", lambda *args: calls.append(args[3]) or real(*args))
+    results = {}
+    for early in (True, False):
+        calls.clear()
+        if not early:
+            monkeypatch.setattr(M, "_same_state", lambda a, b: False)
+        quant = M.ptq4vit(site, rec, 8, 8, SearchConfig())  # 8 bits: the second pass repeats the first here
+        results[early] = ({r: q.state_dict() for r, q in quant.items()}, len(calls))
+    (early, n_early), (full, n_full) = results[True], results[False]
+    assert n_full == 6 and n_early == 4, (n_early, n_full)  # 3 passes x (w, a); the third repeats the second
+    assert all(torch.equal(early[r][k], full[r][k]) for r in full for k in full[r])
 
 
 @pytest.mark.parametrize("arch", ["vit", "resnet", "mobilevit"])
