@@ -311,9 +311,7 @@ def run_collab(inputs, data, cfg: DistillRun, *, state=None, resume: bool = Fals
             values[f"dml_{metric}"], values[f"peer_dml_{metric}"] = test(dml.a), test(dml.b, dml.b_input)
             values["dml_seconds"] = round(sec, 2)
     notes = []
-    if task == "segmentation" and cfg.method == "collab" and (asked.hfd_weight, asked.region_weight) == (None, None):
-        notes.append("segmentation: the HFD and region feature terms are off by default (on digit-scenes they cost the "
-                     "CNN peer up to 15 mIoU: docs/BENCHMARKS.md); --hfd-weight 1 --region-weight 1 turns them on")
+    notes += defaults_off(asked, task)
     for who, key in (("student", ""), ("peer", "peer_")):
         alone = values.get(f"{key}solo_{metric}")
         if alone is not None and values[f"{key}{metric}"] < alone:
@@ -337,6 +335,24 @@ def run_collab(inputs, data, cfg: DistillRun, *, state=None, resume: bool = Fals
         notes.append(f"peer saved: {peer_path}")
     transfers = {"share of regions / positions taught, per epoch (b = peer, a = student)": main.history}
     return ckpt, Result("distill", metric, values[metric], values, rows, notes, time.perf_counter() - t0, transfers)
+
+
+def defaults_off(asked: DistillRun, task: str) -> list[str]:
+    """The note saying which collab feature terms the task's defaults turned off (none the user set).
+
+    Example:
+        >>> defaults_off(DistillRun(student="resnet", peer="vit", method="collab", hfd_weight=1.0), "segmentation")
+        ['segmentation: the region feature term is off by default (...); --region-weight 1 turns it on']
+    """
+    cfg = asked.for_task(task)
+    off = [t for t in ("hfd", "region") if getattr(asked, f"{t}_weight") is None and not getattr(cfg, f"{t}_weight")]
+    if asked.method != "collab" or not off:
+        return []
+    names = " and ".join(t.upper() if t == "hfd" else t for t in off)
+    many = len(off) > 1
+    return [f"{task}: the {names} feature term{'s are' if many else ' is'} off by default (on digit-scenes they cost "
+            f"the CNN peer up to 15 mIoU: docs/BENCHMARKS.md); {' '.join(f'--{t}-weight 1' for t in off)} turns "
+            f"{'them' if many else 'it'} on"]
 
 
 def _with_method(cfg: DistillRun, method: str) -> DistillRun:

@@ -359,6 +359,19 @@ def test_cli_mim_then_hybrid_then_collab(tmp_path):
     assert main(["eval", str(tmp_path / "c.peer.pt"), "--latency-runs", "2"]) == 0
 
 
+def test_collab_says_which_terms_its_defaults_turn_off():
+    from distill.collab import defaults_off
+
+    run = lambda **kw: DistillRun(student="resnet", peer="vit", method="collab", **kw)  # noqa: E731
+    both, = defaults_off(run(), "segmentation")
+    assert both.startswith("segmentation: the HFD and region feature terms are off by default")
+    assert both.endswith("--hfd-weight 1 --region-weight 1 turns them on")
+    one, = defaults_off(run(hfd_weight=0.5), "segmentation")  # asked for: on, and not reported as off
+    assert one.startswith("segmentation: the region feature term is off") and "HFD" not in one
+    assert defaults_off(run(), "classification") == defaults_off(run(hfd_weight=0.0, region_weight=0.0),
+                                                                 "segmentation") == []
+
+
 def test_token_layout_and_keep_tokens_errors():
     lay = token_layout(create_model("vit", **VIT2))
     assert lay.grid == (8, 8) and lay.prefix == 1 and lay.droppable and len(lay.attention) == 2
