@@ -315,8 +315,8 @@ def run_collab(inputs, data, cfg: DistillRun, *, state=None, resume: bool = Fals
     for who, key in (("student", ""), ("peer", "peer_")):
         alone = values.get(f"{key}solo_{metric}")
         if alone is not None and values[f"{key}{metric}"] < alone:
-            notes.append(f"the {who} trained with its peer ({values[f'{key}{metric}']:.1f}) ends below the same model "
-                         f"trained alone ({alone:.1f})")
+            notes.append(f"the {who} trained with its peer ({values[f'{key}{metric}']:.2f}) ends below the same model "
+                         f"trained alone ({alone:.2f})")
     rows = []
     if rank() == 0:
         device = device_of(a)
