@@ -26,6 +26,7 @@ from .config import BRIDGES, GUARDED, HESSIAN, METHODS, QuantConfig, parse_bits
 from .engine import QuantizedModel, Site, discover
 from .methods import describe
 from .prefix import Prefix
+from .quantizers import same, snapshot
 from .reconstruct import reconstruct_block
 from .reparam import reparameterize
 
@@ -127,7 +128,7 @@ def keep_better(qm: QuantizedModel, baselines: dict[str, dict], images: torch.Te
         for name, base in baselines.items():
             site = qm.sites[name]
             ours = {role: qm.quantizers[site.key(role)] for role in base if site.key(role) in qm.quantizers}
-            if _same(ours, base):  # the method chose min-max's quantizers itself: nothing to compare
+            if same(snapshot(ours), snapshot(base)):  # the method chose min-max's quantizers itself: nothing to compare
                 continue
             qm.active = {name}
             with prefix.skipping(site.module):
@@ -146,18 +147,6 @@ def keep_better(qm: QuantizedModel, baselines: dict[str, dict], images: torch.Te
                 return list(baselines)
             qm.quantizers.update(chosen)
     return kept
-
-
-def _same(a: dict[str, nn.Module], b: dict[str, nn.Module]) -> bool:
-    """Whether two sets of quantizers compute the same thing (same kinds, settings and calibrated state)."""
-    if a.keys() != b.keys():
-        return False
-    for role in a:
-        x, y = a[role].state_dict(), b[role].state_dict()
-        if a[role].spec() != b[role].spec() or x.keys() != y.keys() or \
-                not all(torch.equal(x[k], y[k]) for k in x):
-            return False
-    return True
 
 
 def _grad_input(images: torch.Tensor, grad_loss) -> torch.Tensor:

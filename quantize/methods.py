@@ -25,11 +25,9 @@ and then clip on new images (digits MobileViTv2 W8A8: logit SQNR 20.2 dB in-samp
 
 from __future__ import annotations
 
-import torch
-
 from .config import METHODS, SearchConfig
 from .engine import Record, Site
-from .quantizers import Log, Quantizer, TwinUniform, Uniform
+from .quantizers import Log, Quantizer, TwinUniform, Uniform, same, snapshot
 from .search import best_percentile_range, score, search, set_minmax, uniform_for
 
 
@@ -77,20 +75,12 @@ def _alternate(site: Site, rec: Record, quant: dict, cfg: SearchConfig) -> float
     order = [r for r in ("w", "a", "b", "out") if r in quant]
     best = float("inf")
     for _ in range(cfg.rounds if len(order) > 1 else 1):
-        before = _snapshot(quant)
+        before = snapshot(quant)
         for role in order:
             best = search(site, rec, quant, role, cfg)
-        if _same_state(before, _snapshot(quant)):
+        if same(before, snapshot(quant)):
             break
     return best
-
-
-def _snapshot(quant: dict) -> dict:
-    return {role: {k: v.clone() for k, v in q.state_dict().items()} for role, q in quant.items()}
-
-
-def _same_state(a: dict, b: dict) -> bool:
-    return all(torch.equal(a[r][k], b[r][k]) for r in a for k in a[r])
 
 
 @METHODS.register("repq")

@@ -229,6 +229,22 @@ class Log(Quantizer):
         return torch.where(code > levels, torch.zeros_like(out), out)
 
 
+def snapshot(quant: dict[str, Quantizer]) -> dict:
+    """What a role -> quantizer map computes: each one's settings and calibrated state, copied, for `same`.
+
+    Example:
+        >>> before = snapshot(quant); search(site, rec, quant, "w", cfg); same(before, snapshot(quant))
+    """
+    return {role: (q.spec(), {k: v.clone() for k, v in q.state_dict().items()}) for role, q in quant.items()}
+
+
+def same(a: dict, b: dict) -> bool:
+    """Whether two snapshots compute the same thing (same roles, kinds, settings and state)."""
+    return a.keys() == b.keys() and all(
+        a[r][0] == b[r][0] and a[r][1].keys() == b[r][1].keys()
+        and all(torch.equal(a[r][1][k], b[r][1][k]) for k in a[r][1]) for r in a)
+
+
 def make(spec: dict) -> Quantizer:
     """A quantizer from its `spec()` (for reloading a quantized checkpoint)."""
     kind = spec["kind"]

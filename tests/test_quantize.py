@@ -182,7 +182,7 @@ def test_alternating_search_stops_at_a_fixed_point(monkeypatch):
     for early in (True, False):
         calls.clear()
         if not early:
-            monkeypatch.setattr(M, "_same_state", lambda a, b: False)
+            monkeypatch.setattr(M, "same", lambda a, b: False)
         quant = M.ptq4vit(site, rec, 8, 8, SearchConfig())  # 8 bits: the second pass repeats the first here
         results[early] = ({r: q.state_dict() for r, q in quant.items()}, len(calls))
     (early, n_early), (full, n_full) = results[True], results[False]
