@@ -4,9 +4,11 @@
 - fuse-acts: two ViT-B/16 fused on activation correlations, 256 calibration images (target < 3 min, < 6 GiB);
 - fuse-auto: the same with the family default (weight matching + REPAIR over the 256 images);
 - qhyvit: Q-HyViT W8A8 calibration of DeiT-S, 32 calibration images (target < 5 min);
+- qhyvit-float: the same with the search's integer products off (every linear candidate scored in float32,
+  as before `quantize/intgemm.py`);
 - prune: ViT-B/16 width-pruned to half its MACs (magnitude importance), latency before / after side by side.
 
-Run: .venv/bin/python bench/real_sizes.py [--tasks fuse-acts fuse-auto qhyvit prune]
+Run: .venv/bin/python bench/real_sizes.py [--tasks fuse-acts fuse-auto qhyvit qhyvit-float prune]
      (writes bench/results/real_sizes.json)
 """
 
@@ -23,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-TASKS = ("fuse-acts", "fuse-auto", "qhyvit", "prune")
+TASKS = ("fuse-acts", "fuse-auto", "qhyvit", "qhyvit-float", "prune")
 
 
 def peak_gib() -> float:
@@ -49,15 +51,18 @@ def run(task: str) -> dict:
         return {"seconds": round(time.perf_counter() - t, 1), "peak_gib": peak_gib(),
                 "stages": {k: round(getattr(report, f"seconds_{k}"), 1) for k in
                            ("trace", "stats", "solve", "apply", "repair")}, "repaired_layers": report.repaired}
-    if task == "qhyvit":
-        from quantize import QuantConfig, calibrate
+    if task.startswith("qhyvit"):
+        from quantize import QuantConfig, calibrate, intgemm
+
+        if task == "qhyvit-float":
+            intgemm.available = lambda: False
 
         model = create_model("deit_small_patch16_224", num_classes=10).eval()
         images = torch.randn(32, 3, 224, 224)
         t = time.perf_counter()
         _, info = calibrate(model, images, QuantConfig(method="qhyvit", bits="w8a8"))
         return {"seconds": round(time.perf_counter() - t, 1), "peak_gib": peak_gib(), "sites": len(info["sites"]),
-                "bridges": info["bridges"]}
+                "bridges": info["bridges"], "integer_products": intgemm.available()}
     from compress.measure import compare_latency, macs, param_count
     from prune import PruneConfig, prune, ratio_for_macs
 

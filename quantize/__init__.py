@@ -7,6 +7,7 @@ deployment path (PT2E, x86 Inductor) measured against FP32.
                     QuantizedModel that runs a model with quantizers at them
     quantizers.py   uniform (sym / asym, tensor / channel / head), twin-uniform, log2 / log-sqrt2
     search.py       min-max, percentile and Hessian-guided range search for one site
+    intgemm.py      a linear site's quantized output from integer codes (exact, oneDNN int8), for the search
     methods.py      minmax, percentile, ptq4vit, repq, qhyvit (registered in METHODS)
     reparam.py      RepQ-ViT's LayerNorm scale reparameterisation
     reconstruct.py  block reconstruction with learned rounding (Q-HyViT's bridge blocks)

@@ -28,7 +28,7 @@ from .methods import describe
 from .prefix import Prefix
 from .quantizers import same, snapshot
 from .reconstruct import reconstruct_block
-from .reparam import reparameterize
+from .reparam import norm_readers, reparameterize
 
 RECORD_BYTES = 4 * 1024**3  # calibration records held at once; sites beyond are recorded in another pass
 
@@ -73,8 +73,8 @@ def calibrate(model: nn.Module, images: torch.Tensor, cfg: QuantConfig) -> tuple
     info: dict = {"sites": {}, "skipped": skipped, "bridges": [], "reconstruction": {}, "folded_norms": []}
 
     if cfg.method == "repq":
-        recs = qm.record(images, [s.name for s in sites])
-        info["folded_norms"] = reparameterize(model, sites, recs, a_bits)
+        readers = norm_readers(sites)
+        info["folded_norms"] = reparameterize(model, readers, _norm_inputs(qm, readers, images), a_bits)
 
     bridges = [b.name for b in blocks if b.kind == "bridge"]
     todo, bridge_sites = [s.name for s in sites], []
@@ -147,6 +147,19 @@ def keep_better(qm: QuantizedModel, baselines: dict[str, dict], images: torch.Te
                 return list(baselines)
             qm.quantizers.update(chosen)
     return kept
+
+
+def _norm_inputs(qm: QuantizedModel, readers: dict[str, list[Site]], images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per normalisation module, the input its readers received (the first that ran), recorded in as many
+    passes as RECORD_BYTES needs; only the input is kept from each record."""
+    names = [s.name for group in readers.values() for s in group]
+    seen: dict[str, torch.Tensor] = {}
+    while names:
+        chunk = _fitting(names, qm.sites, len(images))
+        seen.update({n: r.inputs["a"] for n, r in qm.record(images, chunk).items()})
+        names = names[len(chunk):]
+    return {norm: next(seen[s.name] for s in group if s.name in seen)
+            for norm, group in readers.items() if any(s.name in seen for s in group)}
 
 
 def _grad_input(images: torch.Tensor, grad_loss) -> torch.Tensor:

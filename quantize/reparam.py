@@ -8,7 +8,8 @@ produces x' directly (gamma / r, beta / r + b) and the next Linear undoes it (W 
 function is unchanged and a plain per-tensor quantizer sees the easy activation.
 
 Example:
-    >>> folded = reparameterize(model, sites, records, a_bits=8)   # names of the folded LayerNorms
+    >>> readers = norm_readers(sites)                # LayerNorm -> the linear sites reading its output
+    >>> folded = reparameterize(model, readers, {n: x_n for n in readers}, a_bits=8)
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .engine import Record, Site
+from .engine import Site
 from .search import best_percentile_range, uniform_for
 
 
@@ -32,20 +33,29 @@ def fold(norm: nn.LayerNorm, linears: list[nn.Linear], r: torch.Tensor, b: torch
             lin.bias.sub_(lin.weight @ b)
 
 
-def reparameterize(model: nn.Module, sites: list[Site], records: dict[str, Record], a_bits: int) -> list[str]:
-    """Fold per-channel scales of every post-LayerNorm input into the LayerNorm and its Linears."""
+def norm_readers(sites: list[Site]) -> dict[str, list[Site]]:
+    """Per normalisation module, the linear sites that read its output (in model order)."""
     groups: dict[str, list[Site]] = {}
     for s in sites:
-        if s.after_norm and s.op == "linear" and s.name in records:
+        if s.after_norm and s.op == "linear":
             groups.setdefault(s.after_norm, []).append(s)
+    return groups
+
+
+def reparameterize(model: nn.Module, readers: dict[str, list[Site]], inputs: dict[str, torch.Tensor],
+                   a_bits: int) -> list[str]:
+    """Fold per-channel scales of every post-LayerNorm input into the LayerNorm and every Linear reading it.
+    `inputs[norm]` is what the norm's readers received on the calibration batch; a norm without one (its
+    readers did not run on the data) is left as it is."""
     folded = []
-    for norm_name, consumers in groups.items():
+    for norm_name, consumers in readers.items():
         norm = model.get_submodule(norm_name)
         linears = [model.get_submodule(s.module) for s in consumers]
-        if not (isinstance(norm, nn.LayerNorm) and norm.elementwise_affine and norm.bias is not None
+        if norm_name not in inputs or not (
+                isinstance(norm, nn.LayerNorm) and norm.elementwise_affine and norm.bias is not None
                 and all(isinstance(m, nn.Linear) for m in linears)):
             continue
-        x = records[consumers[0].name].inputs["a"]
+        x = inputs[norm_name]
         q = best_percentile_range(uniform_for(consumers[0], "a", x, a_bits, False, "channel"), x)
         s, z = q.scale, q.zero_point
         s_mean, z_mean = s.mean(), torch.round(z.mean())

@@ -2,7 +2,8 @@
 
 Pure functions of one site's `Record` (what it saw on the calibration batch). The search score is PTQ4ViT's
 Hessian-guided metric, the output error weighted by the gradient of the task loss at the site's output,
-mean((dL/dO * (O - O_hat))^2); without a gradient it is the plain output MSE.
+mean((dL/dO * (O - O_hat))^2); without a gradient it is the plain output MSE. A linear site whose both operands
+are on integer grids is re-run as an exact integer product where the CPU allows (`intgemm.py`).
 
 Example:
     >>> q = Uniform(8, symmetric=True, axis=0, channels=w.shape[0])
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from . import intgemm
 from .config import SearchConfig
 from .engine import Record, Site, run_op
 from .quantizers import Log, Quantizer, TwinUniform, Uniform, channel_minmax, channel_quantile
@@ -43,22 +45,44 @@ def set_minmax(q: Uniform, x: torch.Tensor, percentile: float | None = None) -> 
     return q.set_range(lo, hi)
 
 
+def output(site: Site, rec: Record, quant: dict[str, Quantizer]) -> torch.Tensor:
+    """The site's output on its record under `quant`: exact integer products where `intgemm` allows."""
+    if site.op == "linear" and intgemm.eligible(quant, rec.inputs):
+        return intgemm.linear(intgemm.input_codes(quant["a"], rec.inputs["a"]),
+                              intgemm.weight_codes(quant["w"], rec.inputs["w"]), rec.extra[0])
+    return run_op(site, rec.inputs, rec.extra, quant)
+
+
+@torch.no_grad()
 def score(site: Site, rec: Record, quant: dict[str, Quantizer], per_channel: bool = False,
-          inputs: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-    """Hessian-guided output error of the site under `quant` (per output channel when asked). `inputs`
-    replaces the record's inputs (a search passes the roles it holds fixed already quantized)."""
-    with torch.no_grad():
-        out = run_op(site, rec.inputs if inputs is None else inputs, rec.extra, quant)
-        # in place where the op made a new tensor (an unquantized softmax / GELU output is the record's own)
-        err = out - rec.out if site.op in ("softmax", "gelu") else out.sub_(rec.out)
-        if rec.grad is not None:
-            err.mul_(rec.grad)
-        err.square_()
-        if not per_channel:
-            return err.mean()
-        if site.op == "conv":  # (N, C, *spatial): every dim but the channel's
-            return err.mean(dim=[d for d in range(err.ndim) if d != 1])
-        return err.reshape(-1, err.shape[-1]).mean(dim=0)
+          out: torch.Tensor | None = None) -> torch.Tensor:
+    """Hessian-guided output error of the site under `quant` (per output channel when asked). `out` is the
+    output under `quant` where the caller computed it already (a search varying one role)."""
+    out = output(site, rec, quant) if out is None else out
+    # in place where the op made a new tensor (an unquantized softmax / GELU output is the record's own)
+    err = out - rec.out if site.op in ("softmax", "gelu") else out.sub_(rec.out)
+    if rec.grad is not None:
+        err.mul_(rec.grad)
+    err.square_()
+    if not per_channel:
+        return err.mean()
+    if site.op == "conv":  # (N, C, *spatial): every dim but the channel's
+        return err.mean(dim=[d for d in range(err.ndim) if d != 1])
+    return err.reshape(-1, err.shape[-1]).mean(dim=0)
+
+
+def _varying(site: Site, rec: Record, quant: dict[str, Quantizer], role: str):
+    """A function giving the site's output as `quant[role]`'s range varies, the other roles fixed: their
+    integer codes (`intgemm`) or their quantized inputs computed once, not once per candidate."""
+    if site.op == "linear" and role in ("a", "w") and intgemm.eligible(quant, rec.inputs):
+        bias = rec.extra[0]
+        if role == "w":
+            x = intgemm.input_codes(quant["a"], rec.inputs["a"])
+            return lambda: intgemm.linear(x, intgemm.weight_codes(quant["w"], rec.inputs["w"]), bias)
+        w = intgemm.weight_codes(quant["w"], rec.inputs["w"])
+        return lambda: intgemm.linear(intgemm.input_codes(quant["a"], rec.inputs["a"]), w, bias)
+    inputs, only = _fixed_inputs(rec, quant, role), {role: quant[role]}
+    return lambda: run_op(site, inputs, rec.extra, only)
 
 
 def _fixed_inputs(rec: Record, quant: dict[str, Quantizer], role: str) -> dict[str, torch.Tensor]:
@@ -68,6 +92,7 @@ def _fixed_inputs(rec: Record, quant: dict[str, Quantizer], role: str) -> dict[s
         return {r: t if r == role or r not in quant else quant[r](t) for r, t in rec.inputs.items()}
 
 
+@torch.no_grad()
 def search(site: Site, rec: Record, quant: dict[str, Quantizer], role: str, cfg: SearchConfig) -> float:
     """Grid-search the range of `quant[role]` (others fixed) by the Hessian-guided score; returns the best
     score. Per-output-channel weight ranges are searched channel by channel in one pass, since each output
@@ -84,7 +109,7 @@ def search(site: Site, rec: Record, quant: dict[str, Quantizer], role: str, cfg:
     if q.symmetric:
         lo, hi = -torch.maximum(lo.abs(), hi.abs()), torch.maximum(lo.abs(), hi.abs())
     per_channel = role == "w" and q.axis == 0
-    inputs, only = _fixed_inputs(rec, quant, role), {role: q}
+    forward = _varying(site, rec, quant, role)
     grid = torch.linspace(cfg.alpha, cfg.beta, cfg.points + 1)
     best, best_i = None, None
 
@@ -93,7 +118,7 @@ def search(site: Site, rec: Record, quant: dict[str, Quantizer], role: str, cfg:
         q.set_range(lo * _multiplier(grid, i), hi * _multiplier(grid, i))
         if not q.symmetric and q.overflow:
             return
-        s = score(site, rec, only, per_channel, inputs)
+        s = score(site, rec, quant, per_channel, forward())
         if best is None:
             best, best_i = s, i.expand(s.shape).clone()
         else:

@@ -19,7 +19,7 @@ from quantize.deploy import fp32_size_bytes, quantize_pt2e, save_program
 from quantize.engine import Site
 from quantize.ort import weight_type
 from quantize.quantizers import Log, TwinUniform, Uniform, uniform_params
-from quantize.reparam import reparameterize
+from quantize.reparam import norm_readers, reparameterize
 from tests.helpers import perturb_, small_model
 
 
@@ -140,8 +140,9 @@ def test_range_grid_searched_coarse_to_fine(monkeypatch):
     x = torch.distributions.StudentT(3.0).sample((256, 32))  # heavy tails: clipping pays
     w = torch.randn(16, 32, generator=g)
     rec = Record({"a": x, "w": w}, (None,), x @ w.T, torch.rand(256, 16, generator=g))
-    runs, real = [], S.run_op
+    runs, real, real_int = [], S.run_op, S.intgemm.linear  # the op runs in float or from integer codes
     monkeypatch.setattr(S, "run_op", lambda *args: runs.append(1) or real(*args))
+    monkeypatch.setattr(S.intgemm, "linear", lambda *args: runs.append(1) or real_int(*args))
     grid = torch.linspace(0.01, 1.2, 101)
 
     def quantizers(role, m=1.0):  # min-max ranges, `role`'s scaled by m (per channel for weights)
@@ -163,6 +164,67 @@ def test_range_grid_searched_coarse_to_fine(monkeypatch):
                                  for i in range(0, 101, 5)])
         coarse_best = float(per_point.min(0).values.mean())
         assert found[1] <= found[5] <= coarse_best + 1e-9, (role, found, coarse_best)
+
+
+intgemm = importlib.import_module("quantize.intgemm")
+exact_int8 = pytest.mark.skipif(not intgemm.available(), reason="no exact int8 kernel on this CPU")
+
+
+@exact_int8
+@pytest.mark.parametrize("bits", [6, 8])
+def test_integer_products_equal_the_float_product_of_the_quantized_operands(bits):
+    """The search's integer path: Q(x) Q(W)^T + b from the codes equals the float product of the fake-quantized
+    tensors (to float32 rounding, and nearer the exact float64 product than float32 is), for symmetric and
+    asymmetric inputs and per-tensor and per-channel weights."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.distributions.StudentT(3.0).sample((4, 50, 96)) + 0.3
+    w, b = torch.randn(40, 96, generator=g) * torch.linspace(0.01, 1, 40)[:, None], torch.randn(40, generator=g)
+    for symmetric in (True, False):
+        for axis in (None, 0):
+            qa = Uniform(bits, symmetric, None, tight=True).set_range(x.min() * 0.6, x.max() * 0.7)
+            qw = Uniform(bits, True, axis, 40 if axis == 0 else 1)
+            qw.set_range(w.amin(1) * 0.8, w.amax(1) * 0.8) if axis == 0 else qw.set_range(w.min(), w.max())
+            assert intgemm.eligible({"a": qa, "w": qw}, {"a": x, "w": w})
+            out = intgemm.linear(intgemm.input_codes(qa, x), intgemm.weight_codes(qw, w), b)
+            fp32 = torch.nn.functional.linear(qa(x), qw(w), b)
+            exact = torch.nn.functional.linear(qa(x).double(), qw(w).double(), b.double())
+            assert out.shape == fp32.shape and torch.allclose(out, fp32, rtol=1e-5, atol=1e-5)
+            assert (out.double() - exact).abs().max() <= (fp32.double() - exact).abs().max() * 1.01
+    # per-channel inputs, asymmetric weights and more than 8 bits stay in float
+    qa = Uniform(8, True, -1, 96).set_range(x.amin((0, 1)), x.amax((0, 1)))
+    qw = Uniform(8, True, 0, 40).set_range(w.amin(1), w.amax(1))
+    assert not intgemm.eligible({"a": qa, "w": qw}, {"a": x, "w": w})
+    qa = Uniform(8, True).set_range(x.min(), x.max())
+    assert not intgemm.eligible({"a": qa, "w": Uniform(8, False, 0, 40).set_range(w.amin(1), w.amax(1))}, {"a": x})
+    assert not intgemm.eligible({"a": Uniform(12, True).set_range(x.min(), x.max()), "w": qw}, {"a": x, "w": w})
+
+
+@exact_int8
+def test_search_from_integer_codes_chooses_the_float_searchs_ranges(monkeypatch):
+    """Q-HyViT's search on a linear site picks the same quantizers with the integer path as in float."""
+    M = importlib.import_module("quantize.methods")
+    from quantize.config import SearchConfig
+    from quantize.engine import Record
+
+    g = torch.Generator().manual_seed(1)
+    site = Site("fc:linear0", "linear", "fc", ["a", "w"])
+    x = torch.distributions.StudentT(3.0).sample((8, 64, 48))
+    w, b = torch.randn(24, 48, generator=g), torch.randn(24, generator=g)
+    rec = Record({"a": x, "w": w}, (b,), torch.nn.functional.linear(x, w, b), torch.rand(8, 64, 24, generator=g))
+    runs, real = [], intgemm.linear
+    monkeypatch.setattr(intgemm, "linear", lambda *args: runs.append(1) or real(*args))
+    found = {}
+    for path in ("int", "float"):
+        if path == "float":
+            monkeypatch.setattr(intgemm, "eligible", lambda *args: False)
+        runs.clear()
+        quant = M.qhyvit(site, rec, 6, 6, SearchConfig())
+        found[path] = ({r: q.state_dict() for r, q in quant.items()}, len(runs))
+    (ints, n_int), (floats, n_float) = found["int"], found["float"]
+    assert n_int > 50 and n_float == 0  # most of the search ran from codes
+    for role in floats:
+        for k in floats[role]:
+            assert torch.allclose(ints[role][k].float(), floats[role][k].float()), (role, k)
 
 
 def test_alternating_search_stops_at_a_fixed_point(monkeypatch):
@@ -260,9 +322,10 @@ def test_qhyvit_choice_generalises_where_per_channel_ranges_overfit():
 
 def test_repq_folding_keeps_the_float_function():
     model, size, x, ref = _perturbed("vit", 8)
-    sites = discover(model, x[:1])
-    recs = QuantizedModel(model, sites).record(x, [s.name for s in sites])
-    folded = reparameterize(model, sites, recs, a_bits=8)
+    readers = norm_readers(discover(model, x[:1]))
+    recs = QuantizedModel(model, [s for group in readers.values() for s in group]).record(
+        x, [group[0].name for group in readers.values()])
+    folded = reparameterize(model, readers, {n: recs[g[0].name].inputs["a"] for n, g in readers.items()}, a_bits=8)
     assert len(folded) == 8  # norm1 and norm2 of the 4 blocks
     with torch.no_grad():
         assert torch.allclose(model(x), ref, atol=1e-4)
