@@ -147,6 +147,7 @@ def run(inputs, data, cfg: FuseRun, *, state: str | Path | None = None,
         notes.append(f"the one-shot fused model ({values['ot']:.1f}%) is far below the best parent ({best:.1f}%): "
                      "finetune it before use, e.g. compress fuse --models " + " ".join(names) +
                      f" --data {spec_of(data)} --finetune-epochs 4 --finetune-batch-size 16 --out fused.pt")
+    notes += fused_verdict(values)
     if cfg.plot:
         plot_maps(report.maps, cfg.plot)
     result_rows = measure_rows(rows, d.test, d.num_classes, first.input.size, d.task, len(first.input.mean),
@@ -164,6 +165,32 @@ def run(inputs, data, cfg: FuseRun, *, state: str | Path | None = None,
     ckpt = anchor_ckpt.derive(fused, "fuse", ckpts, spec_of(data), cfg, {
         k: values[k] for k in ("ot", "ot_finetuned", "vanilla", "ensemble")}, structure=structure)
     return ckpt, Result("fuse", metric, out_score, values, result_rows, notes, time.perf_counter() - t0, tables)
+
+
+def fused_verdict(values: dict) -> list[str]:
+    """Notes where the finetuned fused model ends below what the user has without fusing: the best parent as it
+    is, the best parent given the same finetune, or the plain average (or narrowed anchor) given it.
+
+    Example:
+        >>> fused_verdict({"metric": "top1", "parents": [65.2, 64.5], "ot_finetuned": 54.7})
+        ['the fused model after its finetune (54.70 top1) is below parent 0 as it is (65.20): keep that parent']
+    """
+    fused = values.get("ot_finetuned")
+    if fused is None:
+        return []
+    rivals = []
+    parents = values["parents"]
+    best = max(range(len(parents)), key=parents.__getitem__)
+    rivals.append((f"parent {best} as it is", parents[best], "keep that parent"))
+    tuned = values.get("parents_finetuned") or []
+    if tuned:
+        i = max(range(len(tuned)), key=tuned.__getitem__)
+        rivals.append((f"parent {i} given the same finetune", tuned[i], "finetune that parent instead"))
+    for key, what in (("vanilla_finetuned", "the vanilla average"), ("narrowed_finetuned", "the narrowed anchor")):
+        if values.get(key) is not None:
+            rivals.append((f"{what} given the same finetune", values[key], "alignment did not pay here"))
+    return [f"the fused model after its finetune ({fused:.2f} {values['metric']}) is below {what} ({v:.2f}): {advice}"
+            for what, v, advice in rivals if fused < v]
 
 
 def class_groups(ckpts: list[Checkpoint], num_classes: int) -> dict[str, list[int]]:

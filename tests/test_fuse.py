@@ -355,6 +355,22 @@ def test_parents_trained_on_different_classes_fuse_from_the_cli(tmp_path):
     assert r["ground"] == "acts" and r["repair"] is False  # the conv family's measured default
 
 
+def test_report_says_when_the_finetuned_fusion_is_below_what_the_user_has_without_it():
+    """Four ViTs on i.i.d. quarters fused to 54.7% after the finetune against a 65.2% parent: the report says
+    so for every rival it falls below, and says nothing where fusion won."""
+    from fuse.pipeline import fused_verdict
+
+    values = {"metric": "top1", "parents": [64.5, 65.2, 63.0, 64.0], "parents_finetuned": [70.5, 69.0, 66.0, 68.0],
+              "vanilla_finetuned": 29.0, "ot_finetuned": 54.7}
+    notes = fused_verdict(values)
+    assert len(notes) == 2
+    assert "below parent 1 as it is (65.20): keep that parent" in notes[0]
+    assert "below parent 0 given the same finetune (70.50)" in notes[1]
+    assert fused_verdict({**values, "ot_finetuned": 71.0}) == []
+    assert "vanilla average" in fused_verdict({**values, "ot_finetuned": 71.0, "vanilla_finetuned": 72.0})[0]
+    assert fused_verdict({**values, "ot_finetuned": None}) == []  # one-shot: the far-below note covers it
+
+
 @pytest.mark.parametrize("arch,ground,repair", [("vit", "wts", True), ("swin", "wts", True), ("resnet", "acts", False),
                                                ("convnext", "acts", False)])
 def test_auto_settings_follow_the_family(arch, ground, repair):
