@@ -151,15 +151,15 @@ def keep_better(qm: QuantizedModel, baselines: dict[str, dict], images: torch.Te
 
 def _norm_inputs(qm: QuantizedModel, readers: dict[str, list[Site]], images: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per normalisation module, the input its readers received (the first that ran), recorded in as many
-    passes as RECORD_BYTES needs; only the input is kept from each record."""
-    names = [s.name for group in readers.values() for s in group]
-    seen: dict[str, torch.Tensor] = {}
+    passes as RECORD_BYTES needs; one input is kept per module (its readers all received it)."""
+    norm_of = {s.name: norm for norm, group in readers.items() for s in group}
+    names, inputs = list(norm_of), {}
     while names:
         chunk = _fitting(names, qm.sites, len(images))
-        seen.update({n: r.inputs["a"] for n, r in qm.record(images, chunk).items()})
+        for name, rec in qm.record(images, chunk).items():
+            inputs.setdefault(norm_of[name], rec.inputs["a"])
         names = names[len(chunk):]
-    return {norm: next(seen[s.name] for s in group if s.name in seen)
-            for norm, group in readers.items() if any(s.name in seen for s in group)}
+    return inputs
 
 
 def _grad_input(images: torch.Tensor, grad_loss) -> torch.Tensor:
