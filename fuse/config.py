@@ -44,6 +44,9 @@ class FuseConfig:
     tokens: str = option("all", "token positions in the statistics (ViT-style sequences; conv maps use all)",
                          choices=TOKENS)
     window: int = option(6, "central patch window side for --tokens window")
+    stats_precision: str = option("fp32", "activation statistics (acts only): the cross products of each space "
+                                          "in fp32, or from bf16 operands (products 4-5x faster on CPUs with AMX; "
+                                          "measured effect in docs/BENCHMARKS.md)", choices=("fp32", "bf16"))
     sweeps: int = option(3, "weight matching: passes over all spaces", cli=False)
     repair: bool | None = option(None, "REPAIR: restore each Linear unit's mean / std to its parents' (variance "
                                         "collapse); default: on for models that attend (digits ViTs one-shot "
@@ -52,7 +55,8 @@ class FuseConfig:
 
     def __post_init__(self):
         validate_choices(self)
-        for what, value, default in (("residual", self.residual, "shared"), ("attention", self.attention, "heads")):
+        for what, value, default in (("residual", self.residual, "shared"), ("attention", self.attention, "heads"),
+                                     ("stats-precision", self.stats_precision, "fp32")):
             if value != default and self.ground == "wts":
                 raise CompressError(f"{what} '{value}' solves its maps from activations",
                                     expected=f"ground acts (or {what} {default})", found=f"ground {self.ground}")

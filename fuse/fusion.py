@@ -89,7 +89,8 @@ def align_to(model: nn.Module, anchor: nn.Module, batches: list[torch.Tensor], c
         return _apply(sg_m, model, anchor, maps, report)
     t = time.perf_counter()
     stats = cross_statistics(sg_m, sg_a, state_tensors(model), state_tensors(anchor), batches, cfg.tokens,
-                             cfg.window, sublayers=cfg.residual != "shared", attention=cfg.attention)
+                             cfg.window, sublayers=cfg.residual != "shared", attention=cfg.attention,
+                             product_dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.stats_precision])
     report.seconds_stats += time.perf_counter() - t
     t = time.perf_counter()
 
@@ -280,8 +281,8 @@ def resolve_auto(cfg: FuseConfig, model: nn.Module, example: torch.Tensor, equal
     and after the finetune, 98.24 vs 97.48) and REPAIR (one-shot 31.65 -> 58.52; parents trained on
     different classes + a short finetune 82.6 -> 85.9; -0.26 after a long finetune of same-data parents);
     conv nets take activation correlations (ResNets one-shot 98.82), where BatchNorm recomputation already
-    restores the statistics. The paper's per-sublayer / cross-head maps, and fusion into another width, need
-    activations.
+    restores the statistics. The paper's per-sublayer / cross-head maps, bf16 statistics and fusion into
+    another width need activations.
 
     Example:
         >>> resolve_auto(FuseConfig(), vit, torch.randn(1, 3, 32, 32))[0].ground
@@ -293,8 +294,8 @@ def resolve_auto(cfg: FuseConfig, model: nn.Module, example: torch.Tensor, equal
     family = "attention" if attends else "conv / MLP"
     ground = cfg.ground
     if ground == "auto":
-        paper_maps = cfg.residual != "shared" or cfg.attention != "heads"
-        ground = "wts" if attends and equal_widths and not paper_maps else "acts"
+        acts_only = cfg.residual != "shared" or cfg.attention != "heads" or cfg.stats_precision != "fp32"
+        ground = "wts" if attends and equal_widths and not acts_only else "acts"
     repair = cfg.repair if cfg.repair is not None else attends
     return replace(cfg, ground=ground, repair=repair), f"{family} family: ground {ground}, REPAIR {'on' if repair else 'off'}"
 

@@ -228,6 +228,34 @@ def test_self_fusion_with_the_papers_residual_and_attention_maps(arch, options):
     assert_same_function(arch, state, model, size)
 
 
+def test_bf16_statistics_stay_within_rounding_of_float32_and_keep_self_fusion_exact():
+    """`stats_precision="bf16"`: every correlation within 1e-2 of the float32 one (and not all equal: the
+    products really are bf16), a permuted copy still fused back into the same function; only activation
+    costs take it (auto then chooses them, weight matching refuses it)."""
+    from compress.alignment.graph import state_tensors
+    from compress.errors import CompressError
+    from fuse.fusion import resolve_auto
+    from fuse.stats import cross_statistics
+
+    model, size = small_model("vit")
+    perturb_(model)
+    twin = permuted_copy("vit", model, size)
+    x = torch.randn(64, 3, size, size)
+    sg_a, sg_b = find_spaces(twin, x[:32]), find_spaces(model, x[:32])
+    corr = {dt: {k: st.correlation() for k, (_, st) in cross_statistics(
+        sg_a, sg_b, state_tensors(twin), state_tensors(model), list(x.split(32)), product_dtype=dt).spaces.items()}
+        for dt in (torch.float32, torch.bfloat16)}
+    gaps = [(corr[torch.bfloat16][k] - c).abs().max().item() for k, c in corr[torch.float32].items()]
+    assert max(gaps) < 1e-2 and max(gaps) > 0
+    cfg = FuseConfig(ground="acts", calib=64, batch_size=32, repair=False, stats_precision="bf16")
+    state, report = fuse_models([twin, model], x, cfg)
+    assert not report.unmatched and report.partners == pytest.approx(1.0)
+    assert_same_function("vit", state, model, size)
+    assert resolve_auto(FuseConfig(stats_precision="bf16"), model, x[:1])[0].ground == "acts"
+    with pytest.raises(CompressError, match="stats-precision"):
+        FuseConfig(ground="wts", stats_precision="bf16")
+
+
 def test_per_sublayer_residual_maps_follow_the_paper_policy():
     """Between two different ViTs: every residual add carries (T_stream + T_branch) / 2 forward; readers
     take the map of the activation they read; the cls and position tokens that of the patch embedding."""

@@ -38,6 +38,16 @@ def non_persistent(model: nn.Module) -> set[str]:
             for b in m._non_persistent_buffers_set}
 
 
+def leading(inputs: tuple, n: int) -> tuple:
+    """The first `n` samples of each batched input (a forward that needs the shapes, not the whole batch).
+
+    Example:
+        >>> [t.shape[0] for t in leading((torch.randn(32, 3, 8, 8),), 4)]
+        [4]
+    """
+    return tuple(t[:n] if isinstance(t, torch.Tensor) and t.ndim else t for t in inputs)
+
+
 def trace(model: nn.Module, *example_inputs: torch.Tensor) -> TracedGraph:
     """Trace `model` in eval mode on `example_inputs`.
 
@@ -59,8 +69,10 @@ def trace(model: nn.Module, *example_inputs: torch.Tensor) -> TracedGraph:
     try:
         with torch.no_grad():
             # one real forward first: a model that builds a cache on its first call (ConViT's relative indices,
-            # EfficientFormer's attention-bias gather) traces its steady-state graph, the same for any two copies
-            model(*example_inputs)
+            # EfficientFormer's attention-bias gather) traces its steady-state graph, the same for any two copies.
+            # Those caches depend on the image size, not the batch: two images build them (two, not one: a
+            # squeeze somewhere would take a batch of one for another shape)
+            model(*leading(example_inputs, 2))
             drop_eval_caches(model)  # a cache held outside buffers (EfficientFormer's bias gather) is rebuilt in the trace
             state = state_tensors(model)
             held = [(slots, k, t) for m in model.modules() for slots in (m._parameters, m._buffers)
