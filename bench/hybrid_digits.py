@@ -11,7 +11,7 @@ scratch. Rows: each alone, plain mutual learning (dml), collab; the share of reg
 transferred in each direction.
 
 Run: .venv/bin/python bench/hybrid_digits.py [--only hybrid|hybrid-layer|collab] [--collab-data digits digit-scenes]
-     [--scenes-peer vit|swin]   (writes bench/results/hybrid_digits.json)
+     [--scenes-peer vit|swin|pvt]   (writes bench/results/hybrid_digits.json)
 """
 
 import argparse
@@ -119,9 +119,9 @@ if __name__ == "__main__":
     ap.add_argument("--collab-epochs", type=int, default=10)
     ap.add_argument("--scenes-epochs", type=int, default=10)
     ap.add_argument("--collab-data", nargs="+", choices=["digits", "digit-scenes"], default=["digits", "digit-scenes"])
-    ap.add_argument("--scenes-peer", choices=["vit", "swin"], default="vit",
-                    help="the peer on digit-scenes: the plain ViT, or the hierarchical Swin alias (the paper's "
-                         "ViT peer is a hierarchical segmenter, SegFormer)")
+    ap.add_argument("--scenes-peer", choices=["vit", "swin", "pvt"], default="vit",
+                    help="the peer on digit-scenes: the plain ViT, the hierarchical Swin alias, or PVT-v2 (the "
+                         "paper's ViT peer is SegFormer, whose encoder is PVT-v2's design)")
     args = ap.parse_args()
     path = R / "hybrid_digits.json"
     res = json.loads(path.read_text()) if path.exists() else {}
@@ -149,7 +149,7 @@ if __name__ == "__main__":
         if "layer_top1" in h:
             print(f"layer schedule: {h['layer_top1']:.2f} (no masking {h['layer_nomask_top1']:.2f} in the same run), "
                   f"time / FLOPs saved {h['layer_time_saving']:.0%} / {h['layer_flops_saving']:.0%}")
-    for key in ("collab digits", "collab digit-scenes", "collab digit-scenes swin"):
+    for key in ("collab digits", "collab digit-scenes", "collab digit-scenes swin", "collab digit-scenes pvt"):
         if key in res:
             c, m = res[key], res[key]["metric"]
             print(f"{key}: student alone {c[f'solo_{m}']:.2f} dml {c[f'dml_{m}']:.2f} collab {c[m]:.2f} | "

@@ -61,6 +61,18 @@ def resmlp(num_classes: int = 10, img_size: int = 32, patch_size: int = 4, embed
                     num_blocks=num_blocks, **kwargs)
 
 
+@register_arch("pvt", img_size=32)
+def pvt(num_classes: int = 10, img_size: int = 32, depths=(1, 1, 2, 1), embed_dims=(32, 64, 128, 160),
+        num_heads=(1, 2, 4, 5), **kwargs) -> nn.Module:
+    """`pvt`: timm PVT-v2, the design of SegFormer's MiT encoder (overlapping patch embeddings, attention on
+    spatially reduced keys, a depthwise conv in each MLP), b0's first widths at fewer blocks (1.4 M
+    parameters). It runs at any input size: `img_size` only records the one it is trained at."""
+    from timm.models.pvt_v2 import PyramidVisionTransformerV2
+
+    return PyramidVisionTransformerV2(num_classes=num_classes, depths=depths, embed_dims=embed_dims,
+                                      num_heads=num_heads, **kwargs)
+
+
 @register_arch("efficientformer", img_size=64)
 def efficientformer(num_classes: int = 10, img_size: int = 64, depths=(1, 1, 2, 2), embed_dims=(24, 48, 96, 176),
                     num_vit: int = 1, **kwargs) -> nn.Module:

@@ -18,7 +18,7 @@ def test_models_lists_every_alias(tmp_path):
     assert main(["models", "--json", str(tmp_path / "m.json")]) == 0
     names = {m["name"] for m in json.loads((tmp_path / "m.json").read_text())["models"]}
     assert {"vit", "deit", "swin", "resnet", "convnext", "mobilevit", "mobilevitv2", "efficientformer",
-            "efficientformerv2", "mixer", "resmlp"} <= names
+            "efficientformerv2", "mixer", "resmlp", "pvt"} <= names
 
 
 def test_train_eval_inspect_with_recipe(tmp_path):

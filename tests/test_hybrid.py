@@ -243,7 +243,8 @@ def test_bsd_masks_by_hand():
 @pytest.mark.parametrize("task,student,peer,features", [("classification", "resnet", "vit", None),
                                                         ("classification", "convnext", "swin", None),
                                                         ("segmentation", "resnet", "vit", None),
-                                                        ("segmentation", "resnet", "vit", 1.0)])
+                                                        ("segmentation", "resnet", "vit", 1.0),
+                                                        ("segmentation", "resnet", "pvt", 1.0)])
 @pytest.mark.parametrize("method", ["collab", "dml"])
 def test_peers_one_step(task, student, peer, features, method):
     torch.manual_seed(0)
