@@ -76,6 +76,8 @@ def test_each_pipeline_runs_from_python_on_checkpoints_in_memory(tmp_path):
     b = Checkpoint.create("resmlp", arch_args={"num_blocks": 2}, seed=1)
     fused, r = fuse.run([a, b], "digits", fuse.FuseRun(calib=64))
     assert r.kind == "fuse" and r.score == r["ot"] and [row.name for row in r.rows][-1] == "OT one-shot (acts, emd)"
+    _, r16 = fuse.run([a, b], "digits", fuse.FuseRun(calib=64, stats_precision="bf16"))  # the report says so
+    assert r16["stats_precision"] == "bf16" and r16.rows[-1].name == "OT one-shot (acts, bf16 statistics, emd)"
     assert fused.provenance["kind"] == "fuse" and fused.provenance["command"].startswith("compress fuse --models")
     thin, r = prune.run(fused, "digits", prune.PruneRun(ratio=0.5, calib=16))
     assert r.rows[1].params < r.rows[0].params and thin.structure[-1]["op"] == "resize"
