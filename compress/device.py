@@ -20,7 +20,7 @@ import torch
 from .config import PRECISIONS, check_device_name
 from .errors import CompressError
 
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # per precision name
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
@@ -75,7 +75,7 @@ def autocast(device: torch.device, precision: str):
     """Autocast to `precision` on `device` (a no-op for fp32)."""
     if precision == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=_DTYPES[precision])
+    return torch.autocast(device.type, dtype=DTYPES[precision])
 
 
 def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:

@@ -20,6 +20,7 @@ from compress.alignment import axes as ax
 from compress.alignment.blocks import find_blocks
 from compress.alignment.graph import state_tensors
 from compress.alignment.spaces import Space, SpaceGraph, find_spaces
+from compress.device import DTYPES
 from compress.errors import CompressError
 
 from .config import FuseConfig
@@ -90,7 +91,7 @@ def align_to(model: nn.Module, anchor: nn.Module, batches: list[torch.Tensor], c
     t = time.perf_counter()
     stats = cross_statistics(sg_m, sg_a, state_tensors(model), state_tensors(anchor), batches, cfg.tokens,
                              cfg.window, sublayers=cfg.residual != "shared", attention=cfg.attention,
-                             product_dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.stats_precision])
+                             product_dtype=DTYPES[cfg.stats_precision])
     report.seconds_stats += time.perf_counter() - t
     t = time.perf_counter()
 

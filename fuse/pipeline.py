@@ -79,7 +79,8 @@ def run(inputs, data, cfg: FuseRun, *, state: str | Path | None = None,
     parents = [record(f"parent {i}", m) for i, m in enumerate(models)]
     values = {"models": names, "arch": first.arch, "metric": metric, "solver": cfg.solver, "softness": cfg.softness,
               "tokens": cfg.tokens, "ground": cfg.ground, "residual": cfg.residual, "attention": cfg.attention,
-              "stats_precision": cfg.stats_precision, "repair": cfg.repair, "auto": family, "width": cfg.width, "parents": parents,
+              "stats_precision": cfg.stats_precision, "repair": cfg.repair, "auto": family, "width": cfg.width,
+              "parents": parents,
               "ensemble": record("output ensemble", Ensemble(models)), "vanilla": None, "narrowed": None,
               "subset": cfg.subset, "finetune_images": len(d.train)}
     # the baseline that keeps the fused model's size: vanilla averaging, or with --width the anchor narrowed
@@ -103,7 +104,7 @@ def run(inputs, data, cfg: FuseRun, *, state: str | Path | None = None,
     fused.load_state_dict(fused_state)
     bn = recompute_batchnorm(fused, images)
     timings["fuse"] = time.perf_counter() - t
-    bf16 = ", bf16 statistics" if cfg.ground == "acts" and cfg.stats_precision == "bf16" else ""
+    bf16 = ", bf16 statistics" if cfg.stats_precision == "bf16" else ""  # only activation costs take it
     one_shot = f"OT one-shot ({cfg.ground}{bf16}, {cfg.solver}{', REPAIR' if cfg.repair else ''})"
     values["ot"] = record(one_shot, fused)
     values.update(ot_finetuned=None, vanilla_finetuned=None, narrowed_finetuned=None, batchnorm_recomputed=bn,
