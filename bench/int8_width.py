@@ -10,7 +10,8 @@ weights: only speed is measured), FP32 against int8 at batch 1 (or --batch), 2 t
 The ONNX Runtime sessions are timed in interleaved rounds (median of 15 rounds of 20 runs each); PT2E's pair is
 timed side by side by `quantize.deploy`.
 
-Run: .venv/bin/python bench/int8_width.py [--models efficientformer-l1:64 mobilevit_s:64 ...] [--no-pt2e] [--batch N]
+Run: .venv/bin/python bench/int8_width.py [--models efficientformer-l1:64 mobilevit_s:64 levit_128s:224 ...]
+     [--no-pt2e] [--batch N]   (a name outside MODELS is a timm name, built at its own widths; :N is the px)
 (writes bench/results/int8_width.json)
 """
 
@@ -83,7 +84,7 @@ def quantize_variant(fp32: str, images: torch.Tensor, out: str, ops, fmt: str, w
 
 
 def measure(name: str, size: int, pt2e: bool, batch: int = 1) -> dict:
-    arch, kwargs = MODELS[name]
+    arch, kwargs = MODELS.get(name, (name, {}))  # any other timm name at its own widths
     kwargs = {**kwargs, "img_size": size} if arch == "efficientformer" else kwargs
     model = create_model(arch, num_classes=10, **kwargs).eval()
     images = torch.randn(16, 3, size, size, generator=torch.Generator().manual_seed(0))

@@ -411,6 +411,21 @@ def test_unquantizable_ops_and_excluded_sites_stay_float_and_are_reported():
 
 
 @pytest.mark.slow
+def test_each_compiled_program_is_compiled_past_the_recompile_limit():
+    """Twelve programs, as the deploy search compiles: every one is really compiled (torch's recompile limit
+    is 8 per code object; one shared wrapper `forward` made the ninth onwards run eager, silently)."""
+    from torch._dynamo.utils import counters
+
+    from compress.programs import Program, compile_frozen
+
+    x = torch.randn(2, 4)
+    programs = [Program(torch.export.export(torch.nn.Linear(4, 4), (x,)).module()) for _ in range(12)]
+    before = counters["frames"]["ok"]
+    outs = [compile_frozen(p, backend="eager")(x) for p in programs]
+    assert counters["frames"]["ok"] - before >= 12
+    assert all(torch.allclose(o, p(x)) for o, p in zip(outs, programs))
+
+
 def test_cli_quantize_reloads_with_eval_and_writes_an_int8_program(tmp_path):
     src = tmp_path / "vit.pt"
     save(Checkpoint.create("vit", num_classes=10, seed=0), src)
