@@ -42,6 +42,8 @@ RECIPES = {"vit": "recipes/fuse-vit.yaml", "resnet": "recipes/fuse-cnn.yaml"}
 
 def fuse(models: list[str], recipe: str, solver: str, extra: list[str], tag: str) -> dict:
     js = R / f"fuse-{tag}.json"
+    if "acts" in extra and "--tokens" not in extra:  # the rows were recorded with every token (the default then)
+        extra = [*extra, "--tokens", "all"]
     code = main(["fuse", "--recipe", recipe, "--models", *models, "--solver", solver, *extra, "--threads", "2",
                  "--out", str(R / f"fuse-{tag}.pt"), "--json", str(js)])
     if code:

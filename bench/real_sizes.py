@@ -2,14 +2,15 @@
 224 px (cost does not depend on training). Each task runs in its own process, so its peak RSS is its own.
 
 - fuse-acts: two ViT-B/16 fused on activation correlations, 256 calibration images (target < 3 min, < 6 GiB);
-- fuse-acts-bf16: the same with `--stats-precision bf16` (cross products from bfloat16 operands);
+- fuse-acts-all: the same with every token in the statistics (`--tokens all`; the default until 2026-12-07);
+- fuse-acts-bf16: fuse-acts with `--stats-precision bf16` (cross products from bfloat16 operands);
 - fuse-auto: the same with the family default (weight matching + REPAIR over the 256 images);
 - qhyvit: Q-HyViT W8A8 calibration of DeiT-S, 32 calibration images (target < 5 min);
 - qhyvit-float: the same with the search's integer products off (every linear candidate scored in float32,
   as before `quantize/intgemm.py`);
 - prune: ViT-B/16 width-pruned to half its MACs (magnitude importance), latency before / after side by side.
 
-Run: .venv/bin/python bench/real_sizes.py [--tasks fuse-acts fuse-acts-bf16 fuse-auto qhyvit qhyvit-float prune]
+Run: .venv/bin/python bench/real_sizes.py [--tasks fuse-acts fuse-acts-all fuse-acts-bf16 fuse-auto qhyvit qhyvit-float prune]
      (writes bench/results/real_sizes.json)
 """
 
@@ -26,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-TASKS = ("fuse-acts", "fuse-acts-bf16", "fuse-auto", "qhyvit", "qhyvit-float", "prune")
+TASKS = ("fuse-acts", "fuse-acts-all", "fuse-acts-bf16", "fuse-auto", "qhyvit", "qhyvit-float", "prune")
 
 
 def peak_gib() -> float:
@@ -47,6 +48,7 @@ def run(task: str) -> dict:
             models.append(create_model("vit_base_patch16_224", num_classes=10).eval())
         images = torch.randn(256, 3, 224, 224)
         cfg = {"fuse-acts": FuseConfig(ground="acts", repair=False),
+               "fuse-acts-all": FuseConfig(ground="acts", repair=False, tokens="all"),
                "fuse-acts-bf16": FuseConfig(ground="acts", repair=False, stats_precision="bf16")}.get(task, FuseConfig())
         t = time.perf_counter()
         _, report = fuse_models(models, images, cfg)

@@ -41,8 +41,9 @@ class FuseConfig:
                                      "(acts only)", choices=POLICIES)
     attention: str = option("heads", "attention maps: head-aware, or the paper's cross-head maps per Q/K/V "
                                      "(acts only)", choices=ATTENTION)
-    tokens: str = option("all", "token positions in the statistics (ViT-style sequences; conv maps use all)",
-                         choices=TOKENS)
+    tokens: str = option("window", "token positions in the statistics of ViT-style sequences (conv maps use "
+                                    "all): the prefix (cls) tokens plus the central window x window patches, as "
+                                    "the reference; all; or the prefix tokens only", choices=TOKENS)
     window: int = option(6, "central patch window side for --tokens window")
     stats_precision: str = option("fp32", "activation statistics (acts only): the cross products of each space "
                                           "in fp32, or from bf16 operands (products 4-5x faster on CPUs with AMX; "

@@ -99,13 +99,16 @@ class Statistics:
 
 
 def cross_statistics(sg_a: SpaceGraph, sg_b: SpaceGraph, state_a: dict, state_b: dict,
-                     batches: list[torch.Tensor], tokens: str = "all", window: int = 6,
+                     batches: list[torch.Tensor], tokens: str = "window", window: int = 6,
                      sublayers: bool = False, attention: str = "heads",
                      product_dtype: torch.dtype = torch.float32) -> Statistics:
     """Statistics between model A's spaces and model B's (`Statistics.spaces`: {A space id: (B space id,
     CrossStats)}), with `sublayers` per residual writer (`Statistics.writers`, `.operands`), and with
     `attention` "full" / "shared_qk" over all heads x head_dim of each query / key / value projection
     (`Statistics.joint`, keyed per projection or per (heads, head_dim) pair: see `axes.joint_keys`).
+
+    `tokens` picks the positions of ViT-style sequences taken as samples (`select_tokens`): by default the
+    reference's, the cls token and the central `window` x `window` patches of each image.
 
     `product_dtype` torch.bfloat16 takes the cross products (the O(rows x n_a x n_b) part) from bfloat16
     operands, summed in float32 and rounded to bfloat16 once per batch (4-5x faster where the CPU has AMX);

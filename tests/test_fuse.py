@@ -166,6 +166,22 @@ def test_token_selection_keeps_prefix_and_central_window():
     assert win.shape == (2, 5, 96) and torch.equal(win[:, 1:], t[:, [28, 29, 36, 37]])
 
 
+def test_statistics_take_the_reference_window_of_tokens_by_default():
+    """The reference's `window_6`: every ViT space is measured on each image's cls token and central 6 x 6
+    patches (37 of the digits ViT's 65 tokens), not on every token."""
+    from compress.alignment.graph import state_tensors
+    from fuse.stats import cross_statistics
+
+    model, size = small_model("vit")
+    x = torch.randn(32, 3, size, size)
+    sg, state, cfg = find_spaces(model, x), state_tensors(model), FuseConfig()
+    counts = [st.count for _, st in cross_statistics(sg, sg, state, state, [x], cfg.tokens, cfg.window).spaces.values()]
+    every = [st.count for _, st in cross_statistics(sg, sg, state, state, [x], "all").spaces.values()]
+    assert len(counts) == len(every) > 4
+    assert all(c % (32 * 37) == 0 for c in counts) and 32 * 37 in counts
+    assert all(c % (32 * 65) == 0 for c in every) and 32 * 65 in every
+
+
 def test_self_fusion_with_window_tokens():
     """(cls alone cannot do this: in block 0 the cls token is the same for every image, so it carries no
     statistics; the window includes it plus varying patches)"""
