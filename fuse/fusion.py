@@ -250,14 +250,16 @@ def weight_cost(sg_m: SpaceGraph, sg_a: SpaceGraph, sm: Space, sa: Space, state_
                 maps: dict, members: list | None = None) -> torch.Tensor:
     """Distance between neuron i of space `sm` (model) and j of `sa` (anchor) through every tensor carrying
     the space (or only `members` of it), the model's other axes first moved by `maps`; scaled to max 1."""
-    others = {k: v for k, v in maps.items() if k != sm.id}
     members = members or sm.members
-    tensors = {m.tensor for m in members}
-    moved = sg_m.transport_state({k: state_m[k] for k in tensors}, others)
     gram = torch.zeros(sm.size, sa.size, dtype=torch.float64)
     sq_m, sq_a = torch.zeros(sm.size, dtype=torch.float64), torch.zeros(sa.size, dtype=torch.float64)
     for member in members:
         name, axis = member.tensor, member.axis
+        # the member's own axis keeps the model's layout: its other spaces are averaged out or split off by
+        # `paired_views` anyway, and a map that changes their width (a wider model into a narrower anchor)
+        # would no longer match the model's axis structure
+        own_axis = {leaf.id for leaf in ax.leaves(sg_m.tensor_axes[name][axis])}
+        moved = sg_m.transport_state({name: state_m[name]}, {k: v for k, v in maps.items() if k not in own_axis})
         views = ax.paired_views(moved[name].float(), sg_m.tensor_axes[name][axis], state_a[name].float(),
                                 sg_a.tensor_axes[name][axis], axis)
         for lm, _, rm, ra in views:
