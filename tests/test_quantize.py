@@ -410,7 +410,6 @@ def test_unquantizable_ops_and_excluded_sites_stay_float_and_are_reported():
         assert torch.allclose(qm(x), model(x))  # nothing left to quantize: float
 
 
-@pytest.mark.slow
 def test_each_compiled_program_is_compiled_past_the_recompile_limit():
     """Twelve programs, as the deploy search compiles: every one is really compiled (torch's recompile limit
     is 8 per code object; one shared wrapper `forward` made the ninth onwards run eager, silently)."""
@@ -426,6 +425,7 @@ def test_each_compiled_program_is_compiled_past_the_recompile_limit():
     assert all(torch.allclose(o, p(x)) for o, p in zip(outs, programs))
 
 
+@pytest.mark.slow
 def test_cli_quantize_reloads_with_eval_and_writes_an_int8_program(tmp_path):
     src = tmp_path / "vit.pt"
     save(Checkpoint.create("vit", num_classes=10, seed=0), src)
