@@ -253,14 +253,17 @@ def weight_cost(sg_m: SpaceGraph, sg_a: SpaceGraph, sm: Space, sa: Space, state_
     members = members or sm.members
     gram = torch.zeros(sm.size, sa.size, dtype=torch.float64)
     sq_m, sq_a = torch.zeros(sm.size, dtype=torch.float64), torch.zeros(sa.size, dtype=torch.float64)
+    moved = {}  # (tensor, axis) -> the model's tensor, moved once however many members read it
     for member in members:
         name, axis = member.tensor, member.axis
-        # the member's own axis keeps the model's layout: its other spaces are averaged out or split off by
-        # `paired_views` anyway, and a map that changes their width (a wider model into a narrower anchor)
-        # would no longer match the model's axis structure
-        own_axis = {leaf.id for leaf in ax.leaves(sg_m.tensor_axes[name][axis])}
-        moved = sg_m.transport_state({name: state_m[name]}, {k: v for k, v in maps.items() if k not in own_axis})
-        views = ax.paired_views(moved[name].float(), sg_m.tensor_axes[name][axis], state_a[name].float(),
+        if (name, axis) not in moved:
+            # the member's own axis keeps the model's layout: its other spaces are averaged out or split off by
+            # `paired_views` anyway, and a map that changes their width (a wider model into a narrower anchor)
+            # would no longer match the model's axis structure
+            own_axis = {leaf.id for leaf in ax.leaves(sg_m.tensor_axes[name][axis])}
+            others = {k: v for k, v in maps.items() if k not in own_axis}
+            moved[name, axis] = sg_m.transport_state({name: state_m[name]}, others)[name].float()
+        views = ax.paired_views(moved[name, axis], sg_m.tensor_axes[name][axis], state_a[name].float(),
                                 sg_a.tensor_axes[name][axis], axis)
         for lm, _, rm, ra in views:
             if lm.id == sm.id:
