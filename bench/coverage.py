@@ -146,7 +146,7 @@ def check_family(family: str) -> dict:
         twin = build()
         twin.load_state_dict(sg.permute_state(model.state_dict(), sg.random_permutations(torch.Generator().manual_seed(5))))
         fused, report = fuse_models([twin, model], x, FuseConfig(ground="acts", solver="hungarian", calib=32,
-                                                                  batch_size=16, repair=False))
+                                                                  batch_size=16, repair=False, merge="mean"))
         other = build()
         other.load_state_dict(fused)
         with torch.no_grad():

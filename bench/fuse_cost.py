@@ -23,7 +23,7 @@ for seed in (0, 1):
     models.append(create_model("vit", **kw).eval())
 images = torch.randn(256, 3, 32, 32)
 t = time.perf_counter()
-state, report = fuse_models(models, images, FuseConfig(ground="acts", solver="emd", calib=256, batch_size=32, tokens="all",
+state, report = fuse_models(models, images, FuseConfig(ground="acts", solver="emd", calib=256, batch_size=32, tokens="all", merge="mean",
                                                           repair="--repair" in sys.argv))
 total = time.perf_counter() - t
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2

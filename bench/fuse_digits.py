@@ -32,7 +32,8 @@ OPTIONS = {  # every row names its ground cost, so the recipes' defaults do not 
             ("sinkhorn", ["--ground", "acts", "--softness", "0.02", "--residual", "mean", "--attention", "full"]),
             ("emd", ["--ground", "wts", "--repair"]), ("emd", ["--ground", "acts", "--repair"]),
             ("sinkhorn", ["--ground", "acts", "--softness", "0.02", "--residual", "mean", "--attention", "full",
-                          "--repair"])],
+                          "--repair"]),
+            ("emd", ["--ground", "wts", "--no-repair", "--merge", "regmean"]), ("emd", ["--ground", "wts", "--repair", "--merge", "regmean"])],
     "resnet": [("emd", ["--ground", "acts"]), ("hungarian", ["--ground", "acts"]),
                ("sinkhorn", ["--ground", "acts", "--softness", "0.002"]), ("emd", ["--ground", "wts"]),
                ("emd", ["--ground", "acts", "--residual", "mean"]), ("emd", ["--ground", "acts", "--residual", "weighted"])],
@@ -44,6 +45,8 @@ def fuse(models: list[str], recipe: str, solver: str, extra: list[str], tag: str
     js = R / f"fuse-{tag}.json"
     if "acts" in extra and "--tokens" not in extra:  # the rows were recorded with every token (the default then)
         extra = [*extra, "--tokens", "all"]
+    if "--merge" not in extra:  # and with the plain average (the only merge until 2026-12-07)
+        extra = [*extra, "--merge", "mean"]
     code = main(["fuse", "--recipe", recipe, "--models", *models, "--solver", solver, *extra, "--threads", "2",
                  "--out", str(R / f"fuse-{tag}.pt"), "--json", str(js)])
     if code:

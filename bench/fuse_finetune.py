@@ -5,7 +5,8 @@ bench separates the fusion from the finetune: each row is one finetune recipe, a
 OT-fused model (`ot`) or to the pair's first parent (`parent`), mean of the seed pairs (0,1), (2,3), (4,5).
 
 Rows are `kind[:key=value...]`, keys: lr, ep (epochs), bs (batch size), ls (label smoothing), repair (1),
-paper (1: Sinkhorn 0.02, per-sublayer mean, full attention, activations), ground (wts | acts),
+paper (1: Sinkhorn 0.02, per-sublayer mean, full attention, activations), ground (wts | acts), merge
+(mean, the default here as when the rows were recorded | regmean),
 kd (weight of the KL term towards the parents' output ensemble; T its temperature).
 
 Needs the parents of bench/train_digits.py (vit-s0..s5), or of another width (`--prefix vit48`, trained by
@@ -61,7 +62,7 @@ def run_row(kind: str, kw: dict, ckpts, models, data, images) -> tuple[float, fl
         model = copy.deepcopy(models[0])
     else:
         cfg = FuseConfig(**(PAPER if kw.get("paper") == "1" else dict(ground=kw.get("ground", "wts"), solver="emd")),
-                         calib=len(images), repair=kw.get("repair") == "1")
+                         calib=len(images), repair=kw.get("repair") == "1", merge=kw.get("merge", "mean"))
         state, _ = fuse_models(models, images, cfg)
         model = ckpts[0].build()
         model.load_state_dict(state)

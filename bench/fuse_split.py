@@ -5,7 +5,8 @@ Per seed set s and architecture (the small ViT, 40 epochs; resnet18, 15 epochs):
 - split "5/5": parent A on all of classes 0-4 + 10% of the others, parent B on classes 5-9 + 10% of the others;
 - split "quarters": 4 parents on the 4 disjoint random quarters of the training split;
 - split "5/5 strict": as 5/5 with 5% of the other classes (about 6 images of each), parents that miss half the classes.
-Then `compress fuse --baselines` with the family's default fusion settings and a finetune on a shared 10% of
+Then `compress fuse --baselines` with the family's default fusion settings (and, where that default merges by
+RegMean, the same fusion with the plain average beside it) and a finetune on a shared 10% of
 the training split (`--subset fraction=0.1`, 129 images, which is at most 10% of the parents' union): each
 parent + the same finetune, vanilla average + it, the parents' output ensemble (N x the cost), and the
 ensemble distilled into a fresh model with the same budget. Test top-1 on the full test split.
@@ -52,20 +53,29 @@ def parents(arch: str, split: str, s: int) -> list[str]:
     return paths
 
 
-def fuse(arch: str, split: str, s: int, epochs: int, lr: float) -> dict:
-    tag = f"{arch}-{slug(split)}-s{s}-fused-e{epochs}"
+def fuse(arch: str, split: str, s: int, epochs: int, lr: float, shared: float = 0.1) -> dict:
+    tag = f"{arch}-{slug(split)}-s{s}-fused-e{epochs}" + ("" if shared == 0.1 else f"-shared{shared:g}")
     js = R / f"{tag}.json"
     if not js.exists():
-        run(["fuse", "--models", *parents(arch, split, s), "--subset", f"fraction=0.1,seed={s}",
+        run(["fuse", "--models", *parents(arch, split, s), "--subset", f"fraction={shared:g},seed={s}",
              "--finetune-epochs", str(epochs), "--finetune-batch-size", "16", "--finetune-lr", str(lr),
              "--baselines", "--out", str(R / f"{tag}.pt"), "--json", str(js)])
     r = json.loads(js.read_text())
+    if r.get("merge", "mean") != "mean":  # the same fusion with the plain average, side by side (no baselines: they are shared)
+        mean_js = R / f"{tag}-mean.json"
+        if not mean_js.exists():
+            run(["fuse", "--models", *parents(arch, split, s), "--subset", f"fraction={shared:g},seed={s}",
+                 "--finetune-epochs", str(epochs), "--finetune-batch-size", "16", "--finetune-lr", str(lr),
+                 "--merge", "mean", "--out", str(R / f"{tag}-mean.pt"), "--json", str(mean_js)])
+        m = json.loads(mean_js.read_text())
+        r["ot_mean"], r["ot_mean_ft"] = m["ot"], m["ot_finetuned"]
     rows = {row["name"]: row for row in r["rows"]}
     lat = {k: v["latency_ms"] for k, v in rows.items()}
     return {"parents": r["parents"], "best_parent": max(r["parents"]),
             "best_parent_ft": max(r["parents_finetuned"]), "vanilla": r["vanilla"],
             "vanilla_ft": r["vanilla_finetuned"], "ensemble": r["ensemble"],
             "ensemble_distilled": r["ensemble_distilled"], "ot": r["ot"], "ot_ft": r["ot_finetuned"],
+            "merge": r.get("merge", "mean"), "ot_mean": r.get("ot_mean"), "ot_mean_ft": r.get("ot_mean_ft"),
             "ensemble_latency_ratio": lat["output ensemble"] / lat[f"OT + {epochs} ep"],
             "groups": {name: {model: round(statistics.mean(acc[c] for c in cs), 2)
                               for model, acc in r["per_class"].items()}
@@ -77,14 +87,17 @@ KEYS = ["best_parent", "best_parent_ft", "vanilla", "vanilla_ft", "ensemble", "e
         "ensemble_latency_ratio"]
 
 
-def main_bench(seeds, archs, splits, epochs, lr) -> dict:
+def main_bench(seeds, archs, splits, epochs, lr, shared=0.1) -> dict:
     R.mkdir(parents=True, exist_ok=True)
     out = {}
     for arch in archs:
         for split in splits:
-            runs = [fuse(arch, split, s, epochs[arch], lr) for s in seeds]
-            out[f"{arch} {split}"] = {**{k: round(statistics.mean(r[k] for r in runs), 2) for k in KEYS},
-                                      "runs": runs, "seeds": seeds, "finetune_epochs": epochs[arch]}
+            runs = [fuse(arch, split, s, epochs[arch], lr, shared) for s in seeds]
+            out[f"{arch} {split}" + ("" if shared == 0.1 else f", shared {shared:g}")] = {
+                **{k: round(statistics.mean(r[k] for r in runs), 2) for k in KEYS},
+                **({k: round(statistics.mean(r[k] for r in runs), 2) for k in ("ot_mean", "ot_mean_ft")}
+                   if runs[0]["ot_mean"] is not None else {}),
+                "runs": runs, "seeds": seeds, "finetune_epochs": epochs[arch]}
     return out
 
 
@@ -96,8 +109,10 @@ if __name__ == "__main__":
     ap.add_argument("--vit-epochs", type=int, default=20, help="finetune epochs on the shared 10%")
     ap.add_argument("--resnet-epochs", type=int, default=20)
     ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--shared", type=float, default=0.1,
+                    help="the shared finetune set: this fraction of each class of the training split")
     a = ap.parse_args()
-    res = main_bench(a.seeds, a.archs, a.splits, {"vit": a.vit_epochs, "resnet": a.resnet_epochs}, a.lr)
+    res = main_bench(a.seeds, a.archs, a.splits, {"vit": a.vit_epochs, "resnet": a.resnet_epochs}, a.lr, a.shared)
     path = Path("bench/results/fuse_split.json")
     path.write_text(json.dumps({**(json.loads(path.read_text()) if path.exists() else {}), **res}, indent=1))
     print("| model, split | best parent | best parent + FT | vanilla | vanilla + FT | ensemble (N x cost) | "
@@ -106,3 +121,7 @@ if __name__ == "__main__":
     for k, v in res.items():
         print(f"| {k} | " + " | ".join(f"{v[c]:.2f}" for c in KEYS[:-2]) + f" | **{v['ot_ft']:.2f}** | "
               f"{v['ensemble_latency_ratio']:.2f}x |")
+    for k, v in res.items():
+        if "ot_mean" in v:
+            print(f"{k}: the same fusion with the plain average (--merge mean): one-shot {v['ot_mean']:.2f}, "
+                  f"+ FT {v['ot_mean_ft']:.2f}")

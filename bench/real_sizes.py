@@ -4,13 +4,14 @@
 - fuse-acts: two ViT-B/16 fused on activation correlations, 256 calibration images (target < 3 min, < 6 GiB);
 - fuse-acts-all: the same with every token in the statistics (`--tokens all`; the default until 2026-12-07);
 - fuse-acts-bf16: fuse-acts with `--stats-precision bf16` (cross products from bfloat16 operands);
-- fuse-auto: the same with the family default (weight matching + REPAIR over the 256 images);
+- fuse-auto: the same with the family default (weight matching, RegMean on 64 images, REPAIR);
+- fuse-auto-mean: the family default before RegMean (weight matching + REPAIR; the default until 2026-12-07);
 - qhyvit: Q-HyViT W8A8 calibration of DeiT-S, 32 calibration images (target < 5 min);
 - qhyvit-float: the same with the search's integer products off (every linear candidate scored in float32,
   as before `quantize/intgemm.py`);
 - prune: ViT-B/16 width-pruned to half its MACs (magnitude importance), latency before / after side by side.
 
-Run: .venv/bin/python bench/real_sizes.py [--tasks fuse-acts fuse-acts-all fuse-acts-bf16 fuse-auto qhyvit qhyvit-float prune]
+Run: .venv/bin/python bench/real_sizes.py [--tasks fuse-acts fuse-acts-all fuse-acts-bf16 fuse-auto fuse-auto-mean qhyvit qhyvit-float prune]
      (writes bench/results/real_sizes.json)
 """
 
@@ -27,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-TASKS = ("fuse-acts", "fuse-acts-all", "fuse-acts-bf16", "fuse-auto", "qhyvit", "qhyvit-float", "prune")
+TASKS = ("fuse-acts", "fuse-acts-all", "fuse-acts-bf16", "fuse-auto", "fuse-auto-mean", "qhyvit", "qhyvit-float", "prune")
 
 
 def peak_gib() -> float:
@@ -47,14 +48,15 @@ def run(task: str) -> dict:
             torch.manual_seed(seed)
             models.append(create_model("vit_base_patch16_224", num_classes=10).eval())
         images = torch.randn(256, 3, 224, 224)
-        cfg = {"fuse-acts": FuseConfig(ground="acts", repair=False),
-               "fuse-acts-all": FuseConfig(ground="acts", repair=False, tokens="all"),
-               "fuse-acts-bf16": FuseConfig(ground="acts", repair=False, stats_precision="bf16")}.get(task, FuseConfig())
+        cfg = {"fuse-acts": FuseConfig(ground="acts", repair=False, merge="mean"),
+               "fuse-acts-all": FuseConfig(ground="acts", repair=False, tokens="all", merge="mean"),
+               "fuse-acts-bf16": FuseConfig(ground="acts", repair=False, stats_precision="bf16", merge="mean"),
+               "fuse-auto-mean": FuseConfig(merge="mean")}.get(task, FuseConfig())
         t = time.perf_counter()
         _, report = fuse_models(models, images, cfg)
         return {"seconds": round(time.perf_counter() - t, 1), "peak_gib": peak_gib(),
                 "stages": {k: round(getattr(report, f"seconds_{k}"), 1) for k in
-                           ("trace", "stats", "solve", "apply", "repair")}, "repaired_layers": report.repaired}
+                           ("trace", "stats", "solve", "apply", "regmean", "repair")}, "repaired_layers": report.repaired}
     if task.startswith("qhyvit"):
         from quantize import QuantConfig, calibrate, intgemm
 

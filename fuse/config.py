@@ -19,6 +19,7 @@ GROUNDS = ("auto", "acts", "wts")
 POLICIES = ("shared", "mean", "weighted")  # residual streams: one map each, or the paper's per-sublayer maps
 ATTENTION = ("heads", "full", "shared_qk")
 TOKENS = ("all", "cls", "window")
+MERGES = ("auto", "mean", "regmean")
 
 
 @dataclass
@@ -52,6 +53,12 @@ class FuseConfig:
     repair: bool | None = option(None, "REPAIR: restore each Linear unit's mean / std to its parents' (variance "
                                         "collapse); default: on for models that attend (digits ViTs one-shot "
                                         "31.7%% -> 58.5%%)")
+    merge: str = option("auto", "how the aligned models are combined: mean (the paper's average); regmean, "
+                                "each Linear layer by regression on the calibration images (Jin et al. 2023); "
+                                "or auto: the best measured for the family (attention: regmean; conv: mean)",
+                        choices=MERGES)
+    regmean_alpha: float = option(0.9, "RegMean: scale of the Gram matrices' off-diagonal entries", cli=False)
+    regmean_images: int = option(32, "RegMean: calibration images its Gram matrices are measured on", cli=False)
     version: int = option(1, cli=False)
 
     def __post_init__(self):

@@ -24,6 +24,7 @@ from compress.device import DTYPES
 from compress.errors import CompressError
 
 from .config import FuseConfig
+from .regmean import regmean_state
 from .repair import repair
 from .stats import cross_statistics
 from .streams import stream_couplings
@@ -38,6 +39,8 @@ class FuseReport:
     seconds_apply: float = 0.0
     seconds_repair: float = 0.0
     repaired: int = 0  # Linear layers whose output statistics REPAIR restored
+    regmean: int = 0  # Linear layers merged by RegMean
+    seconds_regmean: float = 0.0
     spaces: int = 0
     unmatched: list[str] = field(default_factory=list)  # spaces no activation site carried (left as they are)
     unaligned: list[str] = field(default_factory=list)  # spaces the invariance check dropped (averaged as they are)
@@ -61,10 +64,19 @@ TIE_BREAK = 1e-5
 
 
 def calibration_batches(images: torch.Tensor, cfg: FuseConfig) -> list[torch.Tensor]:
-    n = (min(len(images), cfg.calib) // cfg.batch_size) * cfg.batch_size
+    """Up to `cfg.calib` images in equal batches of `cfg.batch_size` (the traced graph fixes the batch size;
+    a remainder is left out), or all of them in one batch when there are fewer: a user who can pool only 27
+    images fuses on those 27.
+
+    Example:
+        >>> [len(b) for b in calibration_batches(torch.randn(27, 3, 32, 32), FuseConfig())]
+        [27]
+    """
+    n = min(len(images), cfg.calib)
     if n == 0:
-        raise CompressError("too few calibration images", expected=f">= {cfg.batch_size}", found=str(len(images)))
-    return list(images[:n].split(cfg.batch_size))
+        raise CompressError("no calibration images", expected=">= 1 image", found="0")
+    size = min(n, cfg.batch_size)
+    return list(images[: n // size * size].split(size))
 
 
 def align_to(model: nn.Module, anchor: nn.Module, batches: list[torch.Tensor], cfg: FuseConfig,
@@ -284,17 +296,20 @@ def resolve_auto(cfg: FuseConfig, model: nn.Module, example: torch.Tensor, equal
                  ) -> tuple[FuseConfig, str]:
     """`cfg` with its `auto` settings made concrete for the model's family, and why (docs/BENCHMARKS.md):
     models that attend (ViT, Swin, hybrids) take weight matching (digits ViTs: best one-shot, 31.65 vs 22.75,
-    and after the finetune, 98.24 vs 97.48) and REPAIR (one-shot 31.65 -> 58.52; parents trained on
-    different classes + a short finetune 82.6 -> 85.9; -0.26 after a long finetune of same-data parents);
-    conv nets take activation correlations (ResNets one-shot 98.82), where BatchNorm recomputation already
-    restores the statistics. The paper's per-sublayer / cross-head maps, bf16 statistics and fusion into
+    and after the finetune, 98.24 vs 97.48), REPAIR (one-shot 31.65 -> 58.52; parents trained on
+    different classes + a short finetune 82.6 -> 85.9; -0.26 after a long finetune of same-data parents)
+    and RegMean (with REPAIR, one-shot 58.10 -> 75.48, equal after the finetune; parents trained on
+    different classes: see docs/BENCHMARKS.md); conv nets take activation correlations (ResNets one-shot
+    98.82), where BatchNorm recomputation already restores the statistics, and the plain average (RegMean
+    has only the classifier to merge there: two split-data ResNets one-shot 98.24 either way, 97.73 vs
+    98.49 after the finetune). The paper's per-sublayer / cross-head maps, bf16 statistics and fusion into
     another width need activations.
 
     Example:
         >>> resolve_auto(FuseConfig(), vit, torch.randn(1, 3, 32, 32))[0].ground
         'wts'
     """
-    if cfg.ground != "auto" and cfg.repair is not None:
+    if cfg.ground != "auto" and cfg.repair is not None and cfg.merge != "auto":
         return cfg, ""
     attends = any(b.kind in ("attention", "bridge") for b in find_blocks(model, example))
     family = "attention" if attends else "conv / MLP"
@@ -303,7 +318,9 @@ def resolve_auto(cfg: FuseConfig, model: nn.Module, example: torch.Tensor, equal
         acts_only = cfg.residual != "shared" or cfg.attention != "heads" or cfg.stats_precision != "fp32"
         ground = "wts" if attends and equal_widths and not acts_only else "acts"
     repair = cfg.repair if cfg.repair is not None else attends
-    return replace(cfg, ground=ground, repair=repair), f"{family} family: ground {ground}, REPAIR {'on' if repair else 'off'}"
+    merge = cfg.merge if cfg.merge != "auto" else "regmean" if attends else "mean"
+    return (replace(cfg, ground=ground, repair=repair, merge=merge),
+            f"{family} family: ground {ground}, REPAIR {'on' if repair else 'off'}, merge {merge}")
 
 
 def fuse_models(models: list[nn.Module], images: torch.Tensor, cfg: FuseConfig,
@@ -331,6 +348,11 @@ def fuse_models(models: list[nn.Module], images: torch.Tensor, cfg: FuseConfig,
     report = FuseReport()
     aligned = [basis.state_dict() if m is basis else align_to(m, basis, batches, cfg, report) for m in models]
     state = average(aligned, basis.state_dict())
+    if cfg.merge == "regmean":
+        t = time.perf_counter()
+        state, report.regmean = regmean_state([_with_state(basis, s) for s in aligned], state, torch.cat(batches)[: cfg.regmean_images],
+                                              cfg.regmean_alpha)
+        report.seconds_regmean = time.perf_counter() - t
     if cfg.repair:
         t = time.perf_counter()
         fused, calib = _with_state(basis, state), torch.cat(batches)

@@ -79,7 +79,7 @@ def run(inputs, data, cfg: FuseRun, *, state: str | Path | None = None,
     parents = [record(f"parent {i}", m) for i, m in enumerate(models)]
     values = {"models": names, "arch": first.arch, "metric": metric, "solver": cfg.solver, "softness": cfg.softness,
               "tokens": cfg.tokens, "ground": cfg.ground, "residual": cfg.residual, "attention": cfg.attention,
-              "stats_precision": cfg.stats_precision, "repair": cfg.repair, "auto": family, "width": cfg.width,
+              "stats_precision": cfg.stats_precision, "repair": cfg.repair, "merge": cfg.merge, "auto": family, "width": cfg.width,
               "parents": parents,
               "ensemble": record("output ensemble", Ensemble(models)), "vanilla": None, "narrowed": None,
               "subset": cfg.subset, "finetune_images": len(d.train)}
@@ -105,12 +105,13 @@ def run(inputs, data, cfg: FuseRun, *, state: str | Path | None = None,
     bn = recompute_batchnorm(fused, images)
     timings["fuse"] = time.perf_counter() - t
     bf16 = ", bf16 statistics" if cfg.stats_precision == "bf16" else ""  # only activation costs take it
-    one_shot = f"OT one-shot ({cfg.ground}{bf16}, {cfg.solver}{', REPAIR' if cfg.repair else ''})"
+    one_shot = (f"OT one-shot ({cfg.ground}{bf16}, {cfg.solver}{', RegMean' if cfg.merge == 'regmean' else ''}"
+                f"{', REPAIR' if cfg.repair else ''})")
     values["ot"] = record(one_shot, fused)
     values.update(ot_finetuned=None, vanilla_finetuned=None, narrowed_finetuned=None, batchnorm_recomputed=bn,
                   spaces=report.spaces, unmatched_spaces=report.unmatched, unaligned_spaces=report.unaligned,
                   fallbacks=report.fallbacks,
-                  repaired_layers=report.repaired, partners=report.partners)
+                  repaired_layers=report.repaired, regmean_layers=report.regmean, partners=report.partners)
     seconds = {one_shot: timings["fuse"]}
     if ft is not None:
         def finetuned(model: nn.Module, what: str, tag: str, loss_fn=None) -> float:
@@ -133,7 +134,7 @@ def run(inputs, data, cfg: FuseRun, *, state: str | Path | None = None,
             values["ensemble_distilled"] = finetuned(fresh, "ensemble distilled into a fresh model", "distilled",
                                                      distillation_objective(LogEnsemble(models), 0.5, 1.0))
     timings.update(trace=report.seconds_trace, statistics=report.seconds_stats, ot_solve=report.seconds_solve,
-                   apply=report.seconds_apply, repair=report.seconds_repair)
+                   apply=report.seconds_apply, regmean=report.seconds_regmean, repair=report.seconds_repair)
     values["seconds_by_stage"] = {k: round(v, 3) for k, v in timings.items()}
     values["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     notes = [f"fallback: {f}" for f in report.fallbacks]

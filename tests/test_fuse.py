@@ -417,18 +417,51 @@ def test_report_says_when_the_finetuned_fusion_is_below_what_the_user_has_withou
     assert fused_verdict({**values, "ot_finetuned": None}) == []  # one-shot: the far-below note covers it
 
 
-@pytest.mark.parametrize("arch,ground,repair", [("vit", "wts", True), ("swin", "wts", True), ("resnet", "acts", False),
-                                               ("convnext", "acts", False)])
-def test_auto_settings_follow_the_family(arch, ground, repair):
+@pytest.mark.parametrize("arch,ground,repair,merge", [("vit", "wts", True, "regmean"), ("swin", "wts", True, "regmean"),
+                                                     ("resnet", "acts", False, "mean"),
+                                                     ("convnext", "acts", False, "mean")])
+def test_auto_settings_follow_the_family(arch, ground, repair, merge):
     from fuse.fusion import resolve_auto
 
     model, size = small_model(arch)
     cfg, why = resolve_auto(FuseConfig(), model, torch.randn(1, 3, size, size))
-    assert (cfg.ground, cfg.repair) == (ground, repair) and why
+    assert (cfg.ground, cfg.repair, cfg.merge) == (ground, repair, merge) and why
     narrower, _ = resolve_auto(FuseConfig(), model, torch.randn(1, 3, size, size), equal_widths=False)
     assert narrower.ground == "acts"  # weight matching needs one width
     explicit, _ = resolve_auto(FuseConfig(ground="acts", repair=False), model, torch.randn(1, 3, size, size))
     assert (explicit.ground, explicit.repair) == ("acts", False)
+
+
+def test_regmean_fits_each_model_on_its_own_inputs():
+    """With alpha 1, RegMean's weight is the least-squares fit of every model's outputs on that model's own
+    inputs; models that see the same inputs average; inputs no model drives keep the average of their columns."""
+    from fuse.regmean import regmean_weight
+
+    torch.manual_seed(0)
+    xa, xb = torch.randn(200, 6, dtype=torch.float64), 3 * torch.randn(150, 6, dtype=torch.float64)
+    wa, wb = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64)
+    merged = regmean_weight([wa, wb], [xa.T @ xa, xb.T @ xb], alpha=1.0)
+    fit = torch.linalg.lstsq(torch.cat([xa, xb]), torch.cat([xa @ wa.T, xb @ wb.T])).solution.T
+    assert torch.allclose(merged, fit, atol=1e-10)
+    assert not torch.allclose(merged, (wa + wb) / 2, atol=1e-2)
+    g = xa.T @ xa
+    assert torch.allclose(regmean_weight([wa, wb], [g, g], alpha=0.9), (wa + wb) / 2, atol=1e-10)
+    xa[:, 2], xb[:, 2] = 0, 0
+    dead = regmean_weight([wa, wb], [xa.T @ xa, xb.T @ xb], alpha=0.9)
+    assert torch.allclose(dead[:, 2], (wa[:, 2] + wb[:, 2]) / 2) and dead.isfinite().all()
+
+
+def test_regmean_merges_every_linear_layer_and_keeps_a_self_fusion_exact():
+    from fuse.regmean import linear_grams
+
+    model, size = small_model("vit")
+    perturb_(model)
+    twin = permuted_copy("vit", model, size)
+    x = torch.randn(64, 3, size, size)
+    state, report = fuse_models([twin, model], x, FuseConfig(ground="wts", merge="regmean", calib=64, repair=False))
+    assert report.regmean == len(linear_grams(model, x[:2])) == sum(isinstance(m, torch.nn.Linear)
+                                                                     for m in model.modules())
+    assert_same_function("vit", state, model, size)
 
 
 def test_recomputed_batchnorm_keeps_its_running_average_for_a_finetune():
