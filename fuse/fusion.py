@@ -298,8 +298,8 @@ def resolve_auto(cfg: FuseConfig, model: nn.Module, example: torch.Tensor, equal
     models that attend (ViT, Swin, hybrids) take weight matching (digits ViTs: best one-shot, 31.65 vs 22.75,
     and after the finetune, 98.24 vs 97.48), REPAIR (one-shot 31.65 -> 58.52; parents trained on
     different classes + a short finetune 82.6 -> 85.9; -0.26 after a long finetune of same-data parents)
-    and RegMean (with REPAIR, one-shot 58.10 -> 75.48, equal after the finetune; parents trained on
-    different classes: see docs/BENCHMARKS.md); conv nets take activation correlations (ResNets one-shot
+    and RegMean (with REPAIR, one-shot 58.10 -> 76.41, 97.98 -> 97.65 after the finetune, one test image
+    per pair; parents trained on different classes + a short finetune 84.63 -> 88.16, docs/BENCHMARKS.md); conv nets take activation correlations (ResNets one-shot
     98.82), where BatchNorm recomputation already restores the statistics, and the plain average (RegMean
     has only the classifier to merge there: two split-data ResNets one-shot 98.24 either way, 97.73 vs
     98.49 after the finetune). The paper's per-sublayer / cross-head maps, bf16 statistics and fusion into
@@ -350,8 +350,8 @@ def fuse_models(models: list[nn.Module], images: torch.Tensor, cfg: FuseConfig,
     state = average(aligned, basis.state_dict())
     if cfg.merge == "regmean":
         t = time.perf_counter()
-        state, report.regmean = regmean_state([_with_state(basis, s) for s in aligned], state, torch.cat(batches)[: cfg.regmean_images],
-                                              cfg.regmean_alpha)
+        parents, grams_on = [_with_state(basis, s) for s in aligned], torch.cat(batches)[: cfg.regmean_images]
+        state, report.regmean = regmean_state(parents, state, grams_on, cfg.regmean_alpha)
         report.seconds_regmean = time.perf_counter() - t
     if cfg.repair:
         t = time.perf_counter()

@@ -79,8 +79,8 @@ def run(inputs, data, cfg: FuseRun, *, state: str | Path | None = None,
     parents = [record(f"parent {i}", m) for i, m in enumerate(models)]
     values = {"models": names, "arch": first.arch, "metric": metric, "solver": cfg.solver, "softness": cfg.softness,
               "tokens": cfg.tokens, "ground": cfg.ground, "residual": cfg.residual, "attention": cfg.attention,
-              "stats_precision": cfg.stats_precision, "repair": cfg.repair, "merge": cfg.merge, "auto": family, "width": cfg.width,
-              "parents": parents,
+              "stats_precision": cfg.stats_precision, "repair": cfg.repair, "merge": cfg.merge, "auto": family,
+              "width": cfg.width, "parents": parents,
               "ensemble": record("output ensemble", Ensemble(models)), "vanilla": None, "narrowed": None,
               "subset": cfg.subset, "finetune_images": len(d.train)}
     # the baseline that keeps the fused model's size: vanilla averaging, or with --width the anchor narrowed
