@@ -302,6 +302,22 @@ def write_json_file(path: Path, value: dict) -> None:
     write_json(path, value)
 
 
+def deployed_float_model(saved: dict, inputs: list) -> str | None:
+    """The float model a step's deployed int8 program is timed beside: the chosen backend's own float
+    program where it wrote one (ONNX Runtime's `.fp32.onnx`), else the step's input checkpoint (PT2E's is
+    compiled alike); None when nothing was deployed.
+
+    Example:
+        >>> deployed_float_model({"deploy": "q/model.int8.onnx", "deploy_backend": "onnxruntime",
+        ...     "deployments": {"onnxruntime": {"fp32_path": "q/model.int8.fp32.onnx"}}}, ["pruned.pt"])
+        'q/model.int8.fp32.onnx'
+    """
+    if not saved.get("deploy"):
+        return None
+    chosen = (saved.get("deployments") or {}).get(saved.get("deploy_backend") or "", {})
+    return chosen.get("fp32_path") or str(inputs[0])
+
+
 def _summarise(plan: Plan, records: list) -> Any:
     """Every stage measured side by side in this process: the output of each step that writes a model, and
     the int8 program of each quantize step that deployed one."""
@@ -321,7 +337,6 @@ def _summarise(plan: Plan, records: list) -> Any:
         notes += [f"{ps.name}: {n}" for n in saved.get("notes", [])]
         if ps.step.writes:  # a deployed program is timed beside its float model on the same runtime
             program = saved.get("deploy")
-            float_model = (saved.get("fp32_path") or inputs[0]) if program else None
-            stages.append((ps.name, ps.output, ps.data, secs, program, float_model))
+            stages.append((ps.name, ps.output, ps.data, secs, program, deployed_float_model(saved, inputs)))
     rows = measure_stages(stages)
     return Summary(plan.title, rows, steps, notes, torch.get_num_threads())

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .checkpoint import load
 from .data import load_data
+from .errors import CompressError
 from .measure import compare_latency, file_size, macs, param_count, score
 from .programs import compile_frozen, fast, load_program
 from .result import Row
@@ -52,7 +53,11 @@ def measure_stages(stages: list[tuple]) -> list[Row]:
             rows.append(Row(f"{name} int8 program", metric, score(program, d.test, d.num_classes, ckpt.task),
                             size_bytes=file_size(program_path), runtime=where, note=f"from {Path(program_path).name}"))
             timed.append((len(rows) - 1, fast(program), size, chans))
-            fp32 = load_program(float_path) if Path(float_path).suffix == ".onnx" else load(float_path).build()
+            if onnx != (Path(float_path).suffix == ".onnx"):  # else an eager model would be timed as the program's twin
+                raise CompressError(f"the float model beside {program_path} runs on another runtime",
+                                    expected="an .onnx float model for an ONNX program, a checkpoint for a .pt2 one",
+                                    found=str(float_path))
+            fp32 = load_program(float_path) if onnx else load(float_path).build()
             rows.append(Row(f"{name} fp32 program", metric, score(fp32, d.test, d.num_classes, ckpt.task),
                             size_bytes=file_size(float_path) if onnx else None, runtime=where,
                             note="its float model, same runtime"))

@@ -185,3 +185,16 @@ def test_a_second_checkpoint_names_an_earlier_step(tmp_path):
     steps[2]["mim-teacher"] = "nowhere"
     with pytest.raises(ValueError, match="step 'hyb': key 'mim-teacher' names 'nowhere'"):
         load_recipe(recipe(tmp_path, steps, "bad.yaml"))
+
+
+def test_a_deployed_onnx_program_is_timed_beside_its_own_float_onnx_model(tmp_path):
+    """The end-of-run table times an ONNX int8 program beside the float ONNX model its step wrote, on the same
+    runtime; before, the step's input checkpoint was timed eager under the label "fp32 program, onnxruntime"."""
+    path = recipe(tmp_path, [{"name": "base", "kind": "train", **TINY, "epochs": 1},
+                             {"name": "q", "kind": "quantize", "method": "minmax", "calib": 16,
+                              "deploy": "model.int8.onnx"}])
+    summary = run_recipe(path, tmp_path / "run")
+    rows = {r.name: r for r in summary.rows}
+    program, fp32 = rows["q int8 program"], rows["q fp32 program"]
+    assert program.runtime == fp32.runtime == "onnxruntime" and fp32.latency_ms > 0
+    assert fp32.size_bytes == (tmp_path / "run" / "q" / "model.int8.fp32.onnx").stat().st_size
