@@ -23,8 +23,8 @@ for seed in (0, 1):
     models.append(create_model("vit", **kw).eval())
 images = torch.randn(256, 3, 32, 32)
 t = time.perf_counter()
-state, report = fuse_models(models, images, FuseConfig(ground="acts", solver="emd", calib=256, batch_size=32, tokens="all", merge="mean",
-                                                          repair="--repair" in sys.argv))
+state, report = fuse_models(models, images, FuseConfig(ground="acts", solver="emd", calib=256, batch_size=32,
+                                                          tokens="all", merge="mean", repair="--repair" in sys.argv))
 total = time.perf_counter() - t
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 print("| total s | trace s | statistics s | OT solve s | apply s | repair s | spaces | peak RSS GiB |\n"

@@ -55,19 +55,18 @@ def parents(arch: str, split: str, s: int) -> list[str]:
 
 def fuse(arch: str, split: str, s: int, epochs: int, lr: float, shared: float = 0.1) -> dict:
     tag = f"{arch}-{slug(split)}-s{s}-fused-e{epochs}" + ("" if shared == 0.1 else f"-shared{shared:g}")
-    js = R / f"{tag}.json"
-    if not js.exists():
-        run(["fuse", "--models", *parents(arch, split, s), "--subset", f"fraction={shared:g},seed={s}",
-             "--finetune-epochs", str(epochs), "--finetune-batch-size", "16", "--finetune-lr", str(lr),
-             "--baselines", "--out", str(R / f"{tag}.pt"), "--json", str(js)])
-    r = json.loads(js.read_text())
-    if r.get("merge", "mean") != "mean":  # the same fusion with the plain average, side by side (no baselines: they are shared)
-        mean_js = R / f"{tag}-mean.json"
-        if not mean_js.exists():
+
+    def fused(name: str, *flags: str) -> dict:  # one `compress fuse` on the parents, cached by its JSON
+        js = R / f"{name}.json"
+        if not js.exists():
             run(["fuse", "--models", *parents(arch, split, s), "--subset", f"fraction={shared:g},seed={s}",
                  "--finetune-epochs", str(epochs), "--finetune-batch-size", "16", "--finetune-lr", str(lr),
-                 "--merge", "mean", "--out", str(R / f"{tag}-mean.pt"), "--json", str(mean_js)])
-        m = json.loads(mean_js.read_text())
+                 *flags, "--out", str(R / f"{name}.pt"), "--json", str(js)])
+        return json.loads(js.read_text())
+
+    r = fused(tag, "--baselines")
+    if r.get("merge", "mean") != "mean":  # the same fusion with the plain average, side by side (no baselines: they are shared)
+        m = fused(f"{tag}-mean", "--merge", "mean")
         r["ot_mean"], r["ot_mean_ft"] = m["ot"], m["ot_finetuned"]
     rows = {row["name"]: row for row in r["rows"]}
     lat = {k: v["latency_ms"] for k, v in rows.items()}

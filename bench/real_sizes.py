@@ -4,7 +4,7 @@
 - fuse-acts: two ViT-B/16 fused on activation correlations, 256 calibration images (target < 3 min, < 6 GiB);
 - fuse-acts-all: the same with every token in the statistics (`--tokens all`; the default until 2026-12-07);
 - fuse-acts-bf16: fuse-acts with `--stats-precision bf16` (cross products from bfloat16 operands);
-- fuse-auto: the same with the family default (weight matching, RegMean on 64 images, REPAIR);
+- fuse-auto: the same with the family default (weight matching, RegMean on 32 images, REPAIR);
 - fuse-auto-mean: the family default before RegMean (weight matching + REPAIR; the default until 2026-12-07);
 - qhyvit: Q-HyViT W8A8 calibration of DeiT-S, 32 calibration images (target < 5 min);
 - qhyvit-float: the same with the search's integer products off (every linear candidate scored in float32,
@@ -28,7 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-TASKS = ("fuse-acts", "fuse-acts-all", "fuse-acts-bf16", "fuse-auto", "fuse-auto-mean", "qhyvit", "qhyvit-float", "prune")
+TASKS = ("fuse-acts", "fuse-acts-all", "fuse-acts-bf16", "fuse-auto", "fuse-auto-mean", "qhyvit", "qhyvit-float",
+         "prune")
 
 
 def peak_gib() -> float:

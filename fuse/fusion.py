@@ -299,10 +299,10 @@ def resolve_auto(cfg: FuseConfig, model: nn.Module, example: torch.Tensor, equal
     and after the finetune, 98.24 vs 97.48), REPAIR (one-shot 31.65 -> 58.52; parents trained on
     different classes + a short finetune 82.6 -> 85.9; -0.26 after a long finetune of same-data parents)
     and RegMean (with REPAIR, one-shot 58.10 -> 76.41, 97.98 -> 97.65 after the finetune, one test image
-    per pair; parents trained on different classes + a short finetune 84.63 -> 88.16, docs/BENCHMARKS.md); conv nets take activation correlations (ResNets one-shot
-    98.82), where BatchNorm recomputation already restores the statistics, and the plain average (RegMean
-    has only the classifier to merge there: two split-data ResNets one-shot 98.24 either way, 97.73 vs
-    98.49 after the finetune). The paper's per-sublayer / cross-head maps, bf16 statistics and fusion into
+    per pair; parents trained on different classes + a short finetune 84.63 -> 88.16, docs/BENCHMARKS.md);
+    conv nets take activation correlations (ResNets one-shot 98.82), where BatchNorm recomputation already
+    restores the statistics, and the plain average (RegMean has only the classifier to merge there: two
+    split-data ResNets one-shot 98.24 either way, 97.73 vs 98.49 after the finetune). The paper's per-sublayer / cross-head maps, bf16 statistics and fusion into
     another width need activations.
 
     Example:
@@ -348,16 +348,19 @@ def fuse_models(models: list[nn.Module], images: torch.Tensor, cfg: FuseConfig,
     report = FuseReport()
     aligned = [basis.state_dict() if m is basis else align_to(m, basis, batches, cfg, report) for m in models]
     state = average(aligned, basis.state_dict())
+    if cfg.merge == "mean" and not cfg.repair:
+        return state, report
+    # both measure the aligned parents as modules (neither changes them) on the calibration images
+    parents, calib = [_with_state(basis, s) for s in aligned], torch.cat(batches)
     if cfg.merge == "regmean":
         t = time.perf_counter()
-        parents, grams_on = [_with_state(basis, s) for s in aligned], torch.cat(batches)[: cfg.regmean_images]
-        state, report.regmean = regmean_state(parents, state, grams_on, cfg.regmean_alpha)
+        state, report.regmean = regmean_state(parents, state, calib[: cfg.regmean_images], cfg.regmean_alpha)
         report.seconds_regmean = time.perf_counter() - t
     if cfg.repair:
         t = time.perf_counter()
-        fused, calib = _with_state(basis, state), torch.cat(batches)
+        fused = _with_state(basis, state)
         recompute_batchnorm(fused, calib)  # hybrids: the Linear layers see settled BatchNorms
-        report.repaired = repair(fused, [_with_state(basis, s) for s in aligned], calib)
+        report.repaired = repair(fused, parents, calib)
         state = fused.state_dict()
         report.seconds_repair = time.perf_counter() - t
     return state, report

@@ -12,7 +12,7 @@ Grams' off-diagonal entries are scaled by `alpha` (0.9) and biases are averaged.
 aligned into one basis by optimal transport (fuse/fusion.py), and the Grams come from the calibration images.
 
 Example:
-    >>> state, merged = regmean_state([a_aligned, b_aligned], basis, images)
+    >>> state, merged = regmean_state([a_aligned, b_aligned], average(states, like), images)
 """
 
 from __future__ import annotations
