@@ -28,10 +28,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from compress import load  # noqa: E402
 from compress.data import load_data  # noqa: E402
+from compress.ensemble import Ensemble, LogEnsemble  # noqa: E402
 from compress.losses import distillation_objective  # noqa: E402
 from compress.measure import top1  # noqa: E402
 from compress.train import TrainConfig, train  # noqa: E402
-from fuse import Ensemble, FuseConfig, fuse_models  # noqa: E402
+from fuse import FuseConfig, fuse_models  # noqa: E402
 
 R = Path("bench/results")
 # the paper's maps; every token in the statistics, as when docs/BENCHMARKS.md recorded the rows (the paper: a window)
@@ -43,17 +44,6 @@ def parse(row: str) -> tuple[str, dict]:
     if kind not in ("ot", "parent"):
         raise SystemExit(f"row {row!r}: expected ot[:k=v...] or parent[:k=v...]")
     return kind, dict(o.split("=", 1) for o in opts)
-
-
-class LogEnsemble(torch.nn.Module):
-    """The parents' output ensemble as logits: the log of their mean probabilities, a KD teacher."""
-
-    def __init__(self, models):
-        super().__init__()
-        self.ensemble = Ensemble([copy.deepcopy(m) for m in models])  # copies: the KD objective freezes them
-
-    def forward(self, x):
-        return self.ensemble(x).clamp_min(1e-8).log()
 
 
 def run_row(kind: str, kw: dict, ckpts, models, data, images) -> tuple[float, float, float]:

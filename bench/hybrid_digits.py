@@ -8,7 +8,8 @@ mean attention distance per head at the relation layers; the masking's training-
 
 collab (digits and digit-scenes): a slim ResNet-18 (0.7 M) and the small ViT trained together from
 scratch. Rows: each alone, plain mutual learning (dml), collab; the share of regions / positions
-transferred in each direction.
+transferred in each direction; the two alone models' output ensemble and the share of labelled test positions
+each alone gets right where the other is wrong (what the peer could teach at all).
 
 Run: .venv/bin/python bench/hybrid_digits.py [--only hybrid|hybrid-layer|collab] [--collab-data digits digit-scenes]
      [--scenes-peer vit|swin|pvt]   (writes bench/results/hybrid_digits.json)
@@ -103,8 +104,9 @@ def collab(seeds: list[int], data: str, epochs: int, peer_arch: str = "vit") -> 
                                                    *peer, "--epochs", str(epochs), "--data", data, "--seed", str(s)])
             for s in seeds]
     m = runs[0]["metric"]
-    keys = [f"solo_{m}", f"dml_{m}", m, f"peer_solo_{m}", f"peer_dml_{m}", f"peer_{m}", "train_seconds",
-            "solo_seconds", "peer_solo_seconds", "dml_seconds"]
+    keys = [f"solo_{m}", f"dml_{m}", m, f"peer_solo_{m}", f"peer_dml_{m}", f"peer_{m}", f"solo_ensemble_{m}",
+            "only_student_right", "only_peer_right", "train_seconds", "solo_seconds", "peer_solo_seconds",
+            "dml_seconds"]
     out = {k: mean(runs, k) for k in keys}
     out.update(metric=m, epochs=epochs, seeds=seeds, transfers=[r["transfers"] for r in runs], runs=runs)
     return out
@@ -153,4 +155,7 @@ if __name__ == "__main__":
         if key in res:
             c, m = res[key], res[key]["metric"]
             print(f"{key}: student alone {c[f'solo_{m}']:.2f} dml {c[f'dml_{m}']:.2f} collab {c[m]:.2f} | "
-                  f"peer alone {c[f'peer_solo_{m}']:.2f} dml {c[f'peer_dml_{m}']:.2f} collab {c[f'peer_{m}']:.2f}")
+                  f"peer alone {c[f'peer_solo_{m}']:.2f} dml {c[f'peer_dml_{m}']:.2f} collab {c[f'peer_{m}']:.2f}" +
+                  (f" | both alone, ensembled {c[f'solo_ensemble_{m}']:.2f}; right where the other is wrong: the "
+                   f"student {c['only_student_right']:.2f}%, the peer {c['only_peer_right']:.2f}%"
+                   if f"solo_ensemble_{m}" in c else ""))

@@ -65,6 +65,22 @@ def score(model: nn.Module, data: Dataset, num_classes: int, task: str = "classi
     return miou(model, data, num_classes) if task == "segmentation" else top1(model, data)
 
 
+@torch.no_grad()
+def complementarity(a: nn.Module, b: nn.Module, data: Dataset, ignore_index: int = 255) -> tuple[float, float]:
+    """What each of two models knows that the other does not: of the labelled test positions (images, or
+    pixels for segmentation), the percent only `a` gets right and the percent only `b` gets right.
+
+    Example:
+        >>> only_cnn, only_vit = complementarity(cnn, vit, data.test)
+    """
+    counts = torch.zeros(3, device=device_of(a))  # only a, only b, labelled
+    for (za, y), (zb, _) in zip(predict(a, data), predict(b, data)):
+        ra, rb, seen = za.argmax(1) == y, zb.to(za.device).argmax(1) == y, y != ignore_index
+        counts += torch.stack([(ra & ~rb & seen).sum(), (rb & ~ra & seen).sum(), seen.sum()]).float()
+    only_a, only_b, seen = counts.tolist()
+    return 100.0 * only_a / max(seen, 1), 100.0 * only_b / max(seen, 1)
+
+
 def param_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

@@ -34,8 +34,9 @@ from torch import nn
 from compress.checkpoint import Checkpoint, InputSpec, save
 from compress.data import as_data, spec_of, task_of
 from compress.device import device_of, hardware
+from compress.ensemble import Ensemble
 from compress.errors import CompressError
-from compress.measure import param_count, score
+from compress.measure import complementarity, param_count, score
 from compress.registry import default_img_size
 from compress.result import Result, measure_rows
 from compress.train import rank, train
@@ -299,19 +300,26 @@ def run_collab(inputs, data, cfg: DistillRun, *, state=None, resume: bool = Fals
     models = [(f"student {cfg.student}: {cfg.method}", a), (f"peer {cfg.peer}: {cfg.method}", b)]
     scores = {models[0][0]: values[metric], models[1][0]: values[f"peer_{metric}"]}
     times = {models[0][0]: seconds, models[1][0]: seconds}
+    alone = []
     if cfg.baselines:
         for i, who in enumerate(("", "peer_")):
             model, sec = solo(i)
-            values[f"{who}solo_{metric}"], values[f"{who}solo_seconds"] = test(model), round(sec, 2)
+            # the peer alone sees the test images as the peer trained with it does: through its input map
+            alone.append(model if i == 0 else nn.Sequential(TeacherInput(specs[0], specs[1]), model).eval())
+            values[f"{who}solo_{metric}"], values[f"{who}solo_seconds"] = test(alone[i]), round(sec, 2)
             name = f"{('student', 'peer')[i]} {bases[i].arch}: alone"
             models.append((name, model))
             scores[name], times[name] = values[f"{who}solo_{metric}"], sec
+        # how much each peer knows that the other lacks, trained alone: the most collaboration can pass on
+        values[f"solo_ensemble_{metric}"] = score(Ensemble(alone).eval(), d.test, d.num_classes, task)
+        values["only_student_right"], values["only_peer_right"] = complementarity(*alone, d.test, IGNORE)
         if cfg.method != "dml":
             dml, sec = fit("dml")
             values[f"dml_{metric}"], values[f"peer_dml_{metric}"] = test(dml.a), test(dml.b, dml.b_input)
             values["dml_seconds"] = round(sec, 2)
     notes = []
     notes += defaults_off(asked, task)
+    notes += little_to_teach(values, metric)
     for who, key in (("student", ""), ("peer", "peer_")):
         alone = values.get(f"{key}solo_{metric}")
         if alone is not None and values[f"{key}{metric}"] < alone:
@@ -335,6 +343,29 @@ def run_collab(inputs, data, cfg: DistillRun, *, state=None, resume: bool = Fals
         notes.append(f"peer saved: {peer_path}")
     transfers = {"share of regions / positions taught, per epoch (b = peer, a = student)": main.history}
     return ckpt, Result("distill", metric, values[metric], values, rows, notes, time.perf_counter() - t0, transfers)
+
+
+def little_to_teach(values: dict, metric: str) -> list[str]:
+    """Notes for each peer whose partner, trained alone, knows little it lacks: the two alone models' output
+    ensemble is no better than that peer alone. Collaboration cannot be expected to lift it.
+
+    Example:
+        >>> little_to_teach({"solo_miou": 26.5, "peer_solo_miou": 14.5, "solo_ensemble_miou": 24.8,
+        ...                  "only_student_right": 5.1, "only_peer_right": 0.4}, "miou")[0][:60]
+        'trained alone, the two peers ensemble to 24.80 miou, no bett'
+    """
+    ensemble = values.get(f"solo_ensemble_{metric}")
+    if ensemble is None:
+        return []
+    notes = []
+    for who, other, key in (("student", "peer", ""), ("peer", "student", "peer_")):
+        alone = values[f"{key}solo_{metric}"]
+        if ensemble <= alone:
+            notes.append(f"trained alone, the two peers ensemble to {ensemble:.2f} {metric}, no better than the {who} alone "
+                         f"({alone:.2f}): the {other} knows little the {who} lacks (alone it is right on "
+                         f"{values[f'only_{other}_right']:.1f}% of the labelled test positions where the {who} is "
+                         f"wrong; the {who} on {values[f'only_{who}_right']:.1f}% where the {other} is)")
+    return notes
 
 
 def defaults_off(asked: DistillRun, task: str) -> list[str]:

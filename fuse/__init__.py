@@ -2,7 +2,7 @@
 
     config.py     FuseConfig (how to fuse), FuseRun (the whole command), SOLVERS
     pipeline.py   run(models, data, FuseRun) -> (Checkpoint, Result): fusion, baselines, finetune, report
-    fusion.py     align_to, fuse_models, vanilla_average, recompute_batchnorm, Ensemble
+    fusion.py     align_to, fuse_models, vanilla_average, recompute_batchnorm
     transport.py  pure OT: correlation cost, EMD / Sinkhorn / Hungarian, weight maps
     stats.py      two models in lockstep through their aten graphs; correlations per space
     streams.py    the paper's per-sublayer residual maps
@@ -19,5 +19,5 @@ from compress.lazy import exports
 __getattr__, __all__ = exports(__name__, {
     "run": "pipeline", "FuseRun": "config", "FuseConfig": "config", "SOLVERS": "config", "check_width": "config",
     "FuseReport": "fusion", "align_to": "fusion", "fuse_models": "fusion", "vanilla_average": "fusion",
-    "recompute_batchnorm": "fusion", "Ensemble": "fusion", "solve": "transport", "correlation_cost": "transport",
+    "recompute_batchnorm": "fusion", "solve": "transport", "correlation_cost": "transport",
 })

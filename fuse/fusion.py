@@ -404,26 +404,3 @@ def recompute_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: int 
         bn.momentum = momentum
     model.eval()
     return len(bns)
-
-
-class Ensemble(nn.Module):
-    """Output ensemble: the mean of the members' class probabilities (dim 1: logits or per-pixel maps).
-    Evaluate it with the same metric as any model."""
-
-    def __init__(self, models: list[nn.Module]):
-        super().__init__()
-        self.members = nn.ModuleList(models)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.stack([m(x).softmax(1) for m in self.members]).mean(0)
-
-
-class LogEnsemble(Ensemble):
-    """The output ensemble as logits (the log of the mean probabilities): a distillation teacher. It holds
-    copies of the members, so freezing it for distillation leaves the models themselves trainable."""
-
-    def __init__(self, models: list[nn.Module]):
-        super().__init__([copy.deepcopy(m) for m in models])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x).clamp_min(1e-8).log()

@@ -19,6 +19,7 @@ from compress.checkpoint import Checkpoint, as_checkpoints
 from compress.config import parse_subset
 from compress.data import as_data, spec_of
 from compress.device import resolve_device
+from compress.ensemble import Ensemble, LogEnsemble
 from compress.errors import CompressError
 from compress.losses import distillation_objective
 from compress.measure import score, top1_by_class
@@ -27,7 +28,7 @@ from compress.train import train
 from prune.width import narrow
 
 from .config import FuseRun
-from .fusion import Ensemble, LogEnsemble, fuse_models, recompute_batchnorm, resolve_auto, vanilla_average
+from .fusion import fuse_models, recompute_batchnorm, resolve_auto, vanilla_average
 
 __all__ = ["run", "FuseRun"]
 

@@ -418,3 +418,54 @@ def test_region_direction_by_whole_image_loss():
     assert extra == 0.0 and e_a.shape == (3, peers.grid, peers.grid)
     assert torch.allclose(e_a, ce_a.view(-1, 1, 1).expand_as(e_a))
     assert torch.equal(region_teachers(e_a, e_b)[0][:, 0, 0], ce_a < F.cross_entropy(zb, y, reduction="none"))
+
+
+class _Fixed(torch.nn.Module):
+    """A 'model' whose outputs are given: batch i of the data gets outputs[i]."""
+
+    def __init__(self, outputs: torch.Tensor):
+        super().__init__()
+        self.register_buffer("outputs", outputs)
+
+    def forward(self, x):
+        return self.outputs[x[:, 0, 0, 0].long()]
+
+
+def test_complementarity_counts_what_only_each_model_gets_right():
+    from compress.measure import complementarity
+
+    idx = torch.arange(4).float().view(4, 1, 1, 1).expand(4, 1, 2, 2)
+    y = torch.tensor([0, 1, 1, 0])
+    a = _Fixed(F.one_hot(torch.tensor([0, 1, 0, 1]), 2).float())  # right on images 0, 1
+    b = _Fixed(F.one_hot(torch.tensor([1, 1, 1, 1]), 2).float())  # right on images 1, 2
+    data = torch.utils.data.TensorDataset(idx, y)
+    assert complementarity(a, b, data) == (25.0, 25.0)
+    # per pixel, ignored pixels not counted: 2 x 2 maps, one pixel 255
+    ys = torch.tensor([[[0, 1], [1, 255]]]).expand(4, 2, 2).contiguous()
+    pa = F.one_hot(torch.tensor([[0, 1], [0, 0]]), 2).permute(2, 0, 1).float()  # right on pixels (0,0), (0,1)
+    pb = F.one_hot(torch.tensor([[1, 1], [1, 1]]), 2).permute(2, 0, 1).float()  # right on (0,1), (1,0)
+    seg = torch.utils.data.TensorDataset(idx, ys)
+    only_a, only_b = complementarity(_Fixed(pa.expand(4, -1, -1, -1)), _Fixed(pb.expand(4, -1, -1, -1)), seg)
+    assert (round(only_a, 4), round(only_b, 4)) == (33.3333, 33.3333)
+
+
+def test_collab_measures_what_each_peer_alone_knows_that_the_other_lacks():
+    """The baselines' ensemble and complementarity, with a peer at another input size than the student (its
+    alone run was once scored on the student's 32 px images)."""
+    from distill.collab import little_to_teach, run_collab
+
+    cfg = DistillRun(student="resnet", student_args=dict(SLIM_RESNET), peer="vit",
+                     peer_args={"depth": 2, "img_size": 48}, method="collab", epochs=1, subset="fraction=0.15",
+                     seed=0)
+    _, r = run_collab(None, "digits", cfg)
+    v = r.values
+    # of one test set: accuracy(a) - accuracy(b) = only a right - only b right, exactly
+    assert math.isclose(v["solo_top1"] - v["peer_solo_top1"], v["only_student_right"] - v["only_peer_right"],
+                        abs_tol=1e-6)
+    assert 0 <= v["solo_ensemble_top1"] <= 100 and v["only_student_right"] + v["only_peer_right"] <= 100
+    assert little_to_teach(v, "top1") == [n for n in r.notes if n.startswith("trained alone")]
+    weak = {"solo_miou": 26.5, "peer_solo_miou": 14.5, "solo_ensemble_miou": 24.8, "only_student_right": 5.1,
+            "only_peer_right": 0.4}
+    note, = little_to_teach(weak, "miou")  # only the stronger peer is told: the ensemble lifts the weaker one
+    assert "no better than the student alone (26.50)" in note and "right on 0.4%" in note
+    assert little_to_teach({**weak, "solo_ensemble_miou": 27.0}, "miou") == []
