@@ -65,16 +65,17 @@ def fuse(arch: str, split: str, s: int, epochs: int, lr: float, shared: float = 
         return json.loads(js.read_text())
 
     r = fused(tag, "--baselines")
-    if r.get("merge", "mean") != "mean":  # the same fusion with the plain average, side by side (no baselines: they are shared)
-        m = fused(f"{tag}-mean", "--merge", "mean")
-        r["ot_mean"], r["ot_mean_ft"] = m["ot"], m["ot_finetuned"]
+    if r["auto"].startswith("attention"):  # the default's other merge, side by side (no baselines: they are shared)
+        other = "mean" if r["merge"] == "regmean" else "regmean"
+        m = fused(f"{tag}-{other}", "--merge", other)
+        r[f"ot_{other}"], r[f"ot_{other}_ft"] = m["ot"], m["ot_finetuned"]
     rows = {row["name"]: row for row in r["rows"]}
     lat = {k: v["latency_ms"] for k, v in rows.items()}
     return {"parents": r["parents"], "best_parent": max(r["parents"]),
             "best_parent_ft": max(r["parents_finetuned"]), "vanilla": r["vanilla"],
             "vanilla_ft": r["vanilla_finetuned"], "ensemble": r["ensemble"],
             "ensemble_distilled": r["ensemble_distilled"], "ot": r["ot"], "ot_ft": r["ot_finetuned"],
-            "merge": r.get("merge", "mean"), "ot_mean": r.get("ot_mean"), "ot_mean_ft": r.get("ot_mean_ft"),
+            "merge": r.get("merge", "mean"), **{k: r.get(k) for k in OTHER},
             "ensemble_latency_ratio": lat["output ensemble"] / lat[f"OT + {epochs} ep"],
             "groups": {name: {model: round(statistics.mean(acc[c] for c in cs), 2)
                               for model, acc in r["per_class"].items()}
@@ -82,6 +83,7 @@ def fuse(arch: str, split: str, s: int, epochs: int, lr: float, shared: float = 
             "finetune_images": r["finetune_images"], "per_class": r["per_class"]}
 
 
+OTHER = ["ot_mean", "ot_mean_ft", "ot_regmean", "ot_regmean_ft"]  # the other merge's one-shot / finetuned
 KEYS = ["best_parent", "best_parent_ft", "vanilla", "vanilla_ft", "ensemble", "ensemble_distilled", "ot", "ot_ft",
         "ensemble_latency_ratio"]
 
@@ -92,10 +94,11 @@ def main_bench(seeds, archs, splits, epochs, lr, shared=0.1) -> dict:
     for arch in archs:
         for split in splits:
             runs = [fuse(arch, split, s, epochs[arch], lr, shared) for s in seeds]
-            out[f"{arch} {split}" + ("" if shared == 0.1 else f", shared {shared:g}")] = {
+            # the table's finetune: 10 epochs of the 10% shared set; another length on it gets its own key
+            budget = f", {epochs[arch]} finetune epochs" if shared == 0.1 and epochs[arch] != 10 else ""
+            out[f"{arch} {split}" + ("" if shared == 0.1 else f", shared {shared:g}") + budget] = {
                 **{k: round(statistics.mean(r[k] for r in runs), 2) for k in KEYS},
-                **({k: round(statistics.mean(r[k] for r in runs), 2) for k in ("ot_mean", "ot_mean_ft")}
-                   if runs[0]["ot_mean"] is not None else {}),
+                **{k: round(statistics.mean(r[k] for r in runs), 2) for k in OTHER if runs[0][k] is not None},
                 "runs": runs, "seeds": seeds, "finetune_epochs": epochs[arch]}
     return out
 
@@ -105,8 +108,8 @@ if __name__ == "__main__":
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--archs", nargs="+", default=["vit", "resnet"])
     ap.add_argument("--splits", nargs="+", default=["5/5", "quarters"], choices=list(SPLITS))
-    ap.add_argument("--vit-epochs", type=int, default=20, help="finetune epochs on the shared 10%")
-    ap.add_argument("--resnet-epochs", type=int, default=20)
+    ap.add_argument("--vit-epochs", type=int, default=10, help="finetune epochs on the shared set (batch 16)")
+    ap.add_argument("--resnet-epochs", type=int, default=10)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--shared", type=float, default=0.1,
                     help="the shared finetune set: this fraction of each class of the training split")
@@ -121,6 +124,7 @@ if __name__ == "__main__":
         print(f"| {k} | " + " | ".join(f"{v[c]:.2f}" for c in KEYS[:-2]) + f" | **{v['ot_ft']:.2f}** | "
               f"{v['ensemble_latency_ratio']:.2f}x |")
     for k, v in res.items():
-        if "ot_mean" in v:
-            print(f"{k}: the same fusion with the plain average (--merge mean): one-shot {v['ot_mean']:.2f}, "
-                  f"+ FT {v['ot_mean_ft']:.2f}")
+        for other, what in (("mean", "the plain average"), ("regmean", "RegMean")):
+            if f"ot_{other}" in v:
+                print(f"{k}: the same fusion with {what} (--merge {other}): one-shot {v[f'ot_{other}']:.2f}, "
+                      f"+ FT {v[f'ot_{other}_ft']:.2f}")

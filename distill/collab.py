@@ -300,19 +300,19 @@ def run_collab(inputs, data, cfg: DistillRun, *, state=None, resume: bool = Fals
     models = [(f"student {cfg.student}: {cfg.method}", a), (f"peer {cfg.peer}: {cfg.method}", b)]
     scores = {models[0][0]: values[metric], models[1][0]: values[f"peer_{metric}"]}
     times = {models[0][0]: seconds, models[1][0]: seconds}
-    alone = []
+    solos = []
     if cfg.baselines:
         for i, who in enumerate(("", "peer_")):
             model, sec = solo(i)
             # the peer alone sees the test images as the peer trained with it does: through its input map
-            alone.append(model if i == 0 else nn.Sequential(TeacherInput(specs[0], specs[1]), model).eval())
-            values[f"{who}solo_{metric}"], values[f"{who}solo_seconds"] = test(alone[i]), round(sec, 2)
+            solos.append(model if i == 0 else nn.Sequential(TeacherInput(specs[0], specs[1]), model).eval())
+            values[f"{who}solo_{metric}"], values[f"{who}solo_seconds"] = test(solos[i]), round(sec, 2)
             name = f"{('student', 'peer')[i]} {bases[i].arch}: alone"
             models.append((name, model))
             scores[name], times[name] = values[f"{who}solo_{metric}"], sec
-        # how much each peer knows that the other lacks, trained alone: the most collaboration can pass on
-        values[f"solo_ensemble_{metric}"] = score(Ensemble(alone).eval(), d.test, d.num_classes, task)
-        values["only_student_right"], values["only_peer_right"] = complementarity(*alone, d.test, IGNORE)
+        # what each peer, trained alone, knows that the other lacks: what collaboration has to pass on
+        values[f"solo_ensemble_{metric}"] = score(Ensemble(solos).eval(), d.test, d.num_classes, task)
+        values["only_student_right"], values["only_peer_right"] = complementarity(*solos, d.test, IGNORE)
         if cfg.method != "dml":
             dml, sec = fit("dml")
             values[f"dml_{metric}"], values[f"peer_dml_{metric}"] = test(dml.a), test(dml.b, dml.b_input)
@@ -361,8 +361,8 @@ def little_to_teach(values: dict, metric: str) -> list[str]:
     for who, other, key in (("student", "peer", ""), ("peer", "student", "peer_")):
         alone = values[f"{key}solo_{metric}"]
         if ensemble <= alone:
-            notes.append(f"trained alone, the two peers ensemble to {ensemble:.2f} {metric}, no better than the {who} alone "
-                         f"({alone:.2f}): the {other} knows little the {who} lacks (alone it is right on "
+            notes.append(f"trained alone, the two peers ensemble to {ensemble:.2f} {metric}, no better than the "
+                         f"{who} alone ({alone:.2f}): the {other} knows little the {who} lacks (alone it is right on "
                          f"{values[f'only_{other}_right']:.1f}% of the labelled test positions where the {who} is "
                          f"wrong; the {who} on {values[f'only_{who}_right']:.1f}% where the {other} is)")
     return notes
