@@ -55,14 +55,10 @@ class FuseConfig:
                                         "31.7%% -> 58.5%%)")
     merge: str = option("auto", "how the aligned models are combined: mean (the paper's average); regmean, "
                                 "each Linear layer by regression on the calibration images (Jin et al. 2023); "
-                                "or auto: the best measured for the family (attention: regmean, but mean before "
-                                "a finetune of 240 steps or more (regmean_max_steps); conv: mean)",
+                                "or auto: the best measured for the family (attention: regmean; conv: mean)",
                         choices=MERGES)
     regmean_alpha: float = option(0.9, "RegMean: scale of the Gram matrices' off-diagonal entries", cli=False)
     regmean_images: int = option(32, "RegMean: calibration images its Gram matrices are measured on", cli=False)
-    regmean_max_steps: int = option(240, "auto merge: a finetune of this many steps or more follows the plain "
-                                         "average instead of RegMean (digits ViTs: RegMean ahead after 80 and 160 "
-                                         "steps, the average after 320)", cli=False)
     version: int = option(1, cli=False)
 
     def __post_init__(self):

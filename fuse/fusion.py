@@ -292,20 +292,20 @@ def average(states: list[dict[str, torch.Tensor]], like: dict[str, torch.Tensor]
             for k, v in like.items()}
 
 
-def resolve_auto(cfg: FuseConfig, model: nn.Module, example: torch.Tensor, equal_widths: bool = True,
-                 finetune_steps: int = 0) -> tuple[FuseConfig, str]:
+def resolve_auto(cfg: FuseConfig, model: nn.Module, example: torch.Tensor, equal_widths: bool = True
+                 ) -> tuple[FuseConfig, str]:
     """`cfg` with its `auto` settings made concrete for the model's family, and why (docs/BENCHMARKS.md):
     models that attend (ViT, Swin, hybrids) take weight matching (digits ViTs: best one-shot, 31.65 vs 22.75,
     and after the finetune, 98.24 vs 97.48), REPAIR (one-shot 31.65 -> 58.52; parents trained on
     different classes + a short finetune 82.6 -> 85.9; -0.26 after a long finetune of same-data parents)
-    and RegMean (with REPAIR, one-shot 58.10 -> 76.41; parents trained on different classes, after 80 finetune
-    steps 84.63 -> 88.16, after 160 90.60 -> 91.52), unless a finetune of `finetune_steps` >=
-    `cfg.regmean_max_steps` follows: from the plain average it ends higher (after 320 steps 91.18 -> 93.70;
-    same-data parents after 324 steps 97.65 -> 97.98). Conv nets take activation correlations (ResNets
-    one-shot 98.82), where BatchNorm recomputation already restores the statistics, and the plain average
-    (RegMean has only the classifier to merge there: two split-data ResNets one-shot 98.24 either way, 97.73
-    vs 98.49 after the finetune). The paper's per-sublayer / cross-head maps, bf16 statistics and fusion into
-    another width need activations.
+    and RegMean (with REPAIR, one-shot 58.10 -> 76.41; two parents trained on different classes, after 80
+    finetune steps 84.63 -> 88.16, after 160 90.60 -> 91.52; four, after 320 69.44 -> 77.25; only two
+    parents finetuned for 320 steps or more end higher from the plain average: 93.70 vs 91.18 on split
+    data, 97.98 vs 97.65 on the same data, `--merge mean` there). Conv nets take activation correlations
+    (ResNets one-shot 98.82), where BatchNorm recomputation already restores the statistics, and the plain
+    average (RegMean has only the classifier to merge there: two split-data ResNets one-shot 98.24 either way,
+    97.73 vs 98.49 after the finetune). The paper's per-sublayer / cross-head maps, bf16 statistics and
+    fusion into another width need activations.
 
     Example:
         >>> resolve_auto(FuseConfig(), vit, torch.randn(1, 3, 32, 32))[0].ground
@@ -320,12 +320,9 @@ def resolve_auto(cfg: FuseConfig, model: nn.Module, example: torch.Tensor, equal
         acts_only = cfg.residual != "shared" or cfg.attention != "heads" or cfg.stats_precision != "fp32"
         ground = "wts" if attends and equal_widths and not acts_only else "acts"
     repair = cfg.repair if cfg.repair is not None else attends
-    long_finetune = finetune_steps >= cfg.regmean_max_steps
-    merge = cfg.merge if cfg.merge != "auto" else "regmean" if attends and not long_finetune else "mean"
-    why = (f" (a finetune of {finetune_steps} steps follows: from {cfg.regmean_max_steps} on, the average ends "
-           "higher after it)" if cfg.merge == "auto" and attends and long_finetune else "")
+    merge = cfg.merge if cfg.merge != "auto" else "regmean" if attends else "mean"
     return (replace(cfg, ground=ground, repair=repair, merge=merge),
-            f"{family} family: ground {ground}, REPAIR {'on' if repair else 'off'}, merge {merge}{why}")
+            f"{family} family: ground {ground}, REPAIR {'on' if repair else 'off'}, merge {merge}")
 
 
 def fuse_models(models: list[nn.Module], images: torch.Tensor, cfg: FuseConfig,

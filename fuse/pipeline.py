@@ -64,9 +64,7 @@ def run(inputs, data, cfg: FuseRun, *, state: str | Path | None = None,
     anchor_ckpt = ckpts[anchor_i]
     metric = "miou" if d.task == "segmentation" else "top1"
     same_shapes = all(m.state_dict()[k].shape == v.shape for m in models for k, v in models[0].state_dict().items())
-    steps = ft.epochs * (len(d.train) // ft.batch_size) if ft is not None else 0  # the loop drops the last batch
-    cfg, family = resolve_auto(cfg, models[anchor_i], images[:1], equal_widths=cfg.width == 1 and same_shapes,
-                               finetune_steps=steps)
+    cfg, family = resolve_auto(cfg, models[anchor_i], images[:1], equal_widths=cfg.width == 1 and same_shapes)
     measured: dict[str, tuple[float, list[float] | None]] = {}  # name -> (test metric, per-class top-1)
     rows: list[tuple[str, nn.Module]] = []
 

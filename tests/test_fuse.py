@@ -432,36 +432,6 @@ def test_auto_settings_follow_the_family(arch, ground, repair, merge):
     assert (explicit.ground, explicit.repair) == ("acts", False)
 
 
-def test_auto_merge_takes_the_average_before_a_long_finetune():
-    """RegMean is the better start for models that attend, unless a finetune of regmean_max_steps or more
-    follows (then the average ends higher, measured); conv nets and an explicit merge are left as they are."""
-    from fuse.fusion import resolve_auto
-
-    vit, size = small_model("vit")
-    x = torch.randn(1, 3, size, size)
-    short, why = resolve_auto(FuseConfig(), vit, x, finetune_steps=239)
-    assert short.merge == "regmean" and "finetune" not in why
-    long, why = resolve_auto(FuseConfig(), vit, x, finetune_steps=240)
-    assert long.merge == "mean" and why.endswith("(a finetune of 240 steps follows: from 240 on, the average ends "
-                                                 "higher after it)")
-    assert resolve_auto(FuseConfig(regmean_max_steps=500), vit, x, finetune_steps=300)[0].merge == "regmean"
-    assert resolve_auto(FuseConfig(merge="regmean"), vit, x, finetune_steps=10 ** 6)[0].merge == "regmean"
-    resnet, size = small_model("resnet")
-    assert resolve_auto(FuseConfig(), resnet, torch.randn(1, 3, size, size), finetune_steps=0)[0].merge == "mean"
-
-
-def test_the_fuse_command_counts_its_finetune_steps_for_the_auto_merge(tmp_path):
-    import fuse
-    from compress import Checkpoint
-
-    a, b = (Checkpoint.create("vit", arch_args={"depth": 1}, seed=s) for s in (0, 1))
-    run = dict(calib=32, subset="fraction=0.1", finetune_epochs=2, finetune_batch_size=16)  # 2 x 8 steps
-    _, r = fuse.run([a, b], "digits", fuse.FuseRun(**run, regmean_max_steps=17))
-    assert r["merge"] == "regmean" and r["regmean_layers"]
-    _, r = fuse.run([a, b], "digits", fuse.FuseRun(**run, regmean_max_steps=16))
-    assert r["merge"] == "mean" and not r["regmean_layers"] and "a finetune of 16 steps follows" in r["auto"]
-
-
 def test_regmean_fits_each_model_on_its_own_inputs():
     """With alpha 1, RegMean's weight is the least-squares fit of every model's outputs on that model's own
     inputs; models that see the same inputs average; inputs no model drives keep the average of their columns."""
