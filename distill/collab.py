@@ -323,7 +323,8 @@ def run_collab(inputs, data, cfg: DistillRun, *, state=None, resume: bool = Fals
     for who, key in (("student", ""), ("peer", "peer_")):
         alone = values.get(f"{key}solo_{metric}")
         if alone is not None and values[f"{key}{metric}"] < alone:
-            notes.append(f"the {who} trained with its peer ({values[f'{key}{metric}']:.2f}) ends below the same model "
+            partner = "its peer" if who == "student" else "the student"
+            notes.append(f"the {who} trained with {partner} ({values[f'{key}{metric}']:.2f}) ends below the same model "
                          f"trained alone ({alone:.2f})")
     rows = []
     if rank() == 0:
