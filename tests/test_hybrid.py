@@ -421,7 +421,7 @@ def test_region_direction_by_whole_image_loss():
 
 
 class _Fixed(torch.nn.Module):
-    """A 'model' whose outputs are given: batch i of the data gets outputs[i]."""
+    """A "model" whose outputs are given: image i (its first pixel holds i) gets outputs[i]."""
 
     def __init__(self, outputs: torch.Tensor):
         super().__init__()
