@@ -305,13 +305,13 @@ def run_collab(inputs, data, cfg: DistillRun, *, state=None, resume: bool = Fals
         for i, who in enumerate(("", "peer_")):
             model, sec = solo(i)
             # the peer alone sees the test images as the peer trained with it does: through its input map
-            solos.append(model if i == 0 else nn.Sequential(TeacherInput(specs[0], specs[1]), model).eval())
+            solos.append(model if i == 0 else nn.Sequential(TeacherInput(specs[0], specs[1]), model))
             values[f"{who}solo_{metric}"], values[f"{who}solo_seconds"] = test(solos[i]), round(sec, 2)
             name = f"{('student', 'peer')[i]} {bases[i].arch}: alone"
             models.append((name, model))
             scores[name], times[name] = values[f"{who}solo_{metric}"], sec
         # what each peer, trained alone, knows that the other lacks: what collaboration has to pass on
-        values[f"solo_ensemble_{metric}"] = score(Ensemble(solos).eval(), d.test, d.num_classes, task)
+        values[f"solo_ensemble_{metric}"] = test(Ensemble(solos))
         values["only_student_right"], values["only_peer_right"] = complementarity(*solos, d.test, IGNORE)
         if cfg.method != "dml":
             dml, sec = fit("dml")
