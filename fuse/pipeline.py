@@ -146,11 +146,8 @@ def run(inputs, data, cfg: FuseRun, *, state: str | Path | None = None,
     if family:
         notes.append(f"auto settings for the {family}")
     out_score = values["ot_finetuned"] if ft is not None else values["ot"]
-    best = max(parents)
-    if ft is None and values["ot"] < best - 10:
-        notes.append(f"the one-shot fused model ({values['ot']:.1f}%) is far below the best parent ({best:.1f}%): "
-                     "finetune it before use, e.g. compress fuse --models " + " ".join(names) +
-                     f" --data {spec_of(data)} --finetune-epochs 4 --finetune-batch-size 16 --out fused.pt")
+    if ft is None:
+        notes += needs_finetune(values["ot"], parents, names, spec_of(data), cfg.subset)
     notes += fused_verdict(values)
     if cfg.plot:
         plot_maps(report.maps, cfg.plot)
@@ -160,6 +157,9 @@ def run(inputs, data, cfg: FuseRun, *, state: str | Path | None = None,
     tables = {}
     if d.task == "classification":
         values["per_class"] = {k: [round(a, 2) for a in v[1]] for k, v in measured.items()}
+        final = f"OT + {ft.epochs} ep" if ft is not None else one_shot
+        notes += lost_classes([measured[f"parent {i}"][1] for i in range(len(models))], measured[final][1],
+                              "the fused model" + (" after its finetune" if ft is not None else ""))
         groups = class_groups(ckpts, d.num_classes)
         if groups:
             values["class_groups"] = groups
@@ -169,6 +169,22 @@ def run(inputs, data, cfg: FuseRun, *, state: str | Path | None = None,
     ckpt = anchor_ckpt.derive(fused, "fuse", ckpts, spec_of(data), cfg, {
         k: values[k] for k in ("ot", "ot_finetuned", "vanilla", "ensemble")}, structure=structure)
     return ckpt, Result("fuse", metric, out_score, values, result_rows, notes, time.perf_counter() - t0, tables)
+
+
+def needs_finetune(fused: float, parents: list[float], models: list[str], data: str, subset: str | None = None
+                   ) -> list[str]:
+    """A note, with the command, where the one-shot fused model is more than 10 points under the best parent:
+    it needs a finetune before it is usable (on the same data and subset the fusion was given).
+
+    Example:
+        >>> needs_finetune(22.7, [97.2, 98.0], ["a.pt", "b.pt"], "digits")[0][:62]
+        'the one-shot fused model (22.7%) is far below the best parent'
+    """
+    if fused >= max(parents) - 10:
+        return []
+    return [f"the one-shot fused model ({fused:.1f}%) is far below the best parent ({max(parents):.1f}%): finetune it "
+            f"before use, e.g. compress fuse --models {' '.join(models)} --data {data}"
+            f"{f' --subset {subset}' if subset else ''} --finetune-epochs 4 --finetune-batch-size 16 --out fused.pt"]
 
 
 def fused_verdict(values: dict) -> list[str]:
@@ -195,6 +211,29 @@ def fused_verdict(values: dict) -> list[str]:
             rivals.append((f"{what} given the same finetune", values[key], "alignment did not pay here"))
     return [f"the fused model after its finetune ({fused:.2f} {values['metric']}) is below {what} ({v:.2f}): {advice}"
             for what, v, advice in rivals if fused < v]
+
+
+def lost_classes(parents: list[list[float]], fused: list[float], what: str = "the fused model",
+                 knew: float = 50.0) -> list[str]:
+    """A note naming the classes a parent knew (top-1 >= `knew` there) on which `fused` scores under half of that
+    parent's: what one site contributed, lost in the merge (four digits ViTs on their own class mixes, fused
+    one-shot: 0.0% on the two classes only one of them was trained on). Empty when no class is lost.
+
+    Example:
+        >>> lost_classes([[99.0, 10.0], [20.0, 98.0]], [90.0, 30.0])
+        ["the fused model scores under half of the best parent's top-1 on 1 class: class 1 30.0 (parent 1: 98.0). What ..."]
+    """
+    lost = []
+    for c, top1 in enumerate(fused):
+        best = max(range(len(parents)), key=lambda i: parents[i][c])
+        if parents[best][c] >= knew and top1 < parents[best][c] / 2:
+            lost.append(f"class {c} {top1:.1f} (parent {best}: {parents[best][c]:.1f})")
+    if not lost:
+        return []
+    many = len(lost) > 1
+    return [f"{what} scores under half of the best parent's top-1 on {len(lost)} class{'es' if many else ''}: "
+            f"{', '.join(lost)}. What the parents knew there is lost in the merge: finetune on images of "
+            f"{'those classes' if many else 'that class'}, or keep the parent for {'them' if many else 'it'}"]
 
 
 def class_groups(ckpts: list[Checkpoint], num_classes: int) -> dict[str, list[int]]:

@@ -417,6 +417,33 @@ def test_report_says_when_the_finetuned_fusion_is_below_what_the_user_has_withou
     assert fused_verdict({**values, "ot_finetuned": None}) == []  # one-shot: the far-below note covers it
 
 
+def test_report_offers_the_finetune_a_far_below_one_shot_fusion_needs_on_the_data_it_was_given():
+    """Two 97-98% digits ViTs fused one-shot to 22.7%: the note offers the finetune command with the same data
+    and subset (a user fusing on a shared 10% finetunes on it, not on data they may not have)."""
+    from fuse.pipeline import needs_finetune
+
+    note = needs_finetune(22.7, [97.2, 98.0], ["a.pt", "b.pt"], "digits", "fraction=0.1,seed=0")
+    assert len(note) == 1 and "(22.7%) is far below the best parent (98.0%)" in note[0]
+    assert note[0].endswith("compress fuse --models a.pt b.pt --data digits --subset fraction=0.1,seed=0 "
+                            "--finetune-epochs 4 --finetune-batch-size 16 --out fused.pt")
+    assert "--subset" not in needs_finetune(22.7, [97.2, 98.0], ["a.pt", "b.pt"], "digits")[0]
+    assert needs_finetune(90.0, [97.2, 98.0], ["a.pt", "b.pt"], "digits") == []
+
+
+def test_report_names_the_classes_a_parent_knew_that_the_merge_lost():
+    """Four parents on their own class mixes, fused one-shot to 0% on the classes only parent 1 knew: the note
+    names those classes and that parent, and nothing where the fused model keeps half of the best parent's, or
+    where no parent knew the class (under 50%)."""
+    from fuse.pipeline import lost_classes
+
+    parents = [[99.0, 99.0, 6.0, 6.0, 40.0], [15.0, 15.0, 100.0, 100.0, 30.0], [48.0, 48.0, 42.0, 42.0, 45.0]]
+    notes = lost_classes(parents, [51.0, 49.0, 0.0, 60.0, 10.0], "the fused model after its finetune")
+    assert len(notes) == 1
+    assert notes[0].startswith("the fused model after its finetune scores under half of the best parent's top-1 "
+                               "on 2 classes: class 1 49.0 (parent 0: 99.0), class 2 0.0 (parent 1: 100.0).")
+    assert lost_classes(parents, [50.0, 50.0, 50.0, 50.0, 0.0]) == []
+
+
 @pytest.mark.parametrize("arch,ground,repair,merge", [("vit", "wts", True, "regmean"), ("swin", "wts", True, "regmean"),
                                                      ("resnet", "acts", False, "mean"),
                                                      ("convnext", "acts", False, "mean")])
