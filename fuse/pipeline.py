@@ -232,7 +232,7 @@ def lost_classes(parents: list[list[float]], fused: list[float], what: str = "th
         return []
     many = len(lost) > 1
     return [f"{what} scores under half of the best parent's top-1 on {len(lost)} class{'es' if many else ''}: "
-            f"{', '.join(lost)}. What the parents knew there is lost in the merge: finetune on images of "
+            f"{', '.join(lost[:8])}{f', and {len(lost) - 8} more' if len(lost) > 8 else ''}. What the parents knew there is lost in the merge: finetune on images of "
             f"{'those classes' if many else 'that class'}, or keep the parent for {'them' if many else 'it'}"]
 
 

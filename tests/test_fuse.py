@@ -442,6 +442,9 @@ def test_report_names_the_classes_a_parent_knew_that_the_merge_lost():
     assert notes[0].startswith("the fused model after its finetune scores under half of the best parent's top-1 "
                                "on 2 classes: class 1 49.0 (parent 0: 99.0), class 2 0.0 (parent 1: 100.0).")
     assert lost_classes(parents, [50.0, 50.0, 50.0, 50.0, 0.0]) == []
+    many = lost_classes([[90.0] * 100], [0.0] * 100)[0]  # 100 classes lost: the first 8 named, the rest counted
+    assert "on 100 classes: class 0 0.0 (parent 0: 90.0)" in many and "class 7 0.0" in many
+    assert "class 8 0.0" not in many and "and 92 more." in many
 
 
 @pytest.mark.parametrize("arch,ground,repair,merge", [("vit", "wts", True, "regmean"), ("swin", "wts", True, "regmean"),
