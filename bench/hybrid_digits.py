@@ -12,7 +12,7 @@ transferred in each direction; the two alone models' output ensemble and the sha
 each alone gets right where the other is wrong (what the peer could teach at all).
 
 Run: .venv/bin/python bench/hybrid_digits.py [--only hybrid|hybrid-layer|collab] [--collab-data digits digit-scenes]
-     [--scenes-peer vit|swin|pvt]   (writes bench/results/hybrid_digits.json)
+     [--scenes-peer vit|swin|pvt] [--pixel-temperature TAU]   (writes bench/results/hybrid_digits.json)
 """
 
 import argparse
@@ -97,11 +97,12 @@ def hybrid_layer(seeds: list[int], epochs: int, mim_epochs: int) -> dict:
     return out
 
 
-def collab(seeds: list[int], data: str, epochs: int, peer_arch: str = "vit") -> dict:
+def collab(seeds: list[int], data: str, epochs: int, peer_arch: str = "vit", tau: float = 1.0) -> dict:
     peer = ["--peer", peer_arch] + (["--peer-args", "img_size=64"] if data == "digit-scenes" else [])
-    tag = data if peer_arch == "vit" else f"{data}-{peer_arch}"
+    tag = (data if peer_arch == "vit" else f"{data}-{peer_arch}") + ("" if tau == 1 else f"-t{tau:g}")
     runs = [run(f"collab-{tag}-e{epochs}-s{s}", ["distill", "--method", "collab", "--student", "resnet", *SLIM,
-                                                   *peer, "--epochs", str(epochs), "--data", data, "--seed", str(s)])
+                                                   *peer, "--epochs", str(epochs), "--data", data, "--seed", str(s),
+                                                   "--pixel-temperature", str(tau)])
             for s in seeds]
     m = runs[0]["metric"]
     keys = [f"solo_{m}", f"dml_{m}", m, f"peer_solo_{m}", f"peer_dml_{m}", f"peer_{m}", f"solo_ensemble_{m}",
@@ -124,6 +125,8 @@ if __name__ == "__main__":
     ap.add_argument("--scenes-peer", choices=["vit", "swin", "pvt"], default="vit",
                     help="the peer on digit-scenes: the plain ViT, the hierarchical Swin alias, or PVT-v2 (the "
                          "paper's ViT peer is SegFormer, whose encoder is PVT-v2's design)")
+    ap.add_argument("--pixel-temperature", type=float, default=1.0,
+                    help="collab and its DML baseline: the pixel-wise KL's temperature")
     args = ap.parse_args()
     path = R / "hybrid_digits.json"
     res = json.loads(path.read_text()) if path.exists() else {}
@@ -137,8 +140,9 @@ if __name__ == "__main__":
         for data in args.collab_data:
             epochs = args.scenes_epochs if data == "digit-scenes" else args.collab_epochs
             peer = args.scenes_peer if data == "digit-scenes" else "vit"
-            key = f"collab {data}" + ("" if peer == "vit" else f" {peer}")
-            res[key] = collab(args.seeds, data, epochs, peer)
+            key = (f"collab {data}" + ("" if peer == "vit" else f" {peer}")
+                   + ("" if args.pixel_temperature == 1 else f" tau {args.pixel_temperature:g}"))
+            res[key] = collab(args.seeds, data, epochs, peer, args.pixel_temperature)
             path.write_text(json.dumps(res, indent=1))
     if "hybrid" in res:
         h = res["hybrid"]
@@ -151,8 +155,8 @@ if __name__ == "__main__":
         if "layer_top1" in h:
             print(f"layer schedule: {h['layer_top1']:.2f} (no masking {h['layer_nomask_top1']:.2f} in the same run), "
                   f"time / FLOPs saved {h['layer_time_saving']:.0%} / {h['layer_flops_saving']:.0%}")
-    for key in ("collab digits", "collab digit-scenes", "collab digit-scenes swin", "collab digit-scenes pvt"):
-        if key in res:
+    for key in res:
+        if key.startswith("collab "):
             c, m = res[key], res[key]["metric"]
             print(f"{key}: student alone {c[f'solo_{m}']:.2f} dml {c[f'dml_{m}']:.2f} collab {c[m]:.2f} | "
                   f"peer alone {c[f'peer_solo_{m}']:.2f} dml {c[f'peer_dml_{m}']:.2f} collab {c[f'peer_{m}']:.2f}" +

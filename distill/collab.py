@@ -179,7 +179,8 @@ class Peers(nn.Module):
         ce_b = F.cross_entropy(zb, y, ignore_index=IGNORE, label_smoothing=ls)
         if self.mode == "dml":
             every = (y != IGNORE).float()
-            return ce_a + ce_b + pixel_kl(za, zb, every) + pixel_kl(zb, za, every)
+            tau = self.cfg.pixel_temperature
+            return ce_a + ce_b + pixel_kl(za, zb, every, tau) + pixel_kl(zb, za, every, tau)
         cfg, zero = self.cfg, za.new_zeros(())
         loss_a, loss_b, probes = ce_a, ce_b, zero
         if cfg.hfd_weight:  # HFD: first-stage maps, each through its adapter at the other's grid and width
@@ -199,11 +200,12 @@ class Peers(nn.Module):
             regions = [b_teaches.sum(), a_teaches.sum(), zero + b_teaches.numel()]
         # BSD pixel-wise (per sample for classification)
         with torch.no_grad():
-            pa, pb = F.softmax(za, 1), F.softmax(zb, 1)
+            # the reconstruction's p = softmax(z / tau) decides reliability too (argmax is the same at any tau)
+            pa, pb = F.softmax(za / cfg.pixel_temperature, 1), F.softmax(zb / cfg.pixel_temperature, 1)
             b_to_a = reliable(pb, pa, y, cfg.pixel_rule)
             a_to_b = reliable(pa, pb, y, cfg.pixel_rule)
-        loss_a = loss_a + cfg.pixel_weight * pixel_kl(za, zb, b_to_a)
-        loss_b = loss_b + cfg.pixel_weight * pixel_kl(zb, za, a_to_b)
+        loss_a = loss_a + cfg.pixel_weight * pixel_kl(za, zb, b_to_a, cfg.pixel_temperature)
+        loss_b = loss_b + cfg.pixel_weight * pixel_kl(zb, za, a_to_b, cfg.pixel_temperature)
         with torch.no_grad():
             self.counts += torch.stack([regions[0], regions[1], b_to_a.sum(), a_to_b.sum(), regions[2],
                                         (y != IGNORE).sum()]).float()

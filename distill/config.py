@@ -90,6 +90,9 @@ class DistillConfig:
                                         "classification; sample: the peer's loss on the whole image; auto: sample "
                                         "for classification, cell for segmentation)",
                                 choices=("auto", "cell", "sample"))
+    pixel_temperature: float = option(1.0, "collab / dml: temperature tau of the pixel-wise (per-sample) KL, "
+                                           "tau^2 * KL(softmax(z_peer / tau) || softmax(z / tau)); the same for "
+                                           "both methods, so that only the selection differs")
     pixel_rule: str = option("where_wrong", "collab: when a peer's prediction is transferred (where_wrong: the "
                                             "peer is right and more confident in the label where the learner is "
                                             "wrong)", choices=PIXEL_RULES)
@@ -106,11 +109,11 @@ class DistillConfig:
 
     def __post_init__(self):
         validate_choices(self)
-        if self.temperature <= 0 or self.kd_temperature <= 0 or not 0 <= self.kd_alpha <= 1:
+        if min(self.temperature, self.kd_temperature, self.pixel_temperature) <= 0 or not 0 <= self.kd_alpha <= 1:
             raise CompressError("invalid distillation loss settings",
                                 expected="temperatures > 0 and 0 <= kd_alpha <= 1",
                                 found=f"temperature={self.temperature}, kd_temperature={self.kd_temperature}, "
-                                      f"kd_alpha={self.kd_alpha}")
+                                      f"pixel_temperature={self.pixel_temperature}, kd_alpha={self.kd_alpha}")
         if min(self.gamma, *self.stage_gammas, self.ofa_weight, self.hint_weight, self.transkd_weight, self.feat_weight,
                self.relation_weight, self.ce_weight, self.hfd_weight or 0, self.region_weight or 0,
                self.pixel_weight) < 0:

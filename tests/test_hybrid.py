@@ -240,6 +240,19 @@ def test_bsd_masks_by_hand():
     assert pixel_kl(z, torch.randn(2, 5), torch.zeros(2)).item() == 0
 
 
+def test_pixel_kl_at_a_temperature_is_tau_squared_times_the_kl_of_the_softened_predictions():
+    """`--pixel-temperature` (collab's and DML's KL alike): tau^2 * mean over positions of the mask times
+    KL(softmax(z_t / tau) || softmax(z_l / tau)), by hand; tau <= 0 is refused before training."""
+    torch.manual_seed(0)
+    z_l, z_t, mask = torch.randn(6, 4, 3, 3), torch.randn(6, 4, 3, 3) * 5, (torch.rand(6, 3, 3) > 0.5).float()
+    for tau in (1.0, 4.0):
+        p_t, p_l = (z_t / tau).softmax(1), (z_l / tau).softmax(1)
+        by_hand = tau ** 2 * ((p_t * (p_t.log() - p_l.log())).sum(1) * mask).mean()
+        assert torch.allclose(pixel_kl(z_l, z_t, mask, tau), by_hand, atol=1e-5)
+    with pytest.raises(CompressError, match="pixel_temperature=0"):
+        DistillRun(student="resnet", peer="vit", method="collab", pixel_temperature=0)
+
+
 @pytest.mark.parametrize("task,student,peer,features", [("classification", "resnet", "vit", None),
                                                         ("classification", "convnext", "swin", None),
                                                         ("segmentation", "resnet", "vit", None),
