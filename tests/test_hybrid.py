@@ -251,6 +251,21 @@ def test_pixel_kl_at_a_temperature_is_tau_squared_times_the_kl_of_the_softened_p
         assert torch.allclose(pixel_kl(z_l, z_t, mask, tau), by_hand, atol=1e-5)
     with pytest.raises(CompressError, match="pixel_temperature=0"):
         DistillRun(student="resnet", peer="vit", method="collab", pixel_temperature=0)
+    # the DML baseline's loss takes the same tau: both cross-entropies plus the two KLs at tau, by hand
+    a_ck = Checkpoint("resnet", dict(SLIM_RESNET), 10, "classification", InputSpec(32))
+    b_ck = Checkpoint("vit", {"depth": 2}, 10, "classification", InputSpec(32))
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    peers = Peers(a_ck.instantiate(), b_ck.instantiate(), a_ck.input, b_ck.input,
+                  DistillRun(student="resnet", peer="vit", method="dml", pixel_temperature=4.0), 10,
+                  "classification").eval()
+    with torch.no_grad():
+        za, zb = peers.a(x), peers.b(peers.b_input(x))
+        every = torch.ones(4)
+        by_hand = (F.cross_entropy(za, y) + F.cross_entropy(zb, y) + pixel_kl(za, zb, every, 4.0)
+                   + pixel_kl(zb, za, every, 4.0))
+        assert torch.allclose(peers(x, y), by_hand, atol=1e-5)
+        assert not torch.allclose(by_hand, F.cross_entropy(za, y) + F.cross_entropy(zb, y) + pixel_kl(za, zb, every)
+                                  + pixel_kl(zb, za, every), atol=1e-3)
 
 
 @pytest.mark.parametrize("task,student,peer,features", [("classification", "resnet", "vit", None),
