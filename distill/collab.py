@@ -177,9 +177,9 @@ class Peers(nn.Module):
         ls = self.cfg.label_smoothing
         ce_a = F.cross_entropy(za, y, ignore_index=IGNORE, label_smoothing=ls)
         ce_b = F.cross_entropy(zb, y, ignore_index=IGNORE, label_smoothing=ls)
+        tau = self.cfg.pixel_temperature  # one tau for DML's KL and collab's pixel term: only the selection differs
         if self.mode == "dml":
             every = (y != IGNORE).float()
-            tau = self.cfg.pixel_temperature
             return ce_a + ce_b + pixel_kl(za, zb, every, tau) + pixel_kl(zb, za, every, tau)
         cfg, zero = self.cfg, za.new_zeros(())
         loss_a, loss_b, probes = ce_a, ce_b, zero
@@ -201,11 +201,11 @@ class Peers(nn.Module):
         # BSD pixel-wise (per sample for classification)
         with torch.no_grad():
             # the reconstruction's p = softmax(z / tau) decides reliability too (argmax is the same at any tau)
-            pa, pb = F.softmax(za / cfg.pixel_temperature, 1), F.softmax(zb / cfg.pixel_temperature, 1)
+            pa, pb = F.softmax(za / tau, 1), F.softmax(zb / tau, 1)
             b_to_a = reliable(pb, pa, y, cfg.pixel_rule)
             a_to_b = reliable(pa, pb, y, cfg.pixel_rule)
-        loss_a = loss_a + cfg.pixel_weight * pixel_kl(za, zb, b_to_a, cfg.pixel_temperature)
-        loss_b = loss_b + cfg.pixel_weight * pixel_kl(zb, za, a_to_b, cfg.pixel_temperature)
+        loss_a = loss_a + cfg.pixel_weight * pixel_kl(za, zb, b_to_a, tau)
+        loss_b = loss_b + cfg.pixel_weight * pixel_kl(zb, za, a_to_b, tau)
         with torch.no_grad():
             self.counts += torch.stack([regions[0], regions[1], b_to_a.sum(), a_to_b.sum(), regions[2],
                                         (y != IGNORE).sum()]).float()

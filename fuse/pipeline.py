@@ -220,8 +220,8 @@ def lost_classes(parents: list[list[float]], fused: list[float], what: str = "th
     one-shot: 0.0% on the two classes only one of them was trained on). Empty when no class is lost.
 
     Example:
-        >>> lost_classes([[99.0, 10.0], [20.0, 98.0]], [90.0, 30.0])
-        ["the fused model scores under half of the best parent's top-1 on 1 class: class 1 30.0 (parent 1: 98.0). What ..."]
+        >>> lost_classes([[99.0, 10.0], [20.0, 98.0]], [90.0, 30.0])[0][:96]
+        "the fused model scores under half of the best parent's top-1 on 1 class: class 1 30.0 (parent 1:"
     """
     lost = []
     for c, top1 in enumerate(fused):
@@ -231,8 +231,9 @@ def lost_classes(parents: list[list[float]], fused: list[float], what: str = "th
     if not lost:
         return []
     many = len(lost) > 1
+    named = ", ".join(lost[:8]) + (f", and {len(lost) - 8} more" if len(lost) > 8 else "")
     return [f"{what} scores under half of the best parent's top-1 on {len(lost)} class{'es' if many else ''}: "
-            f"{', '.join(lost[:8])}{f', and {len(lost) - 8} more' if len(lost) > 8 else ''}. What the parents knew there is lost in the merge: finetune on images of "
+            f"{named}. What the parents knew there is lost in the merge: finetune on images of "
             f"{'those classes' if many else 'that class'}, or keep the parent for {'them' if many else 'it'}"]
 
 
