@@ -1,5 +1,8 @@
 """One training loop for every pipeline: AdamW, one-cycle LR, label smoothing, random shifts.
 
+A run shorter than the BatchNorms' running averages remember (under 44 steps at momentum 0.1) ends by
+re-estimating their statistics on the training images, for the weights it ends with.
+
 It saves a resumable state (model, optimizer, scheduler, epoch, RNG) atomically after each epoch, beside
 the output, and picks it up with `resume=True`. It runs under torchrun too: with WORLD_SIZE > 1 it wraps
 the model in DistributedDataParallel (gloo on CPU) and shards the data.
@@ -16,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from .batchnorm import batchnorm_outlives, reestimate_batchnorm
 from .checkpoint import Checkpoint, InputSpec, as_checkpoints, atomic_write
 from .config import TrainConfig, TrainRun
 from .data import as_data, spec_of, task_of
@@ -83,8 +87,9 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, loss_fn=None, state
     """Train `model` in place on `data` (on `cfg.device`, in `cfg.precision`) and return it, on that device.
 
     `loss_fn(model, x, y) -> loss` replaces cross-entropy (distillation passes its own). A model may define
-    `param_groups(lr)` (parts trained at their own rates) and `set_epoch(epoch, epochs)` (called before each
-    epoch, resumed runs included). With `state_path`,
+    `param_groups(lr)` (parts trained at their own rates), `set_epoch(epoch, epochs)` (called before each
+    epoch, resumed runs included) and `statistics_forward(x)` (runs every network it trains, where a short run
+    re-estimates BatchNorm statistics; `model(x)` otherwise). With `state_path`,
     a resumable state is written after each epoch and removed at the end. Batches come from pinned memory
     with `cfg.workers` loading processes and move to the device once each.
 
@@ -161,6 +166,12 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, loss_fn=None, state
                           "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "rng": rngs[0][0],
                           "torch_rng": rngs[0][1], "rngs": rngs, "epoch": epoch + 1}
                     atomic_write(state_path, lambda tmp, st=st: torch.save(st, tmp))
+    if batchnorm_outlives(model, cfg.epochs * len(loader)):
+        # a run shorter than the running averages' memory leaves them holding statistics of the weights it
+        # started from: re-estimated for the final ones on the training images (each process on its shard)
+        with autocast(device, precision):
+            reestimate_batchnorm(model, (x.to(device, non_blocking=True) for x, _ in loader), training_only=True,
+                                 forward=getattr(model, "statistics_forward", None))
     if state_path and rank == 0:
         state_path.unlink(missing_ok=True)
     return model.eval()

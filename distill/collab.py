@@ -149,6 +149,10 @@ class Peers(nn.Module):
     def set_epoch(self, epoch: int, epochs: int) -> None:
         self.record(epoch - 1)
 
+    def statistics_forward(self, x: torch.Tensor) -> None:
+        """Both peers on a batch (the training loop re-estimates BatchNorm statistics through it), uncounted."""
+        self.a(x), self.b(self.b_input(x))
+
     # The transfer history and the open epoch's counts travel in the state dict, so that a resumed run reports
     # every epoch (the resumable state is saved at an epoch's end, before `record` closes that epoch).
     def get_extra_state(self) -> dict:

@@ -20,6 +20,7 @@ from compress.alignment import axes as ax
 from compress.alignment.blocks import find_blocks
 from compress.alignment.graph import state_tensors
 from compress.alignment.spaces import Space, SpaceGraph, find_spaces
+from compress.batchnorm import reestimate_batchnorm
 from compress.device import DTYPES
 from compress.errors import CompressError
 
@@ -385,24 +386,15 @@ def vanilla_average(models: list[nn.Module]) -> dict[str, torch.Tensor]:
     return average(states, states[-1])
 
 
-@torch.no_grad()
 def recompute_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -> int:
-    """Reset and re-estimate BatchNorm running statistics on `images` (fused weights invalidate them).
-    Returns the number of BatchNorm layers updated; other layers stay in eval mode."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not bns:
-        return 0
-    model.eval()
-    momenta = [bn.momentum for bn in bns]
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None  # cumulative average over all batches
-        bn.train()
+    """Reset and re-estimate every BatchNorm's running statistics on `images` (fused weights invalidate them);
+    the model is left in eval mode. Returns the number of BatchNorm layers updated.
+
+    Example:
+        >>> recompute_batchnorm(fused, calibration_images)
+        20
+    """
     # near-equal batches: a last batch of one image has no batch statistics (BatchNorm refuses it)
-    for x in images.tensor_split(max(1, -(-len(images) // batch_size))):
-        model(x)
-    for bn, momentum in zip(bns, momenta):
-        # back to the usual running average: a finetune must not keep averaging over its whole trajectory
-        bn.momentum = momentum
+    n = reestimate_batchnorm(model.eval(), images.tensor_split(max(1, -(-len(images) // batch_size))))
     model.eval()
-    return len(bns)
+    return n

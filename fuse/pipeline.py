@@ -188,8 +188,9 @@ def needs_finetune(fused: float, parents: list[float], models: list[str], data: 
 
 
 def fused_verdict(values: dict) -> list[str]:
-    """Notes where the finetuned fused model ends below what the user has without fusing: the best parent as it
-    is, the best parent given the same finetune, or the plain average (or narrowed anchor) given it.
+    """Notes where the finetuned fused model ends below what the user has without fusing (the best parent as it
+    is, the best parent given the same finetune, the plain average or narrowed anchor given it) or below
+    itself before the finetune.
 
     Example:
         >>> fused_verdict({"metric": "top1", "parents": [65.2, 64.5], "ot_finetuned": 54.7})
@@ -209,6 +210,9 @@ def fused_verdict(values: dict) -> list[str]:
     for key, what in (("vanilla_finetuned", "the vanilla average"), ("narrowed_finetuned", "the narrowed anchor")):
         if values.get(key) is not None:
             rivals.append((f"{what} given the same finetune", values[key], "alignment did not pay here"))
+    if values.get("ot") is not None:
+        rivals.append(("itself before the finetune", values["ot"],
+                       "the finetune undid part of the merge: lower --finetune-lr, or keep the one-shot fusion"))
     return [f"the fused model after its finetune ({fused:.2f} {values['metric']}) is below {what} ({v:.2f}): {advice}"
             for what, v, advice in rivals if fused < v]
 
@@ -233,7 +237,7 @@ def lost_classes(parents: list[list[float]], fused: list[float], what: str = "th
     many = len(lost) > 1
     named = ", ".join(lost[:8]) + (f", and {len(lost) - 8} more" if len(lost) > 8 else "")
     return [f"{what} scores under half of the best parent's top-1 on {len(lost)} class{'es' if many else ''}: "
-            f"{named}. What the parents knew there is lost in the merge: finetune on images of "
+            f"{named}. What the parents knew there is lost: finetune on images of "
             f"{'those classes' if many else 'that class'}, or keep the parent for {'them' if many else 'it'}"]
 
 

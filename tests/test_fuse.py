@@ -415,6 +415,10 @@ def test_report_says_when_the_finetuned_fusion_is_below_what_the_user_has_withou
     assert fused_verdict({**values, "ot_finetuned": 71.0}) == []
     assert "vanilla average" in fused_verdict({**values, "ot_finetuned": 71.0, "vanilla_finetuned": 72.0})[0]
     assert fused_verdict({**values, "ot_finetuned": None}) == []  # one-shot: the far-below note covers it
+    assert fused_verdict({**values, "ot": 60.0, "ot_finetuned": 71.0, "parents_finetuned": [70.0]}) == []
+    undone = fused_verdict({**values, "ot": 72.0, "ot_finetuned": 71.0, "parents_finetuned": [70.0]})
+    assert undone == ["the fused model after its finetune (71.00 top1) is below itself before the finetune (72.00): "
+                      "the finetune undid part of the merge: lower --finetune-lr, or keep the one-shot fusion"]
 
 
 def test_report_offers_the_finetune_a_far_below_one_shot_fusion_needs_on_the_data_it_was_given():

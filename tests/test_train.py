@@ -143,3 +143,33 @@ def test_torchrun_run_killed_mid_training_resumes_to_the_uninterrupted_result(tm
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5), k
+
+
+def _bn_net() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 10))
+
+
+def test_a_short_run_ends_with_batchnorm_statistics_of_its_final_weights():
+    # 2 steps at a high rate: the running average would still hold 81% of the starting statistics
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 3, 8, 8) * 3 + 1, torch.randint(0, 10, (32,))
+    model = _bn_net()
+    train(model, torch.utils.data.TensorDataset(x, y), TrainConfig(epochs=1, batch_size=16, lr=0.05, max_shift=0))
+    with torch.no_grad():
+        conv_out = model[0](x)
+    assert torch.allclose(model[1].running_mean, conv_out.mean((0, 2, 3)), atol=1e-5)
+    assert model[1].momentum == 0.1  # the usual running average afterwards
+
+
+def test_batchnorm_reestimation_keeps_what_the_forward_does_not_reach():
+    from compress.batchnorm import batchnorm_outlives, reestimate_batchnorm
+
+    a, b = _bn_net(), _bn_net()
+    b[1].running_mean.fill_(3.0)
+    pair = torch.nn.ModuleDict({"a": a, "b": b}).train()
+    x = torch.randn(16, 3, 8, 8) + 2
+    assert reestimate_batchnorm(pair, [x], forward=pair["a"]) == 1
+    assert torch.allclose(a[1].running_mean, a[0](x).mean((0, 2, 3)).detach(), atol=1e-5)
+    assert torch.equal(b[1].running_mean, torch.full((8,), 3.0))  # not reached: kept, not reset to zero
+    assert batchnorm_outlives(a, 16) and not batchnorm_outlives(a, 80)
