@@ -5,6 +5,8 @@ Per seed set s and architecture (the small ViT, 40 epochs; resnet18, 15 epochs):
 - split "5/5": parent A on all of classes 0-4 + 10% of the others, parent B on classes 5-9 + 10% of the others;
 - split "quarters": 4 parents on the 4 disjoint random quarters of the training split;
 - split "5/5 strict": as 5/5 with 5% of the other classes (about 6 images of each), parents that miss half the classes;
+- split "5/5 nearly disjoint": as 5/5 with 2.5% of the other classes (16 images, 1 to 9 of each: the least that
+  leaves both halves every class), parents that know almost nothing of the other half;
 - split "class quarters": 4 parents on classes 0-2, 3-4, 5-7 and 8-9, each + 10% of the others.
 Then `compress fuse --baselines` with the family's default fusion settings (and, where that default merges by
 RegMean, the same fusion with the plain average beside it) and a finetune on a shared 10% of
@@ -31,6 +33,8 @@ SPLITS = {"5/5": ["classes=0-4,others=0.1", "classes=5-9,others=0.1"],
           "quarters": [f"shard={i}/4" for i in range(1, 5)],
           # each parent sees about 6 images of each class it does not own (32 in all): it misses half the classes in practice
           "5/5 strict": ["classes=0-4,others=0.05", "classes=5-9,others=0.05"],
+          # 2.5% of the others: 16 images, 1 of some classes (with 2% some class of 0-4 has none, which is refused)
+          "5/5 nearly disjoint": ["classes=0-4,others=0.025", "classes=5-9,others=0.025"],
           # 4 sites with their own class mix: each parent owns 2-3 classes and sees 10% of the others
           "class quarters": [f"classes={c},others=0.1" for c in ("0-2", "3-4", "5-7", "8-9")]}
 
