@@ -101,8 +101,8 @@ def main_bench(seeds, archs, splits, epochs, lr, shared=0.1) -> dict:
     for arch in archs:
         for split in splits:
             runs = [fuse(arch, split, s, epochs[arch], lr, shared) for s in seeds]
-            # the table's finetune: 10 epochs of the 10% shared set; another length on it gets its own key
-            budget = f", {epochs[arch]} finetune epochs" if shared == 0.1 and epochs[arch] != 10 else ""
+            # the table's finetune: 10 epochs; another length gets its own key, on any shared set
+            budget = f", {epochs[arch]} finetune epochs" if epochs[arch] != 10 else ""
             out[f"{arch} {split}" + ("" if shared == 0.1 else f", shared {shared:g}") + budget] = {
                 **{k: round(statistics.mean(r[k] for r in runs), 2) for k in KEYS},
                 **{k: round(statistics.mean(r[k] for r in runs), 2) for k in OTHER if runs[0][k] is not None},
