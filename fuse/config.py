@@ -87,8 +87,9 @@ class FuseRun(Hardware, DataOptions, FuseConfig):
     finetune_lr: float = option(5e-4, "finetune learning rate")
     finetune_batch_size: int = option(64, "finetune batch; smaller batches give more steps in the same epochs "
                                           "(digits: 16, measured)")
-    baselines: bool = option(False, "also give each parent the same finetune, and distill the parents' ensemble "
-                                    "into a fresh model on the same budget (what fusion competes with)")
+    baselines: bool = option(False, "also give each parent the same finetune, re-fit each parent's classifier "
+                                    "on the same data (a linear probe), and distill the parents' ensemble into a "
+                                    "fresh model on the same budget (what fusion competes with)")
     plot: str | None = option(None, "write the transport maps as a picture (PNG)", artifact="maps.png")
     seed: int = option(0, "random seed")
 

@@ -23,6 +23,7 @@ from compress.ensemble import Ensemble, LogEnsemble
 from compress.errors import CompressError
 from compress.losses import distillation_objective
 from compress.measure import score, top1_by_class
+from compress.probe import refit_classifier
 from compress.result import Result, batch_of, measure_rows
 from compress.train import train
 from prune.width import narrow
@@ -66,6 +67,7 @@ def run(inputs, data, cfg: FuseRun, *, state: str | Path | None = None,
     same_shapes = all(m.state_dict()[k].shape == v.shape for m in models for k, v in models[0].state_dict().items())
     cfg, family = resolve_auto(cfg, models[anchor_i], images[:1], equal_widths=cfg.width == 1 and same_shapes)
     measured: dict[str, tuple[float, list[float] | None]] = {}  # name -> (test metric, per-class top-1)
+    notes_early: list[str] = []
     rows: list[tuple[str, nn.Module]] = []
 
     def record(name: str, model: nn.Module) -> float:
@@ -134,11 +136,22 @@ def run(inputs, data, cfg: FuseRun, *, state: str | Path | None = None,
             # alpha 0.5, T 1: the better of the two KD settings measured with the ensemble teacher (97.57 vs 97.31)
             values["ensemble_distilled"] = finetuned(fresh, "ensemble distilled into a fresh model", "distilled",
                                                      distillation_objective(LogEnsemble(models), 0.5, 1.0))
+    if cfg.baselines and d.task == "classification":  # one parent and the shared labels, in seconds
+        values["parents_refit"] = []
+        for i, m in enumerate(models):
+            t, what = time.perf_counter(), f"parent {i}, classifier re-fit"
+            try:
+                refit = refit_classifier(copy.deepcopy(m), d.train)
+            except CompressError as e:
+                notes_early.append(f"no classifier re-fit baseline: {e}")
+                break
+            seconds[what] = time.perf_counter() - t
+            values["parents_refit"].append(record(what, refit))
     timings.update(trace=report.seconds_trace, statistics=report.seconds_stats, ot_solve=report.seconds_solve,
                    apply=report.seconds_apply, regmean=report.seconds_regmean, repair=report.seconds_repair)
     values["seconds_by_stage"] = {k: round(v, 3) for k, v in timings.items()}
     values["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-    notes = [f"fallback: {f}" for f in report.fallbacks]
+    notes = notes_early + [f"fallback: {f}" for f in report.fallbacks]
     if report.unaligned:  # the alignment layer's rules were wrong there: those axes are averaged unaligned
         what = ("no space could be aligned: this fusion is a vanilla average" if not report.spaces else
                 f"{len(report.unaligned)} spaces failed the invariance check and are averaged without alignment")
@@ -189,8 +202,8 @@ def needs_finetune(fused: float, parents: list[float], models: list[str], data: 
 
 def fused_verdict(values: dict) -> list[str]:
     """Notes where the finetuned fused model ends below what the user has without fusing (the best parent as it
-    is, the best parent given the same finetune, the plain average or narrowed anchor given it) or below
-    itself before the finetune.
+    is, given the same finetune, or with its classifier re-fit on the same data; the plain average or narrowed
+    anchor given the finetune) or below itself before the finetune.
 
     Example:
         >>> fused_verdict({"metric": "top1", "parents": [65.2, 64.5], "ot_finetuned": 54.7})
@@ -207,6 +220,11 @@ def fused_verdict(values: dict) -> list[str]:
     if tuned:
         i = max(range(len(tuned)), key=tuned.__getitem__)
         rivals.append((f"parent {i} given the same finetune", tuned[i], "finetune that parent instead"))
+    refit = values.get("parents_refit") or []
+    if refit:
+        i = max(range(len(refit)), key=refit.__getitem__)
+        rivals.append((f"parent {i} with its classifier re-fit on the same data", refit[i],
+                       "re-fit that parent's classifier instead"))
     for key, what in (("vanilla_finetuned", "the vanilla average"), ("narrowed_finetuned", "the narrowed anchor")):
         if values.get(key) is not None:
             rivals.append((f"{what} given the same finetune", values[key], "alignment did not pay here"))

@@ -395,7 +395,10 @@ def test_parents_trained_on_different_classes_fuse_from_the_cli(tmp_path):
     assert r["class_groups"] == {"classes 0-4": [0, 1, 2, 3, 4], "classes 5-9": [5, 6, 7, 8, 9]}
     assert r["finetune_images"] == 129 and len(r["parents_finetuned"]) == 2 and r["ensemble_distilled"] is not None
     names = {row["name"] for row in r["rows"]}
-    assert {"output ensemble", "parent 0 + 2 ep", "ensemble distilled into a fresh model + 2 ep"} <= names
+    assert {"output ensemble", "parent 0 + 2 ep", "ensemble distilled into a fresh model + 2 ep",
+            "parent 1, classifier re-fit"} <= names
+    # the re-fit parent learnt the classes it barely saw from the shared labels, without a step on its body
+    assert sum(r["per_class"]["parent 0, classifier re-fit"][5:]) > sum(r["per_class"]["parent 0"][5:]) + 50
     per_class = r["per_class"]["parent 0"]  # parent 0 knows its own classes better than the others
     assert sum(per_class[:5]) > sum(per_class[5:])
     assert r["ground"] == "acts" and r["repair"] is False  # the conv family's measured default
@@ -412,6 +415,9 @@ def test_report_says_when_the_finetuned_fusion_is_below_what_the_user_has_withou
     assert len(notes) == 2
     assert "below parent 1 as it is (65.20): keep that parent" in notes[0]
     assert "below parent 0 given the same finetune (70.50)" in notes[1]
+    refit = fused_verdict({**values, "ot_finetuned": 71.0, "parents_refit": [73.0, 70.0, 60.0, 61.0]})
+    assert refit == ["the fused model after its finetune (71.00 top1) is below parent 0 with its classifier re-fit "
+                     "on the same data (73.00): re-fit that parent's classifier instead"]
     assert fused_verdict({**values, "ot_finetuned": 71.0}) == []
     assert "vanilla average" in fused_verdict({**values, "ot_finetuned": 71.0, "vanilla_finetuned": 72.0})[0]
     assert fused_verdict({**values, "ot_finetuned": None}) == []  # one-shot: the far-below note covers it

@@ -173,3 +173,21 @@ def test_batchnorm_reestimation_keeps_what_the_forward_does_not_reach():
     assert torch.allclose(a[1].running_mean, a[0](x).mean((0, 2, 3)).detach(), atol=1e-5)
     assert torch.equal(b[1].running_mean, torch.full((8,), 3.0))  # not reached: kept, not reset to zero
     assert batchnorm_outlives(a, 16) and not batchnorm_outlives(a, 80)
+
+
+def test_classifier_refit_fits_the_head_on_frozen_features_and_leaves_the_body_alone():
+    from compress.errors import CompressError
+    from compress.probe import pre_logits, refit_classifier
+
+    torch.manual_seed(0)
+    model = create_model("vit", num_classes=10, depth=1)
+    x = torch.randn(60, 3, 32, 32)
+    y = torch.arange(60) % 10
+    body = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("head.")}
+    before = (model.eval()(x).argmax(1) == y).float().mean().item()
+    refit_classifier(model, torch.utils.data.TensorDataset(x, y))
+    assert (model(x).argmax(1) == y).float().mean().item() == 1.0 > before  # 60 points in 96 dims: separable
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in body.items())
+    assert pre_logits(model, x).shape == (60, 96)
+    with pytest.raises(CompressError, match="one Linear classifier"):
+        refit_classifier(torch.nn.Linear(4, 2), torch.utils.data.TensorDataset(torch.randn(4, 4), torch.zeros(4)))
