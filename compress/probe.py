@@ -40,9 +40,9 @@ def fit_linear(features: torch.Tensor, labels: torch.Tensor, num_classes: int, l
         >>> w.shape, b.shape
         (torch.Size([3, 8]), torch.Size([3]))
     """
-    x, y = features.double(), labels.long()
-    w = torch.zeros(num_classes, x.shape[1], dtype=x.dtype, requires_grad=True)
-    b = torch.zeros(num_classes, dtype=x.dtype, requires_grad=bias)
+    x, y = features.double(), labels.long().to(features.device)
+    w = torch.zeros(num_classes, x.shape[1], dtype=x.dtype, device=x.device, requires_grad=True)
+    b = torch.zeros(num_classes, dtype=x.dtype, device=x.device, requires_grad=bias)
     opt = torch.optim.LBFGS([w, b] if bias else [w], max_iter=steps, tolerance_grad=1e-9, tolerance_change=1e-12,
                             history_size=20, line_search_fn="strong_wolfe")
 
@@ -74,7 +74,7 @@ def refit_classifier(model: nn.Module, data: Dataset, l2: float = 1e-3) -> nn.Mo
     if feats.ndim != 2 or feats.shape[1] != head.in_features:
         raise CompressError("the classifier's input is not the model's pooled features",
                             expected=f"(N, {head.in_features}) pre-logits", found=str(tuple(feats.shape)))
-    w, b = fit_linear(feats.cpu(), torch.cat(ys), head.out_features, l2, bias=head.bias is not None)
+    w, b = fit_linear(feats, torch.cat(ys), head.out_features, l2, bias=head.bias is not None)
     with torch.no_grad():
         head.weight.copy_(w.to(head.weight))
         if head.bias is not None:
