@@ -105,8 +105,8 @@ def refit_top1(path: str, shared: float, s: int) -> float:
 
 
 OTHER = ["ot_mean", "ot_mean_ft", "ot_regmean", "ot_regmean_ft"]  # the other merge's one-shot / finetuned
-KEYS = ["best_parent", "best_parent_ft", "best_parent_refit", "vanilla", "vanilla_ft", "ensemble", "ensemble_distilled", "ot", "ot_ft",
-        "ensemble_latency_ratio"]
+KEYS = ["best_parent", "best_parent_ft", "best_parent_refit", "vanilla", "vanilla_ft", "ensemble",
+        "ensemble_distilled", "ot", "ot_ft", "ensemble_latency_ratio"]
 
 
 def main_bench(seeds, archs, splits, epochs, lr, shared=0.1) -> dict:

@@ -395,6 +395,4 @@ def recompute_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: int 
         20
     """
     # near-equal batches: a last batch of one image has no batch statistics (BatchNorm refuses it)
-    n = reestimate_batchnorm(model.eval(), images.tensor_split(max(1, -(-len(images) // batch_size))))
-    model.eval()
-    return n
+    return reestimate_batchnorm(model.eval(), images.tensor_split(max(1, -(-len(images) // batch_size))))

@@ -67,7 +67,6 @@ def run(inputs, data, cfg: FuseRun, *, state: str | Path | None = None,
     same_shapes = all(m.state_dict()[k].shape == v.shape for m in models for k, v in models[0].state_dict().items())
     cfg, family = resolve_auto(cfg, models[anchor_i], images[:1], equal_widths=cfg.width == 1 and same_shapes)
     measured: dict[str, tuple[float, list[float] | None]] = {}  # name -> (test metric, per-class top-1)
-    notes_early: list[str] = []
     rows: list[tuple[str, nn.Module]] = []
 
     def record(name: str, model: nn.Module) -> float:
@@ -136,6 +135,17 @@ def run(inputs, data, cfg: FuseRun, *, state: str | Path | None = None,
             # alpha 0.5, T 1: the better of the two KD settings measured with the ensemble teacher (97.57 vs 97.31)
             values["ensemble_distilled"] = finetuned(fresh, "ensemble distilled into a fresh model", "distilled",
                                                      distillation_objective(LogEnsemble(models), 0.5, 1.0))
+    timings.update(trace=report.seconds_trace, statistics=report.seconds_stats, ot_solve=report.seconds_solve,
+                   apply=report.seconds_apply, regmean=report.seconds_regmean, repair=report.seconds_repair)
+    values["seconds_by_stage"] = {k: round(v, 3) for k, v in timings.items()}
+    values["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    notes = [f"fallback: {f}" for f in report.fallbacks]
+    if report.unaligned:  # the alignment layer's rules were wrong there: those axes are averaged unaligned
+        what = ("no space could be aligned: this fusion is a vanilla average" if not report.spaces else
+                f"{len(report.unaligned)} spaces failed the invariance check and are averaged without alignment")
+        notes.append(f"{what} ({', '.join(report.unaligned[:6])}{', ...' if len(report.unaligned) > 6 else ''})")
+    if family:
+        notes.append(f"auto settings for the {family}")
     if cfg.baselines and d.task == "classification":  # one parent and the shared labels, in seconds
         values["parents_refit"] = []
         for i, m in enumerate(models):
@@ -143,21 +153,10 @@ def run(inputs, data, cfg: FuseRun, *, state: str | Path | None = None,
             try:
                 refit = refit_classifier(copy.deepcopy(m), d.train)
             except CompressError as e:
-                notes_early.append(f"no classifier re-fit baseline: {e}")
+                notes.append(f"no classifier re-fit baseline: {e}")
                 break
             seconds[what] = time.perf_counter() - t
             values["parents_refit"].append(record(what, refit))
-    timings.update(trace=report.seconds_trace, statistics=report.seconds_stats, ot_solve=report.seconds_solve,
-                   apply=report.seconds_apply, regmean=report.seconds_regmean, repair=report.seconds_repair)
-    values["seconds_by_stage"] = {k: round(v, 3) for k, v in timings.items()}
-    values["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-    notes = notes_early + [f"fallback: {f}" for f in report.fallbacks]
-    if report.unaligned:  # the alignment layer's rules were wrong there: those axes are averaged unaligned
-        what = ("no space could be aligned: this fusion is a vanilla average" if not report.spaces else
-                f"{len(report.unaligned)} spaces failed the invariance check and are averaged without alignment")
-        notes.append(f"{what} ({', '.join(report.unaligned[:6])}{', ...' if len(report.unaligned) > 6 else ''})")
-    if family:
-        notes.append(f"auto settings for the {family}")
     out_score = values["ot_finetuned"] if ft is not None else values["ot"]
     if ft is None:
         notes += needs_finetune(values["ot"], parents, names, spec_of(data), cfg.subset)
