@@ -57,26 +57,29 @@ def fit_linear(features: torch.Tensor, labels: torch.Tensor, num_classes: int, l
 
 
 def refit_classifier(model: nn.Module, data: Dataset, l2: float = 1e-3) -> nn.Module:
-    """Replace `model`'s classifier (one Linear, timm's `get_classifier`) by a logistic regression fitted on the
-    features it reads over `data` (images, labels), the rest of the model unchanged; returns `model`.
+    """Replace `model`'s classifier (timm's `get_classifier`: one Linear, or the pair of a distilled model, whose
+    eval output is their mean) by a logistic regression fitted on the features it reads over `data` (images,
+    labels), the rest of the model unchanged; returns `model`.
 
     Example:
         >>> refit_classifier(parent, as_data("digits", spec, subset="fraction=0.1").train)
     """
-    head = model.get_classifier() if hasattr(model, "get_classifier") else None
-    if not isinstance(head, nn.Linear) or not hasattr(model, "forward_head"):
-        raise CompressError(f"a classifier re-fit needs a timm model with one Linear classifier, "
-                            f"found {type(model).__name__} with {type(head).__name__}",
+    heads = model.get_classifier() if hasattr(model, "get_classifier") else None
+    heads = heads if isinstance(heads, tuple) else (heads,)
+    if not all(isinstance(h, nn.Linear) for h in heads) or not hasattr(model, "forward_head"):
+        raise CompressError(f"a classifier re-fit needs a timm model with Linear classifiers, found "
+                            f"{type(model).__name__} with {', '.join(type(h).__name__ for h in heads)}",
                             expected="get_classifier() -> nn.Linear and forward_head(..., pre_logits=True)")
-    device = head.weight.device
+    head = heads[0]
     xs, ys = zip(*((x, y) for x, y in DataLoader(data, batch_size=256)))
-    feats = pre_logits(model, torch.cat(xs).to(device))
+    feats = pre_logits(model, torch.cat(xs).to(head.weight.device))
     if feats.ndim != 2 or feats.shape[1] != head.in_features:
         raise CompressError("the classifier's input is not the model's pooled features",
                             expected=f"(N, {head.in_features}) pre-logits", found=str(tuple(feats.shape)))
     w, b = fit_linear(feats, torch.cat(ys), head.out_features, l2, bias=head.bias is not None)
-    with torch.no_grad():
-        head.weight.copy_(w.to(head.weight))
-        if head.bias is not None:
-            head.bias.copy_(b.to(head.bias))
+    with torch.no_grad():  # a distilled pair's pre-logits are the mean of what its two heads read: one fit for both
+        for h in heads:
+            h.weight.copy_(w.to(h.weight))
+            if h.bias is not None:
+                h.bias.copy_(b.to(h.bias))
     return model

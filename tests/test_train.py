@@ -189,5 +189,9 @@ def test_classifier_refit_fits_the_head_on_frozen_features_and_leaves_the_body_a
     assert (model(x).argmax(1) == y).float().mean().item() == 1.0 > before  # 60 points in 96 dims: separable
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in body.items())
     assert pre_logits(model, x).shape == (60, 96)
-    with pytest.raises(CompressError, match="one Linear classifier"):
+    distilled = create_model("efficientformerv2", num_classes=10)  # two heads, averaged at eval: the fitted map
+    head = refit_classifier(distilled, torch.utils.data.TensorDataset(x, y)).get_classifier()[1]
+    with torch.no_grad():
+        assert torch.allclose(distilled.eval()(x), pre_logits(distilled, x) @ head.weight.T + head.bias, atol=1e-5)
+    with pytest.raises(CompressError, match="Linear classifiers"):
         refit_classifier(torch.nn.Linear(4, 2), torch.utils.data.TensorDataset(torch.randn(4, 4), torch.zeros(4)))
