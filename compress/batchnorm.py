@@ -29,8 +29,7 @@ def reestimate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], trai
         >>> reestimate_batchnorm(fused.eval(), images.split(64))
         20
     """
-    bns = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats
-           and (m.training or not training_only)]
+    bns = [m for m in _tracking(model) if m.training or not training_only]
     kept = [(bn.momentum, bn.training, bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone())
             for bn in bns]
     for bn in bns:
@@ -56,6 +55,9 @@ def batchnorm_outlives(model: nn.Module, steps: int, share: float = 0.01) -> boo
         >>> batchnorm_outlives(resnet, 16), batchnorm_outlives(resnet, 80)
         (True, False)
     """
-    momenta = [m.momentum for m in model.modules()
-               if isinstance(m, _BatchNorm) and m.track_running_stats and m.momentum is not None]
-    return any((1 - m) ** steps > share for m in momenta)
+    return any((1 - m.momentum) ** steps > share for m in _tracking(model) if m.momentum is not None)
+
+
+def _tracking(model: nn.Module) -> list[_BatchNorm]:
+    """`model`'s BatchNorms that keep running statistics."""
+    return [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]

@@ -71,7 +71,7 @@ def refit_classifier(model: nn.Module, data: Dataset, l2: float = 1e-3) -> nn.Mo
                             f"{type(model).__name__} with {', '.join(type(h).__name__ for h in heads)}",
                             expected="get_classifier() -> nn.Linear and forward_head(..., pre_logits=True)")
     head = heads[0]
-    xs, ys = zip(*((x, y) for x, y in DataLoader(data, batch_size=256)))
+    xs, ys = zip(*DataLoader(data, batch_size=256))
     feats = pre_logits(model, torch.cat(xs).to(head.weight.device))
     if feats.ndim != 2 or feats.shape[1] != head.in_features:
         raise CompressError("the classifier's input is not the model's pooled features",

@@ -212,18 +212,14 @@ def fused_verdict(values: dict) -> list[str]:
     if fused is None:
         return []
     rivals = []
-    parents = values["parents"]
-    best = max(range(len(parents)), key=parents.__getitem__)
-    rivals.append((f"parent {best} as it is", parents[best], "keep that parent"))
-    tuned = values.get("parents_finetuned") or []
-    if tuned:
-        i = max(range(len(tuned)), key=tuned.__getitem__)
-        rivals.append((f"parent {i} given the same finetune", tuned[i], "finetune that parent instead"))
-    refit = values.get("parents_refit") or []
-    if refit:
-        i = max(range(len(refit)), key=refit.__getitem__)
-        rivals.append((f"parent {i} with its classifier re-fit on the same data", refit[i],
-                       "re-fit that parent's classifier instead"))
+    for key, how, advice in (("parents", "as it is", "keep that parent"),
+                             ("parents_finetuned", "given the same finetune", "finetune that parent instead"),
+                             ("parents_refit", "with its classifier re-fit on the same data",
+                              "re-fit that parent's classifier instead")):
+        scores = values.get(key) or []
+        if scores:  # the best parent of each kind
+            i = max(range(len(scores)), key=scores.__getitem__)
+            rivals.append((f"parent {i} {how}", scores[i], advice))
     for key, what in (("vanilla_finetuned", "the vanilla average"), ("narrowed_finetuned", "the narrowed anchor")):
         if values.get(key) is not None:
             rivals.append((f"{what} given the same finetune", values[key], "alignment did not pay here"))
