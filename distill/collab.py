@@ -274,9 +274,13 @@ def run_collab(inputs, data, cfg: DistillRun, *, state=None, resume: bool = Fals
         net = model if spec_in is None else nn.Sequential(spec_in, model)
         return score(net.eval(), d.test, d.num_classes, task)
 
+    def init(i: int) -> nn.Module:
+        # each peer from its own seed, the same in every row: a peer alone starts where it starts beside the other
+        torch.manual_seed(cfg.seed + i)
+        return bases[i].instantiate()
+
     def fit(mode: str) -> tuple[Peers, float]:
-        torch.manual_seed(cfg.seed)
-        a, b = bases[0].instantiate(), bases[1].instantiate()
+        a, b = init(0), init(1)
         peers = Peers(a, b, specs[0], specs[1], _with_method(cfg, mode), d.num_classes, task)
         t = time.perf_counter()
         train(peers, d.train, tcfg, loss_fn=lambda net, x, y: net(x, y),
@@ -286,8 +290,7 @@ def run_collab(inputs, data, cfg: DistillRun, *, state=None, resume: bool = Fals
         return peers, time.perf_counter() - t
 
     def solo(i: int) -> tuple[nn.Module, float]:
-        torch.manual_seed(cfg.seed)
-        model = bases[i].instantiate()
+        model = init(i)
         c = cfg.training()
         c.lr = cfg.lr if i == 0 else (cfg.peer_lr or cfg.lr)
         c.label_smoothing = cfg.label_smoothing  # the peers' own cross-entropy: the same objective alone
@@ -328,7 +331,7 @@ def run_collab(inputs, data, cfg: DistillRun, *, state=None, resume: bool = Fals
     notes += little_to_teach(values, metric)
     for who, key in (("student", ""), ("peer", "peer_")):
         alone = values.get(f"{key}solo_{metric}")
-        if alone is not None and values[f"{key}{metric}"] < alone:
+        if alone is not None and round(values[f"{key}{metric}"], 2) < round(alone, 2):  # below as printed
             partner = "its peer" if who == "student" else "the student"
             notes.append(f"the {who} trained with {partner} ({values[f'{key}{metric}']:.2f}) ends below the same model "
                          f"trained alone ({alone:.2f})")

@@ -121,16 +121,16 @@ def run(inputs, data, cfg: DistillRun, *, state: str | Path | None = None,
     models.append((f"student {base.arch}: {cfg.method}", student))
     scores[models[-1][0]], times[models[-1][0]] = values[metric], seconds
     alone = values.get(f"scratch_{metric}")
-    if alone is not None and values[f"teacher_{metric}"] < alone:
+    if alone is not None and round(values[f"teacher_{metric}"], 1) < round(alone, 1):  # below as printed
         notes.append(f"the teacher ({values[f'teacher_{metric}']:.1f}%) is weaker than the student trained alone "
                      f"({alone:.1f}%): it can only hold the student back; train the teacher longer or use a "
                      "stronger one")
     x = batch_of(d.test, 256).to(device_of(student))
     if cfg.method == "hybrid":
         values.update(_hybrid_values(main, trained.get("fd"), mim, x[:64], base, cfg))
-        notes.append(f"hybrid: masking ({cfg.mask_schedule} schedule) removed up to {cfg.mask_max:.0%} of the student's tokens, "
-                     f"{values['masking_flops_saving']:.0%} of its training forward FLOPs over the schedule; "
-                     f"redundancy scored by the {values['mask_score']} CLS attention")
+        notes.append(f"hybrid: masking ({cfg.mask_schedule} schedule) removed up to {cfg.mask_max:.0%} of the "
+                     f"student's tokens, {values['masking_flops_saving']:.0%} of its training forward FLOPs over the "
+                     f"schedule; redundancy scored by the {values['mask_score']} CLS attention")
     nets = [getattr(m, "backbone", m) for m in (teacher, student)]  # a segmentation network's backbone
     with torch.no_grad():
         t_feats = align(nets[0], teacher_ckpt.input.size).features(main.teacher_input(x))
