@@ -55,6 +55,16 @@ class FuseReport:
             return 1.0
         return float(sum(partners(t) for t in self.maps.values()) / len(self.maps))
 
+    @property
+    def in_place(self) -> float:
+        """Share of the units (over the latest map of each square space) whose mass stays at their own index:
+        about 1 when the parents share their start (finetuned from the same weights), about 1/n when not."""
+        square = [t for t in self.maps.values() if t.shape[0] == t.shape[1]]
+        if not square:
+            return 0.0
+        kept = sum(int((t.argmax(1) == torch.arange(len(t), device=t.device)).sum()) for t in square)
+        return kept / sum(len(t) for t in square)
+
 
 # Correlations closer than RESOLUTION are ties (float32 moments of a permuted copy's own neurons come out
 # 1e-6 apart, and the cost's square root turns that into 1e-3). Where a space has ties, its correlations are

@@ -33,6 +33,8 @@ from .fusion import fuse_models, recompute_batchnorm, resolve_auto, vanilla_aver
 
 __all__ = ["run", "FuseRun"]
 
+IN_PLACE = 0.9  # share of units the alignment leaves in place above which the parents share their start
+
 
 def run(inputs, data, cfg: FuseRun, *, state: str | Path | None = None,
         resume: bool = False) -> tuple[Checkpoint, Result]:
@@ -113,7 +115,8 @@ def run(inputs, data, cfg: FuseRun, *, state: str | Path | None = None,
     values.update(ot_finetuned=None, vanilla_finetuned=None, narrowed_finetuned=None, batchnorm_recomputed=bn,
                   spaces=report.spaces, unmatched_spaces=report.unmatched, unaligned_spaces=report.unaligned,
                   fallbacks=report.fallbacks,
-                  repaired_layers=report.repaired, regmean_layers=report.regmean, partners=report.partners)
+                  repaired_layers=report.repaired, regmean_layers=report.regmean, partners=report.partners,
+                  units_in_place=round(report.in_place, 4))
     seconds = {one_shot: timings["fuse"]}
     if ft is not None:
         def finetuned(model: nn.Module, what: str, tag: str, loss_fn=None) -> float:
@@ -146,6 +149,9 @@ def run(inputs, data, cfg: FuseRun, *, state: str | Path | None = None,
         notes.append(f"{what} ({', '.join(report.unaligned[:6])}{', ...' if len(report.unaligned) > 6 else ''})")
     if family:
         notes.append(f"auto settings for the {family}")
+    if report.in_place > IN_PLACE:  # from random inits about 1/n of the units stay in place
+        notes.append(f"the alignment left {report.in_place:.1%} of the units where they were: the parents share their "
+                     "start (finetuned from the same weights), so their merge, not the alignment, decides the result")
     if cfg.baselines and d.task == "classification":  # one parent and the shared labels, in seconds
         values["parents_refit"] = []
         for i, m in enumerate(models):
@@ -220,14 +226,17 @@ def fused_verdict(values: dict) -> list[str]:
         if scores:  # the best parent of each kind
             i = max(range(len(scores)), key=scores.__getitem__)
             rivals.append((f"parent {i} {how}", scores[i], advice))
+    shared_start = (values.get("units_in_place") or 0) > IN_PLACE  # then the alignment changed little
     for key, what in (("vanilla_finetuned", "the vanilla average"), ("narrowed_finetuned", "the narrowed anchor")):
         if values.get(key) is not None:
-            rivals.append((f"{what} given the same finetune", values[key], "alignment did not pay here"))
+            rivals.append((f"{what} given the same finetune", values[key],
+                           "the merge's settings did not pay here (try --merge mean --no-repair)" if shared_start
+                           else "alignment did not pay here"))
     if values.get("ot") is not None:
         rivals.append(("itself before the finetune", values["ot"],
                        "the finetune undid part of the merge: lower --finetune-lr, or keep the one-shot fusion"))
     return [f"the fused model after its finetune ({fused:.2f} {values['metric']}) is below {what} ({v:.2f}): {advice}"
-            for what, v, advice in rivals if fused < v]
+            for what, v, advice in rivals if round(fused, 2) < round(v, 2)]  # below as printed
 
 
 def lost_classes(parents: list[list[float]], fused: list[float], what: str = "the fused model",

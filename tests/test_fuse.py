@@ -30,6 +30,21 @@ def test_self_fusion_with_a_permuted_copy_returns_the_same_function(arch, solver
     assert_same_function(arch, state, model, size)
 
 
+def test_units_in_place_tells_parents_that_share_their_start_from_permuted_ones():
+    """Two models finetuned from the same weights keep their units in place; a permuted copy does not."""
+    model, size = small_model("vit")
+    perturb_(model)
+    finetuned = copy.deepcopy(model)
+    with torch.no_grad():
+        for t in finetuned.parameters():
+            t.add_(0.2 * t.std().nan_to_num(0) * torch.randn_like(t))
+    x = torch.randn(64, 3, size, size)
+    cfg = FuseConfig(ground="wts", calib=64, batch_size=32, repair=False)
+    _, shared_start = fuse_models([finetuned, model], x, cfg)
+    _, permuted = fuse_models([permuted_copy("vit", model, size), model], x, cfg)
+    assert shared_start.in_place > 0.9 and permuted.in_place < 0.5
+
+
 def test_transport_maps_normalise_rows_and_columns():
     cost = torch.rand(6, 4)
     sol = solve(cost, "emd")
@@ -419,7 +434,11 @@ def test_report_says_when_the_finetuned_fusion_is_below_what_the_user_has_withou
     assert refit == ["the fused model after its finetune (71.00 top1) is below parent 0 with its classifier re-fit "
                      "on the same data (73.00): re-fit that parent's classifier instead"]
     assert fused_verdict({**values, "ot_finetuned": 71.0}) == []
-    assert "vanilla average" in fused_verdict({**values, "ot_finetuned": 71.0, "vanilla_finetuned": 72.0})[0]
+    below_vanilla = {**values, "ot_finetuned": 71.0, "vanilla_finetuned": 72.0}
+    assert fused_verdict(below_vanilla)[0].endswith("(72.00): alignment did not pay here")
+    # parents that share their start: the alignment left their units in place, the merge is what did not pay
+    assert "try --merge mean" in fused_verdict({**below_vanilla, "units_in_place": 0.998})[0]
+    assert fused_verdict({**values, "ot_finetuned": 71.0, "vanilla_finetuned": 71.004}) == []  # level as printed
     assert fused_verdict({**values, "ot_finetuned": None}) == []  # one-shot: the far-below note covers it
     assert fused_verdict({**values, "ot": 60.0, "ot_finetuned": 71.0, "parents_finetuned": [70.0]}) == []
     undone = fused_verdict({**values, "ot": 72.0, "ot_finetuned": 71.0, "parents_finetuned": [70.0]})
