@@ -14,8 +14,11 @@ the training split (`--subset fraction=0.1`, 129 images, which is at most 10% of
 parent + the same finetune, each parent with its classifier re-fit on the shared set (a linear probe), the
 vanilla average + the finetune, the parents' output ensemble (N x the cost), and the ensemble distilled into a
 fresh model with the same budget. Test top-1 on the full test split.
+With `--start mim` the ViT parents are not trained from their own random inits but finetuned from one shared
+start, an MAE pretrained on the unlabelled training split (a real user's parents often share public weights).
 
 Run: .venv/bin/python bench/fuse_split.py [--seeds 0 1 2] [--archs vit resnet] [--splits 5/5 quarters]
+     [--start scratch|mim]
      (writes bench/results/fuse_split.json and prints the markdown tables)
 """
 
@@ -36,7 +39,8 @@ R = Path("bench/results/split")
 TRAIN = {"vit": ["--recipe", "recipes/train-vit.yaml"], "resnet": ["--recipe", "recipes/train-resnet.yaml"]}
 SPLITS = {"5/5": ["classes=0-4,others=0.1", "classes=5-9,others=0.1"],
           "quarters": [f"shard={i}/4" for i in range(1, 5)],
-          # each parent sees about 6 images of each class it does not own (32 in all): it misses half the classes in practice
+          # each parent sees about 6 images of each class it does not own (32 in all): in practice it misses half
+          # the classes
           "5/5 strict": ["classes=0-4,others=0.05", "classes=5-9,others=0.05"],
           # 2.5% of the others: 16 images, 1 of some classes (with 2% some class of 0-4 has none, which is refused)
           "5/5 nearly disjoint": ["classes=0-4,others=0.025", "classes=5-9,others=0.025"],
@@ -53,25 +57,38 @@ def run(argv: list[str]) -> None:
         raise SystemExit(f"failed: {' '.join(argv)}")
 
 
-def parents(arch: str, split: str, s: int) -> list[str]:
+def start(arch: str, s: int) -> Path:
+    """The parents' shared start for `--start mim`: an MAE of the same shape pretrained on the whole training
+    split without its labels (what public self-supervised weights are to a real user), one per seed set."""
+    path = R / f"{arch}-mim-s{s}.pt"
+    if not path.exists():
+        run(["train", "--arch", arch, "--objective", "mim", "--epochs", "30", "--data", "digits", "--seed", str(s),
+             "--out", str(path)])
+    return path
+
+
+def parents(arch: str, split: str, s: int, from_mim: bool = False) -> list[str]:
     paths = []
     for i, subset in enumerate(SPLITS[split]):
-        tag = f"{arch}-{slug(split)}-s{s}-p{i}"
+        tag = f"{arch}-{slug(split)}-s{s}{'-mim' if from_mim else ''}-p{i}"
         path = R / f"{tag}.pt"
         if not path.exists():  # shards are drawn with the seed set's seed; parents get their own seeds
             shard_seed = f",seed={s}" if subset.startswith("shard") else ""
-            run(["train", *TRAIN[arch], "--subset", subset + shard_seed, "--seed", str(10 * s + i), "--out", str(path)])
+            init = ["--init", str(start(arch, s))] if from_mim else []
+            run(["train", *TRAIN[arch], *init, "--subset", subset + shard_seed, "--seed", str(10 * s + i),
+                 "--out", str(path)])
         paths.append(str(path))
     return paths
 
 
-def fuse(arch: str, split: str, s: int, epochs: int, lr: float, shared: float = 0.1) -> dict:
-    tag = f"{arch}-{slug(split)}-s{s}-fused-e{epochs}" + ("" if shared == 0.1 else f"-shared{shared:g}")
+def fuse(arch: str, split: str, s: int, epochs: int, lr: float, shared: float = 0.1, from_mim: bool = False) -> dict:
+    tag = (f"{arch}-{slug(split)}-s{s}{'-mim' if from_mim else ''}-fused-e{epochs}"
+           + ("" if shared == 0.1 else f"-shared{shared:g}"))
 
     def fused(name: str, *flags: str) -> dict:  # one `compress fuse` on the parents, cached by its JSON
         js = R / f"{name}.json"
         if not js.exists():
-            run(["fuse", "--models", *parents(arch, split, s), "--subset", f"fraction={shared:g},seed={s}",
+            run(["fuse", "--models", *parents(arch, split, s, from_mim), "--subset", f"fraction={shared:g},seed={s}",
                  "--finetune-epochs", str(epochs), "--finetune-batch-size", "16", "--finetune-lr", str(lr),
                  *flags, "--out", str(R / f"{name}.pt"), "--json", str(js)])
         return json.loads(js.read_text())
@@ -81,7 +98,8 @@ def fuse(arch: str, split: str, s: int, epochs: int, lr: float, shared: float = 
         other = "mean" if r["merge"] == "regmean" else "regmean"
         m = fused(f"{tag}-{other}", "--merge", other)
         r[f"ot_{other}"], r[f"ot_{other}_ft"] = m["ot"], m["ot_finetuned"]
-    refit = r.get("parents_refit") or [refit_top1(p, shared, s) for p in parents(arch, split, s)]  # runs before it
+    # fusions cached before the pipeline measured the re-fit get it from the same checkpoints
+    refit = r.get("parents_refit") or [refit_top1(p, shared, s) for p in parents(arch, split, s, from_mim)]
     rows = {row["name"]: row for row in r["rows"]}
     lat = {k: v["latency_ms"] for k, v in rows.items()}
     return {"parents": r["parents"], "best_parent": max(r["parents"]),
@@ -109,15 +127,16 @@ KEYS = ["best_parent", "best_parent_ft", "best_parent_refit", "vanilla", "vanill
         "ensemble_distilled", "ot", "ot_ft", "ensemble_latency_ratio"]
 
 
-def main_bench(seeds, archs, splits, epochs, lr, shared=0.1) -> dict:
+def main_bench(seeds, archs, splits, epochs, lr, shared=0.1, from_mim=False) -> dict:
     R.mkdir(parents=True, exist_ok=True)
     out = {}
     for arch in archs:
         for split in splits:
-            runs = [fuse(arch, split, s, epochs[arch], lr, shared) for s in seeds]
+            runs = [fuse(arch, split, s, epochs[arch], lr, shared, from_mim) for s in seeds]
             # the table's finetune: 10 epochs; another length gets its own key, on any shared set
             budget = f", {epochs[arch]} finetune epochs" if epochs[arch] != 10 else ""
-            out[f"{arch} {split}" + ("" if shared == 0.1 else f", shared {shared:g}") + budget] = {
+            start = ", from a shared MAE" if from_mim else ""
+            out[f"{arch} {split}{start}" + ("" if shared == 0.1 else f", shared {shared:g}") + budget] = {
                 **{k: round(statistics.mean(r[k] for r in runs), 2) for k in KEYS},
                 **{k: round(statistics.mean(r[k] for r in runs), 2) for k in OTHER if runs[0][k] is not None},
                 "runs": runs, "seeds": seeds, "finetune_epochs": epochs[arch]}
@@ -134,8 +153,14 @@ if __name__ == "__main__":
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--shared", type=float, default=0.1,
                     help="the shared finetune set: this fraction of each class of the training split")
+    ap.add_argument("--start", choices=["scratch", "mim"], default="scratch",
+                    help="the parents' start: each its own random init, or one shared MAE pretrained on the "
+                         "unlabelled training split (ViT only)")
     a = ap.parse_args()
-    res = main_bench(a.seeds, a.archs, a.splits, {"vit": a.vit_epochs, "resnet": a.resnet_epochs}, a.lr, a.shared)
+    if a.start == "mim" and a.archs != ["vit"]:
+        ap.error("--start mim pretrains an MAE, which needs a ViT: use --archs vit")
+    res = main_bench(a.seeds, a.archs, a.splits, {"vit": a.vit_epochs, "resnet": a.resnet_epochs}, a.lr, a.shared,
+                     a.start == "mim")
     path = Path("bench/results/fuse_split.json")
     path.write_text(json.dumps({**(json.loads(path.read_text()) if path.exists() else {}), **res}, indent=1))
     print("| model, split | best parent | best parent + FT | best parent, classifier re-fit | vanilla | vanilla + FT | "

@@ -12,7 +12,8 @@ transferred in each direction; the two alone models' output ensemble and the sha
 each alone gets right where the other is wrong (what the peer could teach at all).
 
 Run: .venv/bin/python bench/hybrid_digits.py [--only hybrid|hybrid-layer|collab] [--collab-data digits digit-scenes]
-     [--scenes-peer vit|swin|pvt] [--pixel-temperature TAU]   (writes bench/results/hybrid_digits.json)
+     [--scenes-peer vit|swin|pvt] [--pixel-temperature TAU] [--resnet-channels 8x16x32x64] [--seeds ...]
+     (writes bench/results/hybrid_digits.json; collab prints each peer's per-seed differences to its baselines)
 """
 
 import argparse
@@ -25,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cli import main  # noqa: E402
 
 R = Path("bench/results")
-SLIM = ["--student-args", "channels=16x32x64x128"]
+SLIM = "16x32x64x128"  # the slim ResNet-18's stage widths
 
 
 def run(tag: str, argv: list[str]) -> dict:
@@ -97,10 +98,13 @@ def hybrid_layer(seeds: list[int], epochs: int, mim_epochs: int) -> dict:
     return out
 
 
-def collab(seeds: list[int], data: str, epochs: int, peer_arch: str = "vit", tau: float = 1.0) -> dict:
+def collab(seeds: list[int], data: str, epochs: int, peer_arch: str = "vit", tau: float = 1.0,
+           channels: str = SLIM) -> dict:
     peer = ["--peer", peer_arch] + (["--peer-args", "img_size=64"] if data == "digit-scenes" else [])
-    tag = (data if peer_arch == "vit" else f"{data}-{peer_arch}") + ("" if tau == 1 else f"-t{tau:g}")
-    runs = [run(f"collab-{tag}-e{epochs}-s{s}", ["distill", "--method", "collab", "--student", "resnet", *SLIM,
+    tag = ((data if peer_arch == "vit" else f"{data}-{peer_arch}") + ("" if tau == 1 else f"-t{tau:g}")
+           + ("" if channels == SLIM else f"-c{channels}"))
+    runs = [run(f"collab-{tag}-e{epochs}-s{s}", ["distill", "--method", "collab", "--student", "resnet",
+                                                   "--student-args", f"channels={channels}",
                                                    *peer, "--epochs", str(epochs), "--data", data, "--seed", str(s),
                                                    "--pixel-temperature", str(tau)])
             for s in seeds]
@@ -109,8 +113,19 @@ def collab(seeds: list[int], data: str, epochs: int, peer_arch: str = "vit", tau
             "only_student_right", "only_peer_right", "train_seconds", "solo_seconds", "peer_solo_seconds",
             "dml_seconds"]
     out = {k: mean(runs, k) for k in keys}
-    out.update(metric=m, epochs=epochs, seeds=seeds, transfers=[r["transfers"] for r in runs], runs=runs)
+    out.update(metric=m, epochs=epochs, seeds=seeds, transfers=[r["transfers"] for r in runs], runs=runs,
+               paired={f"{who}{m} - {who}{base}": paired(runs, f"{who}{m}", f"{who}{base}")
+                       for who in ("", "peer_") for base in (f"solo_{m}", f"dml_{m}")})
     return out
+
+
+def paired(runs: list[dict], key: str, base: str) -> dict:
+    """Per-seed differences of two rows that share the seed (each peer starts from the same weights and sees
+    the same batches in every row): mean, standard error, and the seeds above / level / below."""
+    d = [r[key] - r[base] for r in runs]
+    se = statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else float("nan")
+    return {"mean": round(statistics.mean(d), 3), "se": round(se, 3), "above": sum(x > 0 for x in d),
+            "level": sum(x == 0 for x in d), "below": sum(x < 0 for x in d), "per_seed": [round(x, 2) for x in d]}
 
 
 if __name__ == "__main__":
@@ -127,6 +142,9 @@ if __name__ == "__main__":
                          "paper's ViT peer is SegFormer, whose encoder is PVT-v2's design)")
     ap.add_argument("--pixel-temperature", type=float, default=1.0,
                     help="collab and its DML baseline: the pixel-wise KL's temperature")
+    ap.add_argument("--resnet-channels", default=SLIM,
+                    help="collab: the ResNet peer's stage widths (8x16x32x64: half the slim ResNet-18, closer to "
+                         "the ViT's strength)")
     args = ap.parse_args()
     path = R / "hybrid_digits.json"
     res = json.loads(path.read_text()) if path.exists() else {}
@@ -141,8 +159,10 @@ if __name__ == "__main__":
             epochs = args.scenes_epochs if data == "digit-scenes" else args.collab_epochs
             peer = args.scenes_peer if data == "digit-scenes" else "vit"
             key = (f"collab {data}" + ("" if peer == "vit" else f" {peer}")
-                   + ("" if args.pixel_temperature == 1 else f" tau {args.pixel_temperature:g}"))
-            res[key] = collab(args.seeds, data, epochs, peer, args.pixel_temperature)
+                   + ("" if args.pixel_temperature == 1 else f" tau {args.pixel_temperature:g}")
+                   + ("" if args.seeds == [0, 1, 2] else f" seeds {args.seeds[0]}-{args.seeds[-1]}")
+                   + ("" if args.resnet_channels == SLIM else f" resnet {args.resnet_channels}"))
+            res[key] = collab(args.seeds, data, epochs, peer, args.pixel_temperature, args.resnet_channels)
             path.write_text(json.dumps(res, indent=1))
     if "hybrid" in res:
         h = res["hybrid"]
@@ -163,3 +183,6 @@ if __name__ == "__main__":
                   (f" | both alone, ensembled {c[f'solo_ensemble_{m}']:.2f}; right where the other is wrong: the "
                    f"student {c['only_student_right']:.2f}%, the peer {c['only_peer_right']:.2f}%"
                    if f"solo_ensemble_{m}" in c else ""))
+            for what, p in c.get("paired", {}).items():  # the seed's rows share inits: their difference is paired
+                print(f"  {what}: {p['mean']:+.2f} (se {p['se']:.2f}; seeds above / level / below: {p['above']} / "
+                      f"{p['level']} / {p['below']})")
