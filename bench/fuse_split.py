@@ -135,8 +135,8 @@ def main_bench(seeds, archs, splits, epochs, lr, shared=0.1, from_mim=False) -> 
             runs = [fuse(arch, split, s, epochs[arch], lr, shared, from_mim) for s in seeds]
             # the table's finetune: 10 epochs; another length gets its own key, on any shared set
             budget = f", {epochs[arch]} finetune epochs" if epochs[arch] != 10 else ""
-            start = ", from a shared MAE" if from_mim else ""
-            out[f"{arch} {split}{start}" + ("" if shared == 0.1 else f", shared {shared:g}") + budget] = {
+            origin = ", from a shared MAE" if from_mim else ""
+            out[f"{arch} {split}{origin}" + ("" if shared == 0.1 else f", shared {shared:g}") + budget] = {
                 **{k: round(statistics.mean(r[k] for r in runs), 2) for k in KEYS},
                 **{k: round(statistics.mean(r[k] for r in runs), 2) for k in OTHER if runs[0][k] is not None},
                 "runs": runs, "seeds": seeds, "finetune_epochs": epochs[arch]}

@@ -119,6 +119,12 @@ def collab(seeds: list[int], data: str, epochs: int, peer_arch: str = "vit", tau
     return out
 
 
+def seed_span(seeds: list[int]) -> str:
+    """'0-9' for consecutive seeds, else '0,5,7'."""
+    consecutive = seeds == list(range(seeds[0], seeds[0] + len(seeds)))
+    return f"{seeds[0]}-{seeds[-1]}" if consecutive else ",".join(map(str, seeds))
+
+
 def paired(runs: list[dict], key: str, base: str) -> dict:
     """Per-seed differences of two rows that share the seed (each peer starts from the same weights and sees
     the same batches in every row): mean, standard error, and the seeds above / level / below."""
@@ -160,7 +166,7 @@ if __name__ == "__main__":
             peer = args.scenes_peer if data == "digit-scenes" else "vit"
             key = (f"collab {data}" + ("" if peer == "vit" else f" {peer}")
                    + ("" if args.pixel_temperature == 1 else f" tau {args.pixel_temperature:g}")
-                   + ("" if args.seeds == [0, 1, 2] else f" seeds {args.seeds[0]}-{args.seeds[-1]}")
+                   + ("" if args.seeds == [0, 1, 2] else f" seeds {seed_span(args.seeds)}")
                    + ("" if args.resnet_channels == SLIM else f" resnet {args.resnet_channels}"))
             res[key] = collab(args.seeds, data, epochs, peer, args.pixel_temperature, args.resnet_channels)
             path.write_text(json.dumps(res, indent=1))

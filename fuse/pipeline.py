@@ -230,7 +230,7 @@ def fused_verdict(values: dict) -> list[str]:
     for key, what in (("vanilla_finetuned", "the vanilla average"), ("narrowed_finetuned", "the narrowed anchor")):
         if values.get(key) is not None:
             rivals.append((f"{what} given the same finetune", values[key],
-                           "the merge's settings did not pay here (try --merge mean --no-repair)" if shared_start
+                           "the merge's settings did not pay here (try --merge mean)" if shared_start
                            else "alignment did not pay here"))
     if values.get("ot") is not None:
         rivals.append(("itself before the finetune", values["ot"],

@@ -34,6 +34,7 @@ def test_units_in_place_tells_parents_that_share_their_start_from_permuted_ones(
     """Two models finetuned from the same weights keep their units in place; a permuted copy does not."""
     model, size = small_model("vit")
     perturb_(model)
+    torch.manual_seed(0)
     finetuned = copy.deepcopy(model)
     with torch.no_grad():
         for t in finetuned.parameters():
