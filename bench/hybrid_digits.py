@@ -12,7 +12,7 @@ transferred in each direction; the two alone models' output ensemble and the sha
 each alone gets right where the other is wrong (what the peer could teach at all).
 
 Run: .venv/bin/python bench/hybrid_digits.py [--only hybrid|hybrid-layer|collab] [--collab-data digits digit-scenes]
-     [--scenes-peer vit|swin|pvt] [--pixel-temperature TAU] [--resnet-channels 8x16x32x64] [--seeds ...]
+     [--scenes-peer vit|swin|pvt] [--pixel-temperature TAU] [--resnet-channels 8x16x32x64] [--seeds ...] [--cached]
      (writes bench/results/hybrid_digits.json; collab prints each peer's per-seed differences to its baselines)
 """
 
@@ -29,9 +29,12 @@ R = Path("bench/results")
 SLIM = "16x32x64x128"  # the slim ResNet-18's stage widths
 
 
-def run(tag: str, argv: list[str]) -> dict:
+def run(tag: str, argv: list[str], cached: bool = False) -> dict:
+    """One command, its result read from its JSON; with `cached`, a JSON already there is taken as it is (the
+    runs are deterministic on a machine: seeds 0-2 of digit-scenes re-ran to the same values)."""
     js = R / f"{tag}.json"
-    if main([*argv, "--threads", "2", "--out", str(R / f"{tag}.pt"), "--json", str(js)]):
+    if not (cached and js.exists()) and main([*argv, "--threads", "2", "--out", str(R / f"{tag}.pt"),
+                                              "--json", str(js)]):
         raise SystemExit(f"{tag} failed")
     return json.loads(js.read_text())
 
@@ -99,14 +102,14 @@ def hybrid_layer(seeds: list[int], epochs: int, mim_epochs: int) -> dict:
 
 
 def collab(seeds: list[int], data: str, epochs: int, peer_arch: str = "vit", tau: float = 1.0,
-           channels: str = SLIM) -> dict:
+           channels: str = SLIM, cached: bool = False) -> dict:
     peer = ["--peer", peer_arch] + (["--peer-args", "img_size=64"] if data == "digit-scenes" else [])
     tag = ((data if peer_arch == "vit" else f"{data}-{peer_arch}") + ("" if tau == 1 else f"-t{tau:g}")
            + ("" if channels == SLIM else f"-c{channels}"))
     runs = [run(f"collab-{tag}-e{epochs}-s{s}", ["distill", "--method", "collab", "--student", "resnet",
                                                    "--student-args", f"channels={channels}",
                                                    *peer, "--epochs", str(epochs), "--data", data, "--seed", str(s),
-                                                   "--pixel-temperature", str(tau)])
+                                                   "--pixel-temperature", str(tau)], cached)
             for s in seeds]
     m = runs[0]["metric"]
     keys = [f"solo_{m}", f"dml_{m}", m, f"peer_solo_{m}", f"peer_dml_{m}", f"peer_{m}", f"solo_ensemble_{m}",
@@ -148,6 +151,9 @@ if __name__ == "__main__":
                          "paper's ViT peer is SegFormer, whose encoder is PVT-v2's design)")
     ap.add_argument("--pixel-temperature", type=float, default=1.0,
                     help="collab and its DML baseline: the pixel-wise KL's temperature")
+    ap.add_argument("--cached", action="store_true",
+                    help="collab: take a seed's result from its JSON in bench/results where there is one (to add "
+                         "seeds to a run; a changed method needs them deleted)")
     ap.add_argument("--resnet-channels", default=SLIM,
                     help="collab: the ResNet peer's stage widths (8x16x32x64: half the slim ResNet-18, closer to "
                          "the ViT's strength)")
@@ -168,7 +174,8 @@ if __name__ == "__main__":
                    + ("" if args.pixel_temperature == 1 else f" tau {args.pixel_temperature:g}")
                    + ("" if args.seeds == [0, 1, 2] else f" seeds {seed_span(args.seeds)}")
                    + ("" if args.resnet_channels == SLIM else f" resnet {args.resnet_channels}"))
-            res[key] = collab(args.seeds, data, epochs, peer, args.pixel_temperature, args.resnet_channels)
+            res[key] = collab(args.seeds, data, epochs, peer, args.pixel_temperature, args.resnet_channels,
+                              args.cached)
             path.write_text(json.dumps(res, indent=1))
     if "hybrid" in res:
         h = res["hybrid"]
