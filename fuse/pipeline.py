@@ -112,11 +112,12 @@ def run(inputs, data, cfg: FuseRun, *, state: str | Path | None = None,
     one_shot = (f"OT one-shot ({cfg.ground}{bf16}, {cfg.solver}{', RegMean' if cfg.merge == 'regmean' else ''}"
                 f"{', REPAIR' if cfg.repair else ''})")
     values["ot"] = record(one_shot, fused)
+    in_place = report.in_place  # a property over every map: read once
     values.update(ot_finetuned=None, vanilla_finetuned=None, narrowed_finetuned=None, batchnorm_recomputed=bn,
                   spaces=report.spaces, unmatched_spaces=report.unmatched, unaligned_spaces=report.unaligned,
                   fallbacks=report.fallbacks,
                   repaired_layers=report.repaired, regmean_layers=report.regmean, partners=report.partners,
-                  units_in_place=round(report.in_place, 4))
+                  units_in_place=round(in_place, 4))
     seconds = {one_shot: timings["fuse"]}
     if ft is not None:
         def finetuned(model: nn.Module, what: str, tag: str, loss_fn=None) -> float:
@@ -149,8 +150,8 @@ def run(inputs, data, cfg: FuseRun, *, state: str | Path | None = None,
         notes.append(f"{what} ({', '.join(report.unaligned[:6])}{', ...' if len(report.unaligned) > 6 else ''})")
     if family:
         notes.append(f"auto settings for the {family}")
-    if report.in_place > IN_PLACE:  # from random inits about 1/n of the units stay in place
-        notes.append(f"the alignment left {report.in_place:.1%} of the units where they were: the parents share their "
+    if in_place > IN_PLACE:  # from random inits about 1/n of the units stay in place
+        notes.append(f"the alignment left {in_place:.1%} of the units where they were: the parents share their "
                      "start (finetuned from the same weights), so their merge, not the alignment, decides the result")
     if cfg.baselines and d.task == "classification":  # one parent and the shared labels, in seconds
         values["parents_refit"] = []
