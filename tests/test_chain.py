@@ -158,6 +158,11 @@ def test_cli_run_and_shipped_recipes_validate(tmp_path):
     split = load_recipe(ROOT / "recipes" / "fuse-split.yaml").steps
     assert [s.config.subset for s in split] == ["classes=0-4,others=0.1", "classes=5-9,others=0.1", "fraction=0.1"]
     assert split[-1].sources == ["vit-0to4", "vit-5to9"] and split[-1].config.baselines
+    hybrid = load_recipe(ROOT / "recipes" / "hybrid-vit.yaml").steps
+    assert hybrid[1].config.objective == "mim" and hybrid[2].config.method == "hybrid"
+    assert hybrid[2].sources == ["supervised"] and hybrid[2].refs == {"mim_teacher": "mae"}
+    (peers,) = load_recipe(ROOT / "recipes" / "collab-scenes.yaml").steps
+    assert peers.config.method == "collab" and peers.sources == [] and peers.data == "digit-scenes"
 
 
 @pytest.mark.slow
