@@ -227,17 +227,27 @@ def fused_verdict(values: dict) -> list[str]:
         if scores:  # the best parent of each kind
             i = max(range(len(scores)), key=scores.__getitem__)
             rivals.append((f"parent {i} {how}", scores[i], advice))
-    shared_start = (values.get("units_in_place") or 0) > IN_PLACE  # then the alignment changed little
     for key, what in (("vanilla_finetuned", "the vanilla average"), ("narrowed_finetuned", "the narrowed anchor")):
         if values.get(key) is not None:
-            rivals.append((f"{what} given the same finetune", values[key],
-                           "the merge's settings did not pay here (try --merge mean)" if shared_start
-                           else "alignment did not pay here"))
+            rivals.append((f"{what} given the same finetune", values[key], _against_the_average(values)))
     if values.get("ot") is not None:
         rivals.append(("itself before the finetune", values["ot"],
                        "the finetune undid part of the merge: lower --finetune-lr, or keep the one-shot fusion"))
     return [f"the fused model after its finetune ({fused:.2f} {values['metric']}) is below {what} ({v:.2f}): {advice}"
             for what, v, advice in rivals if round(fused, 2) < round(v, 2)]  # below as printed
+
+
+def _against_the_average(values: dict) -> str:
+    """What to try when the plain average, finetuned alike, beat the fusion. Parents that share their start keep
+    their units in place, so the alignment changed little and the merge is what differs: RegMean, or with the
+    plain average, REPAIR (without it the fusion is then the vanilla average)."""
+    if (values.get("units_in_place") or 0) <= IN_PLACE:
+        return "alignment did not pay here"
+    if values.get("merge") != "mean":
+        return "the merge's settings did not pay here (try --merge mean)"
+    if values.get("repair"):
+        return "REPAIR did not pay here: with the units in place, --no-repair gives the vanilla average"
+    return "alignment did not pay here"
 
 
 def lost_classes(parents: list[list[float]], fused: list[float], what: str = "the fused model",

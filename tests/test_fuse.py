@@ -438,7 +438,11 @@ def test_report_says_when_the_finetuned_fusion_is_below_what_the_user_has_withou
     below_vanilla = {**values, "ot_finetuned": 71.0, "vanilla_finetuned": 72.0}
     assert fused_verdict(below_vanilla)[0].endswith("(72.00): alignment did not pay here")
     # parents that share their start: the alignment left their units in place, the merge is what did not pay
-    assert "try --merge mean" in fused_verdict({**below_vanilla, "units_in_place": 0.998})[0]
+    shared = {**below_vanilla, "units_in_place": 0.998, "merge": "regmean", "repair": True}
+    assert fused_verdict(shared)[0].endswith("the merge's settings did not pay here (try --merge mean)")
+    assert fused_verdict({**shared, "merge": "mean"})[0].endswith("REPAIR did not pay here: with the units in "
+                                                                  "place, --no-repair gives the vanilla average")
+    assert fused_verdict({**shared, "merge": "mean", "repair": False})[0].endswith("alignment did not pay here")
     assert fused_verdict({**values, "ot_finetuned": 71.0, "vanilla_finetuned": 71.004}) == []  # level as printed
     assert fused_verdict({**values, "ot_finetuned": None}) == []  # one-shot: the far-below note covers it
     assert fused_verdict({**values, "ot": 60.0, "ot_finetuned": 71.0, "parents_finetuned": [70.0]}) == []
