@@ -227,9 +227,12 @@ def fused_verdict(values: dict) -> list[str]:
         if scores:  # the best parent of each kind
             i = max(range(len(scores)), key=scores.__getitem__)
             rivals.append((f"parent {i} {how}", scores[i], advice))
-    for key, what in (("vanilla_finetuned", "the vanilla average"), ("narrowed_finetuned", "the narrowed anchor")):
-        if values.get(key) is not None:
-            rivals.append((f"{what} given the same finetune", values[key], _against_the_average(values)))
+    if values.get("vanilla_finetuned") is not None:
+        rivals.append(("the vanilla average given the same finetune", values["vanilla_finetuned"],
+                       _against_the_average(values)))
+    if values.get("narrowed_finetuned") is not None:
+        rivals.append(("the narrowed anchor given the same finetune", values["narrowed_finetuned"],
+                       "alignment did not pay here"))
     if values.get("ot") is not None:
         rivals.append(("itself before the finetune", values["ot"],
                        "the finetune undid part of the merge: lower --finetune-lr, or keep the one-shot fusion"))

@@ -443,6 +443,9 @@ def test_report_says_when_the_finetuned_fusion_is_below_what_the_user_has_withou
     assert fused_verdict({**shared, "merge": "mean"})[0].endswith("REPAIR did not pay here: with the units in "
                                                                   "place, --no-repair gives the vanilla average")
     assert fused_verdict({**shared, "merge": "mean", "repair": False})[0].endswith("alignment did not pay here")
+    narrowed = {**shared, "merge": "mean", "vanilla_finetuned": None, "narrowed_finetuned": 72.0}
+    assert fused_verdict(narrowed)[0].endswith("the narrowed anchor given the same finetune (72.00): alignment did "
+                                               "not pay here")
     assert fused_verdict({**values, "ot_finetuned": 71.0, "vanilla_finetuned": 71.004}) == []  # level as printed
     assert fused_verdict({**values, "ot_finetuned": None}) == []  # one-shot: the far-below note covers it
     assert fused_verdict({**values, "ot": 60.0, "ot_finetuned": 71.0, "parents_finetuned": [70.0]}) == []
