@@ -326,6 +326,10 @@ def run_collab(inputs, data, cfg: DistillRun, *, state=None, resume: bool = Fals
             dml, sec = fit("dml")
             values[f"dml_{metric}"], values[f"peer_dml_{metric}"] = test(dml.a), test(dml.b, dml.b_input)
             values["dml_seconds"] = round(sec, 2)
+            for who, key, model in (("student", "", dml.a), ("peer", "peer_", dml.b)):
+                name = f"{who} {getattr(cfg, who)}: dml"
+                models.append((name, model.eval()))
+                scores[name], times[name] = values[f"{key}dml_{metric}"], sec
     notes = []
     notes += defaults_off(asked, task)
     notes += little_to_teach(values, metric)

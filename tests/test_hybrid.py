@@ -492,6 +492,10 @@ def test_collab_measures_what_each_peer_alone_knows_that_the_other_lacks():
                         abs_tol=1e-6)
     assert 0 <= v["solo_ensemble_top1"] <= 100 and v["only_student_right"] + v["only_peer_right"] <= 100
     assert little_to_teach(v, "top1") == [n for n in r.notes if n.startswith("trained alone")]
+    shown = {row.name: row.score for row in r.rows}  # every model measured is in the report's table
+    assert shown == {"student resnet: collab": v["top1"], "peer vit: collab": v["peer_top1"],
+                     "student resnet: alone": v["solo_top1"], "peer vit: alone": v["peer_solo_top1"],
+                     "student resnet: dml": v["dml_top1"], "peer vit: dml": v["peer_dml_top1"]}
     weak = {"solo_miou": 26.5, "peer_solo_miou": 14.5, "solo_ensemble_miou": 24.8, "only_student_right": 5.1,
             "only_peer_right": 0.4}
     note, = little_to_teach(weak, "miou")  # only the stronger peer is told: the ensemble lifts the weaker one
