@@ -306,9 +306,14 @@ def run_collab(inputs, data, cfg: DistillRun, *, state=None, resume: bool = Fals
               "epochs": cfg.epochs, metric: test(a), f"peer_{metric}": test(b, main.b_input),
               "train_seconds": round(seconds, 2), "student_params": param_count(a), "peer_params": param_count(b),
               "transfers": main.history}
-    models = [(f"student {cfg.student}: {cfg.method}", a), (f"peer {cfg.peer}: {cfg.method}", b)]
-    scores = {models[0][0]: values[metric], models[1][0]: values[f"peer_{metric}"]}
-    times = {models[0][0]: seconds, models[1][0]: seconds}
+    models, scores, times = [], {}, {}
+
+    def show(name: str, model: nn.Module, value: float, sec: float) -> None:  # a row of the report's table
+        models.append((name, model))
+        scores[name], times[name] = value, sec
+
+    show(f"student {cfg.student}: {cfg.method}", a, values[metric], seconds)
+    show(f"peer {cfg.peer}: {cfg.method}", b, values[f"peer_{metric}"], seconds)
     solos = []
     if cfg.baselines:
         for i, who in enumerate(("", "peer_")):
@@ -316,9 +321,7 @@ def run_collab(inputs, data, cfg: DistillRun, *, state=None, resume: bool = Fals
             # the peer alone sees the test images as the peer trained with it does: through its input map
             solos.append(model if i == 0 else nn.Sequential(TeacherInput(specs[0], specs[1]), model))
             values[f"{who}solo_{metric}"], values[f"{who}solo_seconds"] = test(solos[i]), round(sec, 2)
-            name = f"{('student', 'peer')[i]} {bases[i].arch}: alone"
-            models.append((name, model))
-            scores[name], times[name] = values[f"{who}solo_{metric}"], sec
+            show(f"{('student', 'peer')[i]} {bases[i].arch}: alone", model, values[f"{who}solo_{metric}"], sec)
         # what each peer, trained alone, knows that the other lacks: what collaboration has to pass on
         values[f"solo_ensemble_{metric}"] = test(Ensemble(solos))
         values["only_student_right"], values["only_peer_right"] = complementarity(*solos, d.test, IGNORE)
@@ -326,10 +329,8 @@ def run_collab(inputs, data, cfg: DistillRun, *, state=None, resume: bool = Fals
             dml, sec = fit("dml")
             values[f"dml_{metric}"], values[f"peer_dml_{metric}"] = test(dml.a), test(dml.b, dml.b_input)
             values["dml_seconds"] = round(sec, 2)
-            for who, key, model in (("student", "", dml.a), ("peer", "peer_", dml.b)):
-                name = f"{who} {getattr(cfg, who)}: dml"
-                models.append((name, model.eval()))
-                scores[name], times[name] = values[f"{key}dml_{metric}"], sec
+            show(f"student {cfg.student}: dml", dml.a.eval(), values[f"dml_{metric}"], sec)
+            show(f"peer {cfg.peer}: dml", dml.b.eval(), values[f"peer_dml_{metric}"], sec)
     notes = []
     notes += defaults_off(asked, task)
     notes += little_to_teach(values, metric)
