@@ -125,6 +125,7 @@ def run(inputs, data, cfg: DistillRun, *, state: str | Path | None = None,
         notes.append(f"the teacher ({values[f'teacher_{metric}']:.1f}%) is weaker than the student trained alone "
                      f"({alone:.1f}%): it can only hold the student back; train the teacher longer or use a "
                      "stronger one")
+    notes += below_baselines(values, metric, cfg.method, baselines)
     x = batch_of(d.test, 256).to(device_of(student))
     if cfg.method == "hybrid":
         values.update(_hybrid_values(main, trained.get("fd"), mim, x[:64], base, cfg))
@@ -180,6 +181,27 @@ def _hybrid_values(main: Distiller, fd: Distiller | None, mim: nn.Module, x: tor
             "mask_schedule": cfg.mask_schedule,
             "mask_score": method.score_from, "relation_layers": [list(p) for p in pairs],
             **diversity}
+
+
+# how the report names each baseline's student
+BASELINE_NAMES = {"scratch": "trained alone (no teacher)", "kd": "distilled by plain KD (logits only)",
+                  "fd": "distilled from the discriminative teacher's features only"}
+
+
+def below_baselines(values: dict, metric: str, method: str, baselines) -> list[str]:
+    """A note for each baseline of the run that ends above the distilled student, as printed (two decimals):
+    a method that loses to a simpler one on the same budget says so, and names the command that does better.
+
+    Example:
+        >>> note, = below_baselines({"top1": 80.0, "scratch_top1": 82.5, "kd_top1": 79.0}, "top1", "ofa",
+        ...                         ["scratch", "kd"])
+        >>> note[-48:]
+        ': --method scratch gives the better student here'
+    """
+    ours = values[metric]
+    return [f"the student distilled by {method} ({ours:.2f}) ends below the same student {BASELINE_NAMES[m]} "
+            f"({values[f'{m}_{metric}']:.2f}): --method {m} gives the better student here"
+            for m in baselines if round(ours, 2) < round(values[f"{m}_{metric}"], 2)]
 
 
 def _teacher(inputs, data, d, student: Checkpoint, cfg: DistillRun, state, resume: bool) -> Checkpoint:

@@ -148,6 +148,20 @@ def test_cli_distill_learns_and_strips_helpers(tmp_path):
     assert main(["eval", str(out), "--latency-runs", "2"]) == 0
 
 
+def test_distill_says_when_a_baseline_of_its_run_beats_the_student():
+    """Each baseline above the distilled student, as printed, gets a note naming it and its --method; level or
+    below, none."""
+    from distill.pipeline import below_baselines
+
+    v = {"top1": 80.0, "scratch_top1": 82.5, "kd_top1": 80.004, "fd_top1": 81.0}
+    notes = below_baselines(v, "top1", "hybrid", ["scratch", "kd", "fd"])
+    assert [n.split(": --method ")[1] for n in notes] == ["scratch gives the better student here",
+                                                          "fd gives the better student here"]
+    assert notes[0].startswith("the student distilled by hybrid (80.00) ends below the same student trained alone")
+    assert "features only (81.00)" in notes[1]
+    assert below_baselines(v, "top1", "ofa", []) == []  # --no-baselines: nothing measured, nothing said
+
+
 def test_cli_distill_bad_input(tmp_path, capsys):
     assert main(["distill", "--teacher", "swin", "--student", "vit", "--out", str(tmp_path / "s.pt")]) == 2
     assert "--train-teacher" in capsys.readouterr().err

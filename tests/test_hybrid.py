@@ -373,6 +373,8 @@ def test_cli_mim_then_hybrid_then_collab(tmp_path):
                  "depth=2", "--method", "hybrid", "--epochs", "2", *part, "--out", str(out), "--json", str(js)]) == 0
     r = json.loads(js.read_text())
     assert {"top1", "fd_top1", "scratch_top1", "kd_top1"} <= set(r)
+    below = [m for m in ("scratch", "kd", "fd") if round(r["top1"], 2) < round(r[f"{m}_top1"], 2)]
+    assert [n.split("--method ")[1].split()[0] for n in r["notes"] if "ends below" in n] == below
     assert 0 < r["masking_flops_saving"] < 0.5 and r["mask_score"] == "teacher"
     assert set(r["attention_distance"]) == set(r["attention_nmi"]) == {"student", "fd_student", "mim_teacher"}
     assert all(0 <= v <= 1 for layer in r["attention_nmi"]["student"].values() for v in layer)
