@@ -93,8 +93,35 @@ def run(inputs, data, cfg: PruneRun, *, state: str | Path | None = None,
     stuck = [r for r in pruned.rows if r.get("kind") == "not sliceable"]
     notes = [f"{len(stuck)} space(s) could not be sliced and keep their width, e.g. {stuck[0]['space']}: "
              f"{stuck[0]['why']}"] if stuck else []
+    notes += pruned_verdict(values)
     return out, Result("prune", "top1", values["top1_after"], values, rows, seconds=time.perf_counter() - t0,
                        tables=tables, notes=notes)
+
+
+def pruned_verdict(values: dict) -> list[str]:
+    """Notes where the pruned model misses what pruning is for: more than a point of top-1 lost against the
+    original, or no faster than it at a batch size (timed side by side).
+
+    Example:
+        >>> notes = pruned_verdict({"top1_before": 98.5, "top1_after": 96.0, "finetune_epochs": 0,
+        ...                         "latency_before_ms": 1.0, "latency_after_ms": 0.7,
+        ...                         "latency_before_ms_batch32": 9.0, "latency_after_ms_batch32": 9.2})
+        >>> notes[1]
+        'the pruned model is no faster than the original at batch 32 (9.20 ms against 9.00)'
+    """
+    notes = []
+    before, after = values["top1_before"], values["top1_after"]
+    if after < before - 1:
+        fix = ("a longer recovery or a lower --ratio / --target-macs" if values.get("finetune_epochs")
+               else "recover it with --finetune-epochs N (and --distill-from-original)")
+        notes.append(f"the pruned model's top-1 {after:.2f} is more than a point under the original's {before:.2f}: "
+                     f"{fix}")
+    for batch, key in (("1", "latency_{}_ms"), ("32", "latency_{}_ms_batch32")):
+        old, new = values.get(key.format("before")), values.get(key.format("after"))
+        if old is not None and new is not None and new >= old:
+            notes.append(f"the pruned model is no faster than the original at batch {batch} ({new:.2f} ms against "
+                         f"{old:.2f})")
+    return notes
 
 
 def sweep(original, x, y, cfg: PruneConfig, ratios: list[float], test, size: int) -> list[dict]:

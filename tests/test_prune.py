@@ -15,6 +15,7 @@ from compress.errors import CompressError
 from compress.measure import macs, param_count
 from prune import PruneConfig, importance, kept_units, prune
 from prune.lowrank import factorize, rank_for
+from prune.pipeline import pruned_verdict
 from prune.width import plan_width
 from tests.helpers import FAMILIES, perturb_, small_model
 
@@ -195,11 +196,27 @@ def test_cli_prune_reloads_with_eval(tmp_path, method, extra):
     r = json.loads(js.read_text())
     assert r["params_after"] < r["params_before"] and r["macs_after"] < r["macs_before"]
     assert {"latency_before_ms", "latency_after_ms", "top1_before", "top1_after"} <= set(r)
+    assert [n for n in r["notes"] if n.startswith("the pruned model")] == pruned_verdict(r)
     assert main(["eval", str(out), "--latency-runs", "2", "--json", str(ev)]) == 0
     e = json.loads(ev.read_text())
     assert e["params"] == r["params_after"] and abs(e["top1"] - r["top1_after"]) < 1e-9
     ckpt = load(out)
     assert ckpt.structure[-1]["op"] == {"width": "resize", "depth": "replace", "lowrank": "factorize"}[method]
+
+
+def test_prune_says_when_the_pruned_model_loses_accuracy_or_is_no_faster():
+    """More than a point of top-1 lost, or no faster at a batch size: each gets a note, with the recovery
+    advice that fits; within a point and faster at both, none."""
+    good = {"top1_before": 98.5, "top1_after": 97.6, "finetune_epochs": 0, "latency_before_ms": 1.0,
+            "latency_after_ms": 0.7, "latency_before_ms_batch32": 9.0, "latency_after_ms_batch32": 6.0}
+    assert pruned_verdict(good) == []
+    lost, = pruned_verdict({**good, "top1_after": 97.4})
+    assert "97.40 is more than a point under the original's 98.50" in lost and "--finetune-epochs N" in lost
+    lost, = pruned_verdict({**good, "top1_after": 97.4, "finetune_epochs": 4})
+    assert lost.endswith("a longer recovery or a lower --ratio / --target-macs")
+    slow = pruned_verdict({**good, "latency_after_ms": 1.0, "latency_after_ms_batch32": 9.5})
+    assert slow == ["the pruned model is no faster than the original at batch 1 (1.00 ms against 1.00)",
+                    "the pruned model is no faster than the original at batch 32 (9.50 ms against 9.00)"]
 
 
 @pytest.mark.slow
