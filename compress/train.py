@@ -146,11 +146,13 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, loss_fn=None, state
                 sampler.set_epoch(epoch)
             if hasattr(model, "set_epoch"):  # schedules that follow the epoch (Hybrid Distill's token masking)
                 model.set_epoch(epoch, cfg.epochs)
+            finite = torch.ones((), dtype=torch.bool, device=device)  # read once an epoch: no sync per step
             for step, (x, y) in enumerate(loader):
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 x, y = random_shift(x, y, shift, gen)
                 with autocast(device, precision):
                     loss = loss_fn(net, x, y)
+                finite &= torch.isfinite(loss.detach())
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(opt)
@@ -159,6 +161,7 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, loss_fn=None, state
                 # reading the loss waits for the device: every tenth step is enough for the display
                 shown = {"loss": loss.item()} if step % 10 == 0 or step == len(loader) - 1 else {}
                 bar.update(task, advance=1, **shown)
+            _check_finite(finite, world, epoch, cfg, precision)  # before the epoch's state replaces the last good one
             if state_path:
                 rngs = _gather((gen.get_state(), torch.get_rng_state()), world)
                 if rank == 0:
@@ -175,6 +178,19 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, loss_fn=None, state
     if state_path and rank == 0:
         state_path.unlink(missing_ok=True)
     return model.eval()
+
+
+def _check_finite(finite: torch.Tensor, world: int, epoch: int, cfg: TrainConfig, precision: str) -> None:
+    """Refuse to go on from an epoch whose loss was NaN or infinite on any process: its weights are then
+    not finite either, and a model trained on from them would be saved and reported as if it had learnt."""
+    if world > 1:  # every process stops together, or the others would wait for it forever
+        flag = finite.to(torch.int32)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        finite = flag.bool()
+    if not bool(finite):
+        fix = f"lower the learning rate (it was {cfg.lr:g})" + ("" if precision == "fp32" else " or train in fp32")
+        raise CompressError(f"training diverged in epoch {epoch + 1} of {cfg.epochs}", expected="a finite loss",
+                            found="NaN or infinity", hint=f"{fix}; the last epoch's resumable state, if any, is kept")
 
 
 def only_classifier_trains(model: nn.Module) -> None:

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from compress import InputSpec, create_model
 from compress.data import load_data
+from compress.errors import CompressError
 from compress.measure import latency_ms, macs, miou, param_count, top1
 from compress.segmentation import SegmentationNet
 from compress.train import TrainConfig, train
@@ -160,6 +161,26 @@ def test_a_short_run_ends_with_batchnorm_statistics_of_its_final_weights():
         conv_out = model[0](x)
     assert torch.allclose(model[1].running_mean, conv_out.mean((0, 2, 3)), atol=1e-5)
     assert model[1].momentum == 0.1  # the usual running average afterwards
+
+
+def test_a_diverged_run_stops_with_a_clear_error_and_keeps_its_last_good_state(tmp_path):
+    """A NaN loss in epoch 2 (on one step) stops the run at that epoch's end, before its state replaces the
+    state of epoch 1; a finite run is untouched by the check."""
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(32, 3, 8, 8), torch.randint(0, 10, (32,)))
+    calls = []
+
+    def loss_fn(m, x, y):
+        calls.append(1)
+        loss = F.cross_entropy(m(x), y)
+        return loss * float("nan") if len(calls) == 3 else loss  # the first step of epoch 2 (2 steps an epoch)
+
+    cfg, state = TrainConfig(epochs=3, batch_size=16, max_shift=0), tmp_path / "run.resume.pt"
+    with pytest.raises(CompressError, match=r"training diverged in epoch 2 of 3: expected a finite loss, found NaN"):
+        train(_bn_net(), data, cfg, loss_fn=loss_fn, state_path=state)
+    assert len(calls) == 4 and torch.load(state, weights_only=True)["epoch"] == 1
+    model = train(_bn_net(), data, cfg, state_path=state)  # the same data and rate, finite: trains to the end
+    assert all(torch.isfinite(p).all() for p in model.parameters()) and not state.exists()
 
 
 def test_batchnorm_reestimation_keeps_what_the_forward_does_not_reach():
