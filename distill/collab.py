@@ -136,8 +136,9 @@ class Peers(nn.Module):
             if task == "classification" and cfg.region_weight and cfg.region_metric == "cell":
                 self.a_side["probe"] = nn.Conv2d(ca[1], num_classes, 1)
                 self.b_side["probe"] = nn.Conv2d(cb[1], num_classes, 1)
-        # transfers counted on the device, read once per epoch: regions b->a, a->b, positions b->a, a->b, totals
-        self.register_buffer("counts", torch.zeros(6), persistent=False)
+        # transfers counted on the device, read once per epoch: regions b->a, a->b, positions b->a, a->b, totals.
+        # Not a buffer: DDP would overwrite every process's counts with rank 0's before each forward.
+        self.counts = torch.zeros(6)
         self.history: list[dict] = []
 
     def param_groups(self, lr: float) -> list[dict]:
@@ -160,10 +161,15 @@ class Peers(nn.Module):
 
     def set_extra_state(self, state: dict) -> None:
         self.history = list(state["history"])
-        self.counts.copy_(torch.tensor(state["counts"], dtype=self.counts.dtype))
+        # the file holds rank 0's open counts (the others' are in no file): summed once in `record`, not per rank
+        self.counts = torch.tensor(state["counts"] if rank() == 0 else [0.0] * 6, device=self.counts.device)
 
     def record(self, epoch: int) -> None:
-        """Close an epoch's transfer counts (shares of regions and positions, in each direction)."""
+        """Close an epoch's transfer counts (shares of regions and positions, in each direction), summed over
+        the processes of a torchrun run (every process calls it)."""
+        self.counts = self.counts.to(next(self.a.parameters()).device)  # NCCL reduces device tensors only
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            torch.distributed.all_reduce(self.counts)
         c = self.counts.tolist()
         if c[4] or c[5]:  # the region shares only where the region term is on
             shares = {"regions_b_to_a": round(c[0] / c[4], 4), "regions_a_to_b": round(c[1] / c[4], 4)} if c[4] else {}
@@ -176,6 +182,10 @@ class Peers(nn.Module):
             return self.a(x)
         za, fa, _ = self.taps[0](self.a, x)
         zb, fb, _ = self.taps[1](self.b, self.b_input(x))
+        self.counts = self.counts.to(za.device)  # a no-op once there
+        # a ViT's maps are its tokens permuted (channels-last strides): the adapters' weight gradients would
+        # follow, and DDP's buckets expect contiguous ones (a warning at every torchrun step, and a copy)
+        fa, fb = [f.contiguous() for f in fa], [f.contiguous() for f in fb]
         if self.task == "segmentation" and zb.shape[-2:] != za.shape[-2:]:
             zb = F.interpolate(zb, size=za.shape[-2:], mode="bilinear", align_corners=False)
         ls = self.cfg.label_smoothing
