@@ -344,7 +344,7 @@ def run_collab(inputs, data, cfg: DistillRun, *, state=None, resume: bool = Fals
     notes = []
     notes += defaults_off(asked, task)
     notes += little_to_teach(values, metric)
-    notes += below_baselines(values, metric)
+    notes += peers_below_baselines(values, metric)
     rows = []
     if rank() == 0:
         device = device_of(a)
@@ -388,12 +388,12 @@ def little_to_teach(values: dict, metric: str) -> list[str]:
     return notes
 
 
-def below_baselines(values: dict, metric: str) -> list[str]:
+def peers_below_baselines(values: dict, metric: str) -> list[str]:
     """Notes for each peer that ends below a baseline measured in the same run: itself trained alone, or the same
     pair trained by plain mutual learning (scores compared as printed, to two decimals).
 
     Example:
-        >>> below_baselines({"method": "collab", "top1": 99.2, "solo_top1": 98.8, "dml_top1": 99.2,
+        >>> peers_below_baselines({"method": "collab", "top1": 99.2, "solo_top1": 98.8, "dml_top1": 99.2,
         ...                  "peer_top1": 95.5, "peer_solo_top1": 95.4, "peer_dml_top1": 96.6}, "top1")[0][:52]
         'the peer trained by collab (95.50) ends below the sa'
     """

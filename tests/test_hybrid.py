@@ -515,7 +515,7 @@ def test_complementarity_counts_what_only_each_model_gets_right():
 def test_collab_measures_what_each_peer_alone_knows_that_the_other_lacks():
     """The baselines' ensemble and complementarity, with a peer at another input size than the student (its
     alone run was once scored on the student's 32 px images)."""
-    from distill.collab import below_baselines, little_to_teach, run_collab
+    from distill.collab import little_to_teach, peers_below_baselines, run_collab
 
     cfg = DistillRun(student="resnet", student_args=dict(SLIM_RESNET), peer="vit",
                      peer_args={"depth": 2, "img_size": 48}, method="collab", epochs=1, subset="fraction=0.15",
@@ -536,23 +536,23 @@ def test_collab_measures_what_each_peer_alone_knows_that_the_other_lacks():
     note, = little_to_teach(weak, "miou")  # only the stronger peer is told: the ensemble lifts the weaker one
     assert "no better than the student alone (26.50)" in note and "right on 0.4%" in note
     assert little_to_teach({**weak, "solo_ensemble_miou": 27.0}, "miou") == []
-    assert set(below_baselines(v, "top1")) <= set(r.notes)
+    assert set(peers_below_baselines(v, "top1")) <= set(r.notes)
 
 
 def test_collab_says_when_a_peer_ends_below_a_baseline_of_its_run():
     """Below itself alone or below the same pair trained by plain mutual learning, each peer is told; level or
     above as printed (two decimals), nothing."""
-    from distill.collab import below_baselines
+    from distill.collab import peers_below_baselines
 
     v = {"method": "collab", "top1": 99.16, "solo_top1": 98.82, "dml_top1": 99.24,
          "peer_top1": 95.55, "peer_solo_top1": 95.554, "peer_dml_top1": 96.64}
-    student, peer = below_baselines(v, "top1")
+    student, peer = peers_below_baselines(v, "top1")
     assert student.startswith("the student trained by collab (99.16)") and "(99.24)" in student
     assert "--method dml gives the better student" in student
     assert peer.startswith("the peer trained by collab (95.55)") and "mutual learning (96.64)" in peer
-    alone = below_baselines({**v, "dml_top1": 99.0, "peer_dml_top1": 95.0, "solo_top1": 99.5}, "top1")
+    alone = peers_below_baselines({**v, "dml_top1": 99.0, "peer_dml_top1": 95.0, "solo_top1": 99.5}, "top1")
     assert alone == ["the student trained with its peer (99.16) ends below the same model trained alone (99.50)"]
-    assert below_baselines({"method": "collab", "miou": 26.0}, "miou") == []  # no baselines run: nothing to say
+    assert peers_below_baselines({"method": "collab", "miou": 26.0}, "miou") == []  # no baselines run: nothing to say
 
 
 def test_collab_with_no_transfer_term_trains_each_peer_exactly_as_alone():
