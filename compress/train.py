@@ -188,7 +188,7 @@ def _check_finite(finite: torch.Tensor, world: int, epoch: int, cfg: TrainConfig
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
         finite = flag.bool()
     if not bool(finite):
-        fix = f"lower the learning rate (it was {cfg.lr:g})" + ("" if precision == "fp32" else " or train in fp32")
+        fix = f"lower the learning rate, {cfg.lr:g} here" + ("" if precision == "fp32" else " or train in fp32")
         raise CompressError(f"training diverged in epoch {epoch + 1} of {cfg.epochs}", expected="a finite loss",
                             found="NaN or infinity", hint=f"{fix}; the last epoch's resumable state, if any, is kept")
 
