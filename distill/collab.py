@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress.checkpoint import Checkpoint, InputSpec, save
+from compress.checkpoint import Checkpoint, InputSpec, load, save
 from compress.data import as_data, spec_of, task_of
 from compress.device import device_of, hardware
 from compress.ensemble import Ensemble
@@ -266,15 +266,20 @@ def run_collab(inputs, data, cfg: DistillRun, *, state=None, resume: bool = Fals
                             found=f"--teacher {inputs[0] if isinstance(inputs, (list, tuple)) else inputs}")
     task = task_of(data)
     asked, cfg = cfg, cfg.for_task(task)
-    specs = [InputSpec(size=default_img_size(arch, args)) for arch, args in
-             ((cfg.student, cfg.student_args), (cfg.peer, cfg.peer_args))]
-    if task == "segmentation":  # a CNN backbone works at any size, a ViT's is fixed: both at the larger one
-        specs = [max(specs, key=lambda sp: sp.size)] * 2
-    bases = [Checkpoint(arch, args, task=task, input=spec)
-             for arch, args, spec in ((cfg.student, cfg.student_args, specs[0]), (cfg.peer, cfg.peer_args, specs[1]))]
+    bases = [_start(name, args, task, flag) for name, args, flag in
+             ((cfg.student, cfg.student_args, "--student"), (cfg.peer, cfg.peer_args, "--peer"))]
+    if task == "segmentation":  # a CNN backbone works at any size, a ViT's is fixed: fresh peers at the larger one
+        size = max(b.input.size for b in bases)
+        for b in bases:
+            b.input = b.input if b.state_dict else InputSpec(size=size)
+    specs = [b.input for b in bases]
     d = as_data(data, specs[0], task, cfg.subset)
-    for b in bases:
+    for b, flag in zip(bases, ("--student", "--peer")):
+        if b.state_dict and b.num_classes != d.num_classes:
+            raise CompressError(f"{flag} {b.source} predicts another number of classes than the data",
+                                expected=f"{d.num_classes} ({d.name})", found=str(b.num_classes))
         b.num_classes = d.num_classes
+    names = [b.arch for b in bases]
     metric = "miou" if task == "segmentation" else "top1"
     tcfg = cfg.training()
     hardware(cfg)
@@ -285,9 +290,10 @@ def run_collab(inputs, data, cfg: DistillRun, *, state=None, resume: bool = Fals
         return score(net.eval(), d.test, d.num_classes, task)
 
     def init(i: int) -> nn.Module:
-        # each peer from its own seed, the same in every row: a peer alone starts where it starts beside the other
+        # each peer from its own seed (or its checkpoint's weights), the same in every row: a peer alone starts
+        # where it starts beside the other
         torch.manual_seed(cfg.seed + i)
-        return bases[i].instantiate()
+        return bases[i].build().train() if bases[i].state_dict else bases[i].instantiate()
 
     def fit(mode: str) -> tuple[Peers, float]:
         a, b = init(0), init(1)
@@ -295,7 +301,7 @@ def run_collab(inputs, data, cfg: DistillRun, *, state=None, resume: bool = Fals
         t = time.perf_counter()
         train(peers, d.train, tcfg, loss_fn=lambda net, x, y: net(x, y),
               state_path=f"{state}.{mode}.resume.pt" if state else None, resume=resume,
-              description=f"{mode} {cfg.student} + {cfg.peer}")
+              description=f"{mode} {names[0]} + {names[1]}")
         peers.record(cfg.epochs - 1)
         return peers, time.perf_counter() - t
 
@@ -322,8 +328,8 @@ def run_collab(inputs, data, cfg: DistillRun, *, state=None, resume: bool = Fals
         models.append((name, model))
         scores[name], times[name] = value, sec
 
-    show(f"student {cfg.student}: {cfg.method}", a, values[metric], seconds)
-    show(f"peer {cfg.peer}: {cfg.method}", b, values[f"peer_{metric}"], seconds)
+    show(f"student {names[0]}: {cfg.method}", a, values[metric], seconds)
+    show(f"peer {names[1]}: {cfg.method}", b, values[f"peer_{metric}"], seconds)
     solos = []
     if cfg.baselines:
         for i, who in enumerate(("", "peer_")):
@@ -339,8 +345,8 @@ def run_collab(inputs, data, cfg: DistillRun, *, state=None, resume: bool = Fals
             dml, sec = fit("dml")
             values[f"dml_{metric}"], values[f"peer_dml_{metric}"] = test(dml.a), test(dml.b, dml.b_input)
             values["dml_seconds"] = round(sec, 2)
-            show(f"student {cfg.student}: dml", dml.a.eval(), values[f"dml_{metric}"], sec)
-            show(f"peer {cfg.peer}: dml", dml.b.eval(), values[f"peer_dml_{metric}"], sec)
+            show(f"student {names[0]}: dml", dml.a.eval(), values[f"dml_{metric}"], sec)
+            show(f"peer {names[1]}: dml", dml.b.eval(), values[f"peer_dml_{metric}"], sec)
     notes = []
     notes += defaults_off(asked, task)
     notes += little_to_teach(values, metric)
@@ -355,14 +361,33 @@ def run_collab(inputs, data, cfg: DistillRun, *, state=None, resume: bool = Fals
                                scores=scores, seconds=times, device=device))
     keys = (metric, f"peer_{metric}", f"solo_{metric}", f"peer_solo_{metric}", f"dml_{metric}", f"peer_dml_{metric}")
     summary = {k: values.get(k) for k in keys}
-    ckpt = bases[0].derive(a, "distill", [], spec_of(data), cfg, summary, num_classes=d.num_classes)
+    ckpt = bases[0].derive(a, "distill", [b for b in bases[:1] if b.state_dict], spec_of(data), cfg, summary, num_classes=d.num_classes)
     peer_path = cfg.peer_out or (f"{Path(str(state)).with_suffix('')}.peer.pt" if state else None)
     if peer_path and rank() == 0:
-        save(bases[1].derive(b, "distill", [], spec_of(data), cfg, summary, num_classes=d.num_classes), peer_path)
+        save(bases[1].derive(b, "distill", [c for c in bases[1:] if c.state_dict], spec_of(data), cfg, summary, num_classes=d.num_classes), peer_path)
         values["peer_out"] = str(peer_path)
         notes.append(f"peer saved: {peer_path}")
     transfers = {"share of regions / positions taught, per epoch (b = peer, a = student)": main.history}
     return ckpt, Result("distill", metric, values[metric], values, rows, notes, time.perf_counter() - t0, transfers)
+
+
+def _start(name: str, args: dict, task: str, flag: str) -> Checkpoint:
+    """Where a peer starts: an architecture's fresh weights, or a checkpoint's (pretrained weights, an MAE
+    encoder), which must be a model for the data's task.
+
+    Example:
+        >>> _start("resnet", {"channels": [16, 32, 64, 128]}, "classification", "--student").state_dict
+        {}
+    """
+    if not Path(name).is_file():
+        return Checkpoint(name, args, task=task, input=InputSpec(size=default_img_size(name, args)))
+    if args:
+        raise CompressError(f"{flag}-args shape a new model, not a checkpoint's", expected=f"no {flag}-args with "
+                            f"{flag} {name}", found=", ".join(f"{k}={v}" for k, v in args.items()))
+    ckpt = load(name)
+    if ckpt.task != task:
+        raise CompressError(f"{flag} {name} is a {ckpt.task} model", expected=f"a {task} model for this data")
+    return ckpt
 
 
 def little_to_teach(values: dict, metric: str) -> list[str]:

@@ -138,8 +138,9 @@ class DistillRun(Hardware, DataOptions, DistillConfig):
     mim_teacher: str | None = option(None, "hybrid: the masked-image-modelling teacher checkpoint (compress train "
                                            "--objective mim makes one; in a recipe, the name of the step that did)",
                                      checkpoint=True)
-    peer: str | None = option(None, "collab / dml: the second peer's architecture (a ViT beside a CNN --student), "
-                                    "trained together with the student; no teacher")
+    peer: str | None = option(None, "collab / dml: the second peer's architecture (a ViT beside a CNN --student) "
+                                    "or a checkpoint to start from (pretrained weights, an MAE encoder), trained "
+                                    "together with the student; no teacher")
     peer_args: dict = option({}, "collab / dml: the peer's architecture kwargs")
     peer_lr: float | None = option(None, "collab / dml: the peer's own peak learning rate (default: --lr)")
     peer_out: str | None = option(None, "collab / dml: where the trained peer is saved (default: beside --out, "

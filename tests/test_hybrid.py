@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from cli import main
-from compress import Checkpoint, InputSpec, load
+from compress import Checkpoint, InputSpec, load, save
 from compress.alignment import attention_maps, keep_tokens, token_layout
 from compress.alignment.taps import hooked_outputs
 from compress.errors import CompressError
@@ -361,6 +361,36 @@ def test_collab_bad_input(tmp_path, capsys):
     assert main(["distill", "--teacher", "x.pt", "--method", "collab", "--student", "resnet", "--peer", "vit",
                  "--out", str(tmp_path / "c.pt")]) == 2
     assert "takes no teacher" in capsys.readouterr().err
+
+
+def test_collab_peers_start_from_checkpoints(tmp_path):
+    """A peer given as a checkpoint starts from its weights in every row (here at a learning rate of ~0 the
+    peer ends where its checkpoint scores); a checkpoint with architecture args, for another task or other
+    classes is refused."""
+    from compress.measure import score
+    from distill.collab import run_collab
+
+    peer = tmp_path / "vit.pt"
+    save(Checkpoint.create("vit", num_classes=10, arch_args={"depth": 2}, seed=5), peer)
+    cfg = DistillRun(student="resnet", student_args=dict(SLIM_RESNET), peer=str(peer), method="collab", epochs=1,
+                     peer_lr=1e-12, subset="fraction=0.15", seed=0, peer_out=str(tmp_path / "out.peer.pt"))
+    ckpt, r = run_collab(None, "digits", cfg)
+    from compress.data import load_data
+
+    own = score(load(peer).build(), load_data("digits", InputSpec(32)).test, 10, "classification")
+    assert math.isclose(r["peer_top1"], own, abs_tol=1e-9) and math.isclose(r["peer_solo_top1"], own, abs_tol=1e-9)
+    assert {row.name for row in r.rows} >= {"peer vit: collab", "peer vit: alone", "peer vit: dml"}
+    assert ckpt.arch == "resnet" and ckpt.provenance["parents"] == []  # the student started fresh
+    assert load(tmp_path / "out.peer.pt").provenance["parents"] == [str(peer)]
+    with pytest.raises(CompressError, match="--peer-args shape a new model"):
+        run_collab(None, "digits", DistillRun(student="resnet", peer=str(peer), peer_args={"depth": 2},
+                                              method="collab"))
+    with pytest.raises(CompressError, match="is a classification model"):
+        run_collab(None, "digit-scenes", DistillRun(student="resnet", peer=str(peer), method="collab"))
+    other = tmp_path / "vit5.pt"
+    save(Checkpoint.create("vit", num_classes=5, arch_args={"depth": 2}, seed=5), other)
+    with pytest.raises(CompressError, match="another number of classes"):
+        run_collab(None, "digits", DistillRun(student="resnet", peer=str(other), method="collab"))
 
 
 @pytest.mark.slow
