@@ -31,6 +31,7 @@ import yaml
 
 from .config import digest, from_mapping, settings
 from .errors import CompressError
+from .registry import is_architecture
 from .steps import STEPS, Step
 
 RESERVED = ("kind", "name", "from", "data")
@@ -158,14 +159,21 @@ def _artifacts(step: Step, values: dict, folder: Path) -> dict[str, str]:
 
 def _refs(config: Any, earlier: list[PlannedStep], where: str) -> dict[str, str]:
     """The checkpoint fields (`option(checkpoint=True)`) that name an earlier step; any other value must be a
-    file."""
+    file. A field that may also be an architecture (`checkpoint="or-architecture"`: a collab peer, a student)
+    names a step only when it matches one, and a value that is both is refused as ambiguous."""
     names = {p.name for p in earlier}
     refs = {}
     for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        if not f.metadata.get("checkpoint") or value is None:
+        value, kind, key = getattr(config, f.name), f.metadata.get("checkpoint"), f.name.replace("_", "-")
+        if not kind or value is None:
             continue
-        if _is_step(value, names, where, f.name.replace("_", "-")):
+        if kind == "or-architecture":
+            if str(value) in names:
+                if is_architecture(str(value)):
+                    raise CompressError(f"{where}: key '{key}' names '{value}', both an earlier step and an "
+                                        "architecture", expected="a step name that is no architecture (rename it)")
+                refs[f.name] = str(value)
+        elif _is_step(value, names, where, key):
             refs[f.name] = str(value)
     return refs
 

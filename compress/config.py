@@ -27,13 +27,14 @@ from .registry import parse_arch_args
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", choices: Any = None, cli: bool = True,
-           artifact: str | None = None, default_factory: Any = dataclasses.MISSING, checkpoint: bool = False) -> Any:
+           artifact: str | None = None, default_factory: Any = dataclasses.MISSING,
+           checkpoint: bool | str = False) -> Any:
     """A config field with its flag's help text and choices (a tuple or a Registry).
 
     `cli=False` keeps a field out of the flags and recipes (library-only settings); `artifact` marks a path
     to a side output (a plot, a deployed program), which `compress run` places in the step's folder;
     `checkpoint` marks a second input checkpoint (hybrid's MIM teacher), which a recipe may name by an earlier
-    step.
+    step; `checkpoint="or-architecture"` a value that is a checkpoint or an architecture name (a collab peer).
     """
     meta = {"help": help, "choices": choices, "cli": cli, "artifact": artifact, "checkpoint": checkpoint}
     if default_factory is not dataclasses.MISSING:

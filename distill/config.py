@@ -133,14 +133,16 @@ class DistillRun(Hardware, DataOptions, DistillConfig):
         >>> ckpt, result = distill.run("resnet.pt", "digits", DistillRun(student="vit", method="ofa"))
     """
 
-    student: str | None = option(None, "student architecture name, or a checkpoint to start from")
+    student: str | None = option(None, "student architecture name, or a checkpoint to start from (in a recipe, "
+                                       "also the name of the step that made it)", checkpoint="or-architecture")
     student_args: dict = option({}, "student architecture kwargs, e.g. embed_dim=64,depth=4")
     mim_teacher: str | None = option(None, "hybrid: the masked-image-modelling teacher checkpoint (compress train "
                                            "--objective mim makes one; in a recipe, the name of the step that did)",
                                      checkpoint=True)
     peer: str | None = option(None, "collab / dml: the second peer's architecture (a ViT beside a CNN --student) "
                                     "or a checkpoint to start from (pretrained weights, an MAE encoder), trained "
-                                    "together with the student; no teacher")
+                                    "together with the student; no teacher (in a recipe, also the name of "
+                                    "the step that made the checkpoint)", checkpoint="or-architecture")
     peer_args: dict = option({}, "collab / dml: the peer's architecture kwargs")
     peer_lr: float | None = option(None, "collab / dml: the peer's own peak learning rate (default: --lr)")
     peer_out: str | None = option(None, "collab / dml: where the trained peer is saved (default: beside --out, "

@@ -16,6 +16,7 @@ import torch
 from cli import main
 from compress import load
 from compress.chain import load_recipe, run_recipe
+from tests.helpers import SLIM_RESNET_ARGS
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"arch": "resnet", "arch-args": "channels=8x16x32x64"}
@@ -189,6 +190,27 @@ def test_a_second_checkpoint_names_an_earlier_step(tmp_path):
     assert [s.status for s in again.steps] == ["cached", "ran", "ran"]  # a new MIM teacher: hybrid again
     steps[2]["mim-teacher"] = "nowhere"
     with pytest.raises(ValueError, match="step 'hyb': key 'mim-teacher' names 'nowhere'"):
+        load_recipe(recipe(tmp_path, steps, "bad.yaml"))
+
+
+@pytest.mark.slow
+def test_a_collab_peer_names_the_step_that_pretrained_it(tmp_path):
+    """A collab peer (or student) may be an architecture, a file or an earlier step's output: `peer: mae` starts
+    the ViT peer from the MAE that step trained; a name that is both a step and an architecture is refused."""
+    part = {"subset": "fraction=0.1", "epochs": 1}
+    steps = [{"name": "mae", "kind": "train", "arch": "vit", "arch-args": "depth=2", "objective": "mim", **part},
+             {"name": "peers", "kind": "distill", "method": "collab", "student": "resnet",
+              "student-args": SLIM_RESNET_ARGS, "peer": "mae", "baselines": False, **part}]
+    path = recipe(tmp_path, steps)
+    plan = load_recipe(path, tmp_path / "run")
+    assert plan.steps[1].refs == {"peer": "mae"}  # the student, an architecture, names no step
+    done = run_recipe(path, tmp_path / "run", report=False)
+    assert [s.status for s in done.steps] == ["ran", "ran"]
+    mae = str(tmp_path / "run" / "mae" / "model.pt")
+    peer = load(tmp_path / "run" / "peers" / "model.peer.pt")
+    assert peer.arch == "vit" and peer.provenance["parents"] == [mae]
+    steps[0]["name"], steps[1]["peer"] = "vit", "vit"
+    with pytest.raises(ValueError, match="key 'peer' names 'vit', both an earlier step and an architecture"):
         load_recipe(recipe(tmp_path, steps, "bad.yaml"))
 
 
