@@ -39,6 +39,17 @@ class Row:
     note: str = ""
 
 
+def below_as_printed(score: float, rival: float, digits: int = 2) -> bool:
+    """Whether `score` is below `rival` as a report prints them: a difference too small to print is no
+    verdict, so a note never contradicts the table beside it.
+
+    Example:
+        >>> below_as_printed(71.0, 71.004), below_as_printed(71.0, 71.006)
+        (False, True)
+    """
+    return round(score, digits) < round(rival, digits)
+
+
 @dataclass
 class Result:
     """A pipeline run's measurements. `result["key"]` reads `values`.

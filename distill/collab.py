@@ -38,7 +38,7 @@ from compress.ensemble import Ensemble
 from compress.errors import CompressError
 from compress.measure import complementarity, param_count, score
 from compress.registry import default_img_size
-from compress.result import Result, measure_rows
+from compress.result import Result, below_as_printed, measure_rows
 from compress.train import rank, train
 
 from .config import DistillRun, register_method
@@ -361,10 +361,12 @@ def run_collab(inputs, data, cfg: DistillRun, *, state=None, resume: bool = Fals
                                scores=scores, seconds=times, device=device))
     keys = (metric, f"peer_{metric}", f"solo_{metric}", f"peer_solo_{metric}", f"dml_{metric}", f"peer_dml_{metric}")
     summary = {k: values.get(k) for k in keys}
-    ckpt = bases[0].derive(a, "distill", [b for b in bases[:1] if b.state_dict], spec_of(data), cfg, summary, num_classes=d.num_classes)
+    parents = [[base] if base.state_dict else [] for base in bases]  # a peer started from a checkpoint
+    ckpt = bases[0].derive(a, "distill", parents[0], spec_of(data), cfg, summary, num_classes=d.num_classes)
     peer_path = cfg.peer_out or (f"{Path(str(state)).with_suffix('')}.peer.pt" if state else None)
     if peer_path and rank() == 0:
-        save(bases[1].derive(b, "distill", [c for c in bases[1:] if c.state_dict], spec_of(data), cfg, summary, num_classes=d.num_classes), peer_path)
+        save(bases[1].derive(b, "distill", parents[1], spec_of(data), cfg, summary, num_classes=d.num_classes),
+             peer_path)
         values["peer_out"] = str(peer_path)
         notes.append(f"peer saved: {peer_path}")
     transfers = {"share of regions / positions taught, per epoch (b = peer, a = student)": main.history}
@@ -426,10 +428,10 @@ def peers_below_baselines(values: dict, metric: str) -> list[str]:
     for who, key in (("student", ""), ("peer", "peer_")):
         ours, alone, dml = (values.get(f"{key}{k}{metric}") for k in ("", "solo_", "dml_"))
         partner = "its peer" if who == "student" else "the student"
-        if alone is not None and round(ours, 2) < round(alone, 2):
+        if alone is not None and below_as_printed(ours, alone):
             notes.append(f"the {who} trained with {partner} ({ours:.2f}) ends below the same model trained alone "
                          f"({alone:.2f})")
-        if dml is not None and round(ours, 2) < round(dml, 2):
+        if dml is not None and below_as_printed(ours, dml):
             notes.append(f"the {who} trained by {values['method']} ({ours:.2f}) ends below the same pair trained by "
                          f"plain mutual learning ({dml:.2f}): --method dml gives the better {who} here")
     return notes

@@ -21,7 +21,7 @@ from compress.device import device_of, hardware
 from compress.errors import CompressError
 from compress.measure import macs, param_count, score
 from compress.registry import default_img_size, is_architecture, pretrained_input
-from compress.result import Result, batch_of, measure_rows
+from compress.result import Result, batch_of, below_as_printed, measure_rows
 from compress.train import only_classifier_trains, rank, train
 
 from .cka import cka_matrix
@@ -121,7 +121,7 @@ def run(inputs, data, cfg: DistillRun, *, state: str | Path | None = None,
     models.append((f"student {base.arch}: {cfg.method}", student))
     scores[models[-1][0]], times[models[-1][0]] = values[metric], seconds
     alone = values.get(f"scratch_{metric}")
-    if alone is not None and round(values[f"teacher_{metric}"], 1) < round(alone, 1):  # below as printed
+    if alone is not None and below_as_printed(values[f"teacher_{metric}"], alone, digits=1):
         notes.append(f"the teacher ({values[f'teacher_{metric}']:.1f}%) is weaker than the student trained alone "
                      f"({alone:.1f}%): it can only hold the student back; train the teacher longer or use a "
                      "stronger one")
@@ -201,7 +201,7 @@ def below_baselines(values: dict, metric: str, method: str, baselines) -> list[s
     ours = values[metric]
     return [f"the student distilled by {method} ({ours:.2f}) ends below the same student {BASELINE_NAMES[m]} "
             f"({values[f'{m}_{metric}']:.2f}): --method {m} gives the better student here"
-            for m in baselines if round(ours, 2) < round(values[f"{m}_{metric}"], 2)]
+            for m in baselines if below_as_printed(ours, values[f"{m}_{metric}"])]
 
 
 def _teacher(inputs, data, d, student: Checkpoint, cfg: DistillRun, state, resume: bool) -> Checkpoint:

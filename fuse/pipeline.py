@@ -24,7 +24,7 @@ from compress.errors import CompressError
 from compress.losses import distillation_objective
 from compress.measure import score, top1_by_class
 from compress.probe import refit_classifier
-from compress.result import Result, batch_of, measure_rows
+from compress.result import Result, batch_of, below_as_printed, measure_rows
 from compress.train import train
 from prune.width import narrow
 
@@ -237,7 +237,7 @@ def fused_verdict(values: dict) -> list[str]:
         rivals.append(("itself before the finetune", values["ot"],
                        "the finetune undid part of the merge: lower --finetune-lr, or keep the one-shot fusion"))
     return [f"the fused model after its finetune ({fused:.2f} {values['metric']}) is below {what} ({v:.2f}): {advice}"
-            for what, v, advice in rivals if round(fused, 2) < round(v, 2)]  # below as printed
+            for what, v, advice in rivals if below_as_printed(fused, v)]
 
 
 def _against_the_average(values: dict) -> str:

@@ -429,7 +429,8 @@ def test_torchrun_collab_and_hybrid_two_cpu_processes(tmp_path):
     transfer row per epoch, its counts summed over the processes; hybrid masks the student's tokens."""
     part = ["--subset", "fraction=0.3", "--no-baselines", "--threads", "1"]
     sup, mim = tmp_path / "sup.pt", tmp_path / "mim.pt"
-    assert main(["train", "--arch", "vit", "--arch-args", "depth=2", "--epochs", "1", *part[:2], "--out", str(sup)]) == 0
+    assert main(["train", "--arch", "vit", "--arch-args", "depth=2", "--epochs", "1", *part[:2],
+                 "--out", str(sup)]) == 0
     assert main(["train", "--arch", "vit", "--arch-args", "depth=2", "--objective", "mim", "--epochs", "1", *part[:2],
                  "--out", str(mim)]) == 0
     runs = {"c": ["--method", "collab", "--student", "resnet", "--student-args", SLIM_RESNET_ARGS, "--peer", "vit",
