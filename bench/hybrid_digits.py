@@ -13,6 +13,7 @@ each alone gets right where the other is wrong (what the peer could teach at all
 
 Run: .venv/bin/python bench/hybrid_digits.py [--only hybrid|hybrid-layer|collab] [--collab-data digits digit-scenes]
      [--scenes-peer vit|swin|pvt] [--pixel-temperature TAU] [--resnet-channels 8x16x32x64] [--seeds ...] [--cached]
+     [--start digits]
      (writes bench/results/hybrid_digits.json; collab prints each peer's per-seed differences to its baselines)
 """
 
@@ -101,13 +102,31 @@ def hybrid_layer(seeds: list[int], epochs: int, mim_epochs: int) -> dict:
     return out
 
 
+def pretrained_peers(peer_arch: str, channels: str) -> tuple[Path, Path]:
+    """The two peers trained once on digits classification (seed 0; the ResNet 15 epochs at 32 px, the
+    transformer 30 at 64 px, the size of the scenes): what a user starts a segmentation pair from, as the paper
+    starts from ImageNet weights. Each collab seed then starts both peers' backbones from them, heads fresh."""
+    pre = R / "pre"
+    paths = pre / f"resnet-c{channels}-s0.pt", pre / f"{peer_arch}64-s0.pt"
+    if not paths[0].exists():
+        run(f"pre/{paths[0].stem}", ["train", "--arch", "resnet", "--arch-args", f"channels={channels}", "--epochs",
+                                     "15", "--data", "digits", "--seed", "0"])
+    if not paths[1].exists():
+        run(f"pre/{paths[1].stem}", ["train", "--arch", peer_arch, "--arch-args", "img_size=64", "--epochs", "30",
+                                     "--data", "digits", "--seed", "0"])
+    return paths
+
+
 def collab(seeds: list[int], data: str, epochs: int, peer_arch: str = "vit", tau: float = 1.0,
-           channels: str = SLIM, cached: bool = False) -> dict:
+           channels: str = SLIM, cached: bool = False, start: str = "scratch") -> dict:
     peer = ["--peer", peer_arch] + (["--peer-args", "img_size=64"] if data == "digit-scenes" else [])
+    student = ["--student", "resnet", "--student-args", f"channels={channels}"]
+    if start == "digits":
+        cnn, vit = pretrained_peers(peer_arch, channels)
+        student, peer = ["--student", str(cnn)], ["--peer", str(vit)]
     tag = ((data if peer_arch == "vit" else f"{data}-{peer_arch}") + ("" if tau == 1 else f"-t{tau:g}")
-           + ("" if channels == SLIM else f"-c{channels}"))
-    runs = [run(f"collab-{tag}-e{epochs}-s{s}", ["distill", "--method", "collab", "--student", "resnet",
-                                                   "--student-args", f"channels={channels}",
+           + ("" if channels == SLIM else f"-c{channels}") + ("" if start == "scratch" else f"-from-{start}"))
+    runs = [run(f"collab-{tag}-e{epochs}-s{s}", ["distill", "--method", "collab", *student,
                                                    *peer, "--epochs", str(epochs), "--data", data, "--seed", str(s),
                                                    "--pixel-temperature", str(tau)], cached)
             for s in seeds]
@@ -157,7 +176,12 @@ if __name__ == "__main__":
     ap.add_argument("--resnet-channels", default=SLIM,
                     help="collab: the ResNet peer's stage widths (8x16x32x64: half the slim ResNet-18, closer to "
                          "the ViT's strength)")
+    ap.add_argument("--start", choices=["scratch", "digits"], default="scratch",
+                    help="collab on digit-scenes: both peers from scratch, or their backbones from classifiers "
+                         "trained once on digits (the paper's peers start pretrained)")
     args = ap.parse_args()
+    if args.start != "scratch" and args.collab_data != ["digit-scenes"]:
+        ap.error("--start digits is for --collab-data digit-scenes (the peers were trained on digits)")
     path = R / "hybrid_digits.json"
     res = json.loads(path.read_text()) if path.exists() else {}
     if args.only in (None, "hybrid"):
@@ -173,9 +197,10 @@ if __name__ == "__main__":
             key = (f"collab {data}" + ("" if peer == "vit" else f" {peer}")
                    + ("" if args.pixel_temperature == 1 else f" tau {args.pixel_temperature:g}")
                    + ("" if args.seeds == [0, 1, 2] else f" seeds {seed_span(args.seeds)}")
-                   + ("" if args.resnet_channels == SLIM else f" resnet {args.resnet_channels}"))
+                   + ("" if args.resnet_channels == SLIM else f" resnet {args.resnet_channels}")
+                   + ("" if args.start == "scratch" else f" from {args.start}"))
             res[key] = collab(args.seeds, data, epochs, peer, args.pixel_temperature, args.resnet_channels,
-                              args.cached)
+                              args.cached, args.start)
             path.write_text(json.dumps(res, indent=1))
     if "hybrid" in res:
         h = res["hybrid"]

@@ -84,12 +84,16 @@ class Checkpoint:
         if seed is not None:
             torch.manual_seed(seed)
         if pretrained:
-            if task != "classification":
-                raise CompressError("pretrained weights are for classifiers here", found=f"task {task}")
             from .registry import pretrained_input
 
-            size, mean, std, _ = pretrained_input(arch)
+            size, mean, std, classes = pretrained_input(arch)
             spec = input or InputSpec(int(arch_args.get("img_size", size)), mean, std)
+            if task == "segmentation":  # the published classifier's backbone, under a fresh head
+                from .segmentation import segmenter_from
+
+                model = create_model(arch, num_classes=classes, pretrained=pretrained, **arch_args)
+                return segmenter_from(cls(arch, arch_args, classes, input=spec, state_dict=model.state_dict()),
+                                      num_classes)
             model = create_model(arch, num_classes=num_classes, pretrained=pretrained, **arch_args)
             return cls(arch, arch_args, num_classes, task, spec, model.state_dict())
         spec = input or InputSpec(size=default_img_size(arch, arch_args))
@@ -187,6 +191,49 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], arch: str) ->
                             expected=f"the {len(own)} tensors of {type(model).__name__}", found=found,
                             hint="pass the --arch and --arch-args the weights were trained with")
     model.load_state_dict(state)
+
+
+def start_from(name: str, args: dict, task: str, flag: str) -> Checkpoint:
+    """Where a model of a run starts: `name` an architecture (fresh weights, shaped by `args`) or a checkpoint
+    (pretrained weights, an MAE encoder, a trained model). For a segmentation run a classifier's checkpoint is
+    accepted as it is: `for_task` then takes its backbone once the data's classes are known.
+
+    Example:
+        >>> start_from("resnet", {"channels": [16, 32, 64, 128]}, "classification", "--student").state_dict
+        {}
+    """
+    if not Path(name).is_file():
+        return Checkpoint(name, args, task=task, input=InputSpec(size=default_img_size(name, args)))
+    if args:
+        raise CompressError(f"{flag}-args shape a new model, not a checkpoint's", expected=f"no {flag}-args with "
+                            f"{flag} {name}", found=", ".join(f"{k}={v}" for k, v in args.items()))
+    ckpt = load(name)
+    if ckpt.task != task and not (ckpt.task, task) == ("classification", "segmentation"):
+        raise CompressError(f"{flag} {name} is a {ckpt.task} model", expected=f"a {task} model for this data")
+    return ckpt
+
+
+def for_task(ckpt: Checkpoint, task: str, num_classes: int, size: int | None = None,
+             seed: int | None = None) -> tuple[Checkpoint, list[str]]:
+    """`ckpt` as the start of a `task` model predicting `num_classes`, and a note when it changed: a classifier
+    starts a segmentation network with its backbone (`segmentation.segmenter_from`, at `size`, by default its
+    own, the head seeded by `seed`); a checkpoint of the task is returned as it is, and one predicting other
+    classes is refused.
+
+    Example:
+        >>> seg, notes = for_task(load("vit-digits.pt"), "segmentation", 11, size=64)
+    """
+    if ckpt.task == task:
+        if ckpt.state_dict and ckpt.num_classes != num_classes:
+            raise CompressError(f"{ckpt.source or ckpt.arch} predicts another number of classes than the data",
+                                expected=str(num_classes), found=str(ckpt.num_classes))
+        return ckpt, []
+    from .segmentation import segmenter_from
+
+    seg = segmenter_from(ckpt, num_classes, size, seed)
+    resized = f", resized from {ckpt.input.size} to {seg.input.size} px" if seg.input.size != ckpt.input.size else ""
+    return seg, [f"{ckpt.arch} segmentation network started from the backbone of the classifier {ckpt.source}"
+                 f"{resized}; its head starts fresh"]
 
 
 # ---- files ------------------------------------------------------------------------------------------

@@ -338,7 +338,8 @@ class TrainRun(DataOptions, TrainConfig):
                                     "features")
     objective: str = option("supervised", "supervised: cross-entropy on the labels; mim: masked-image-modelling "
                                           "pretraining (MAE: random patches removed, pixels of the masked ones "
-                                          "reconstructed by a light decoder; the classifier stays untrained)",
+                                          "reconstructed by a light decoder; the classifier, or a segmentation "
+                                          "network's head, stays untrained)",
                             choices=("supervised", "mim"))
     mask_ratio: float = option(0.75, "mim: share of patches masked (MAE's 0.75)")
     decoder_dim: int = option(64, "mim: width of the light decoder")

@@ -61,3 +61,67 @@ class SegmentationNet(nn.Module):
                 for lat, f in zip(self.lateral, feats))
         y = self.classifier(self.fuse(y))
         return F.interpolate(y, size=x_size, mode="bilinear", align_corners=False)
+
+
+def segmenter_from(classifier, num_classes: int, size: int | None = None, seed: int | None = None):
+    """A segmentation checkpoint whose backbone starts from `classifier`'s weights (timm's pretrained
+    weights, an MAE encoder, a model trained on labels) and whose head is fresh: how a segmentation network is
+    usually started. At another input size a backbone bound to its size (a ViT's position embeddings, a Swin's
+    relative-position tables) is resampled by timm's own filter for its family, as timm loads pretrained weights
+    at a new size; a convolutional backbone is taken as it is. `seed` seeds the fresh head.
+
+    Example:
+        >>> seg = segmenter_from(load("vit-digits.pt"), num_classes=11, size=64)
+        >>> seg.task, seg.input.size, seg.arch_args["img_size"]
+        ('segmentation', 64, 64)
+    """
+    import sys
+
+    from .checkpoint import Checkpoint, InputSpec, load_weights
+    from .errors import CompressError
+
+    name = classifier.source or classifier.arch
+    if classifier.task != "classification":
+        raise CompressError(f"{name} is a {classifier.task} model", expected="a classifier to take the backbone of")
+    if classifier.structure:  # its surgery names the classifier's modules, not the segmentation network's
+        raise CompressError(f"{name} is a pruned classifier: its backbone cannot start a segmentation network",
+                            expected="an unpruned classifier", found=f"{len(classifier.structure)} structure edits")
+    size, trained_at = size or classifier.input.size, classifier.input.size
+    args = dict(classifier.arch_args)
+    model = create_model(classifier.arch, num_classes=classifier.num_classes, **args)
+    # a backbone bound to its input size (a patch embedding with a fixed grid: ViT, Swin, Mixer) is rebuilt at
+    # the new size; a convolutional one works at any size as it is
+    if size != trained_at and _size_bound(model):
+        args["img_size"] = size
+        model = create_model(classifier.arch, num_classes=classifier.num_classes, **args)
+    state = dict(classifier.state_dict)
+    resample = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+    if size != trained_at and resample is not None:
+        state = resample(state, model)
+    try:
+        load_weights(model, state, classifier.arch)
+    except CompressError as e:
+        if size == trained_at:
+            raise
+        raise CompressError(f"cannot resize the weights of {name} from {trained_at} to {size} px", found=str(e),
+                            hint=f"start the segmentation network at the classifier's size, {trained_at}") from None
+    if not hasattr(model, "reset_classifier"):
+        raise CompressError(f"cannot tell the backbone of {name} from its classifier",
+                            expected="a timm model (reset_classifier)", found=type(model).__name__)
+    model.reset_classifier(0)
+    if seed is not None:
+        torch.manual_seed(seed)
+    seg = SegmentationNet(classifier.arch, num_classes, args, size)
+    load_weights(seg.backbone, model.state_dict(), classifier.arch)
+    ckpt = Checkpoint(classifier.arch, args, num_classes, "segmentation",
+                      InputSpec(size, classifier.input.mean, classifier.input.std), seg.state_dict())
+    ckpt.source = classifier.source  # the file the weights came from: a parent in the derived provenance
+    return ckpt
+
+
+def _size_bound(model: nn.Module) -> bool:
+    """Whether `model` is built for one input size: it embeds patches on a fixed grid (timm's PatchEmbed with
+    an image size: ViT, Swin, Mixer)."""
+    from timm.layers import PatchEmbed
+
+    return any(isinstance(m, PatchEmbed) and m.img_size is not None for m in model.modules())

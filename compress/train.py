@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .batchnorm import batchnorm_outlives, reestimate_batchnorm
-from .checkpoint import Checkpoint, InputSpec, as_checkpoints, atomic_write
+from .checkpoint import Checkpoint, InputSpec, as_checkpoints, atomic_write, for_task
 from .config import TrainConfig, TrainRun
 from .data import as_data, spec_of, task_of
 from .device import autocast, grad_scaler, hardware
@@ -242,9 +242,15 @@ def run(inputs, data, cfg: TrainRun, *, state: str | Path | None = None,
     if base is None:
         base = Checkpoint.create(cfg.arch, d.num_classes, d.task, cfg.arch_args, input=spec, seed=cfg.seed,
                                  pretrained=source)
-        if source and classes != d.num_classes:
+        if source and d.task == "segmentation":
+            notes.append(f"{cfg.arch} segmentation network started from the backbone of timm's pretrained "
+                         "classifier; its head starts fresh")
+        elif source and classes != d.num_classes:
             notes.append(f"classifier re-initialised: the weights predict {classes} classes, {d.name} has "
                          f"{d.num_classes}")
+    if (base.task, d.task) == ("classification", "segmentation"):  # a classifier's backbone under a fresh head
+        base, started = for_task(base, d.task, d.num_classes, seed=cfg.seed)
+        notes += started
     if base.num_classes != d.num_classes or base.task != d.task:
         raise CompressError("checkpoint and data disagree", expected=f"{d.num_classes} classes, task {d.task}",
                             found=f"{base.num_classes} classes, task {base.task}")
@@ -273,25 +279,27 @@ def run(inputs, data, cfg: TrainRun, *, state: str | Path | None = None,
 
 
 def _pretrain_mim(model, base, init, d, data, cfg: TrainRun, state, resume, notes) -> tuple[Checkpoint, Result]:
-    """`--objective mim`: MAE pretraining of `model`; the checkpoint is the encoder (its classifier untouched)."""
+    """`--objective mim`: MAE pretraining of `model` (of a segmentation network, its backbone) on the data's
+    images, labels unused; the checkpoint is the model with its classifier or segmentation head untouched."""
     from .measure import param_count
     from .mim import MaskedAutoencoder, reconstruction_loss
 
-    if d.task != "classification":
-        raise CompressError("--objective mim pretrains a classifier backbone", expected="classification data",
-                            found=d.task)
-    mae = MaskedAutoencoder(model, cfg.mask_ratio, cfg.decoder_dim, cfg.decoder_depth)
+    encoder = model.backbone if d.task == "segmentation" else model
+    mae = MaskedAutoencoder(encoder, cfg.mask_ratio, cfg.decoder_dim, cfg.decoder_depth)
     start = time.perf_counter()
     train(mae, d.train, cfg, loss_fn=lambda net, x, y: net(x), state_path=f"{state}.resume.pt" if state else None,
           resume=resume, description=f"mim {base.arch}")
     seconds = time.perf_counter() - start
     loss = reconstruction_loss(mae, d.test, seed=cfg.seed)
-    model = mae.encoder.requires_grad_(True).eval()
+    encoder.requires_grad_(True)
+    model = model.requires_grad_(True).eval()
     values = {"arch": base.arch, "data": d.name, "objective": "mim", "mim_loss": round(loss, 5),
               "mask_ratio": cfg.mask_ratio, "params": param_count(model), "decoder_params": param_count(mae) -
-              param_count(model), "epochs": cfg.epochs, "seed": cfg.seed, "train_seconds": round(seconds, 2),
+              param_count(encoder), "epochs": cfg.epochs, "seed": cfg.seed, "train_seconds": round(seconds, 2),
               "subset": cfg.subset, "train_images": len(d.train)}
-    notes.append("masked-image-modelling pretraining: the classifier is untrained (a teacher for --method hybrid's "
+    notes.append("masked-image-modelling pretraining: the segmentation head is untrained (finetune with compress "
+                 "train --init, or start a collab peer from it)" if d.task == "segmentation" else
+                 "masked-image-modelling pretraining: the classifier is untrained (a teacher for --method hybrid's "
                  "--mim-teacher, or finetune with compress train --init)")
     ckpt = base.derive(model, "train", init, spec_of(data), cfg, values)
     return ckpt, Result("train", "mim_loss", round(loss, 5), values, [], notes, seconds)

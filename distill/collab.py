@@ -31,13 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress.checkpoint import Checkpoint, InputSpec, load, save
+from compress.checkpoint import Checkpoint, InputSpec, for_task, save, start_from
 from compress.data import as_data, spec_of, task_of
 from compress.device import device_of, hardware
 from compress.ensemble import Ensemble
 from compress.errors import CompressError
 from compress.measure import complementarity, param_count, score
-from compress.registry import default_img_size
 from compress.result import Result, below_as_printed, measure_rows
 from compress.train import rank, train
 
@@ -253,32 +252,38 @@ class Peers(nn.Module):
 
 
 def run_collab(inputs, data, cfg: DistillRun, *, state=None, resume: bool = False) -> tuple[Checkpoint, Result]:
-    """`compress distill --method collab|dml --student CNN --peer VIT`: both peers trained together from
-    scratch, and, with `cfg.baselines`, each alone and both by plain mutual learning on the same budget.
-    Returns the student's checkpoint; the peer's is saved to `cfg.peer_out` (or `<state>.peer.pt`).
+    """`compress distill --method collab|dml --student CNN --peer VIT`: both peers trained together (from
+    scratch, or each from a checkpoint; a classifier's backbone starts a segmentation peer), and, with
+    `cfg.baselines`, each alone and both by plain mutual learning on the same budget. Returns the student's
+    checkpoint; the peer's is saved to `cfg.peer_out` (or `<state>.peer.pt`).
 
     Example:
         >>> ckpt, result = run_collab(None, "digits", DistillRun(student="resnet", peer="vit", method="collab"))
         >>> result["top1"], result["peer_top1"], result["solo_top1"], result["dml_top1"]
     """
     if inputs:
-        raise CompressError(f"--method {cfg.method} trains two peers from scratch: it takes no teacher",
+        raise CompressError(f"--method {cfg.method} trains two peers together: it takes no teacher",
                             found=f"--teacher {inputs[0] if isinstance(inputs, (list, tuple)) else inputs}")
     task = task_of(data)
     asked, cfg = cfg, cfg.for_task(task)
-    bases = [_start(name, args, task, flag) for name, args, flag in
+    bases = [start_from(name, args, task, flag) for name, args, flag in
              ((cfg.student, cfg.student_args, "--student"), (cfg.peer, cfg.peer_args, "--peer"))]
-    if task == "segmentation":  # a CNN backbone works at any size, a ViT's is fixed: fresh peers at the larger one
-        size = max(b.input.size for b in bases)
-        for b in bases:
-            b.input = b.input if b.state_dict else InputSpec(size=size)
     specs = [b.input for b in bases]
+    if task == "segmentation":  # a CNN backbone works at any size, a ViT's is fixed: fresh peers and a
+        # classifier's backbone at the larger one, a segmentation network's checkpoint at its own
+        size = max(b.input.size for b in bases)
+        specs = [b.input if b.state_dict and b.task == task else InputSpec(size, b.input.mean, b.input.std)
+                 for b in bases]
     d = as_data(data, specs[0], task, cfg.subset)
-    for b, flag in zip(bases, ("--student", "--peer")):
-        if b.state_dict and b.num_classes != d.num_classes:
-            raise CompressError(f"{flag} {b.source} predicts another number of classes than the data",
-                                expected=f"{d.num_classes} ({d.name})", found=str(b.num_classes))
-        b.num_classes = d.num_classes
+    started = []  # how a checkpoint was made this task's start
+    for i, (b, flag) in enumerate(zip(bases, ("--student", "--peer"))):
+        try:
+            bases[i], note = for_task(b, task, d.num_classes, specs[i].size, cfg.seed + i) if b.state_dict \
+                else (b, [])
+        except CompressError as e:
+            raise CompressError(f"{flag}: {e}") from None
+        bases[i].input, bases[i].num_classes = specs[i], d.num_classes
+        started += note
     names = [b.arch for b in bases]
     metric = "miou" if task == "segmentation" else "top1"
     tcfg = cfg.training()
@@ -347,7 +352,7 @@ def run_collab(inputs, data, cfg: DistillRun, *, state=None, resume: bool = Fals
             values["dml_seconds"] = round(sec, 2)
             show(f"student {names[0]}: dml", dml.a.eval(), values[f"dml_{metric}"], sec)
             show(f"peer {names[1]}: dml", dml.b.eval(), values[f"peer_dml_{metric}"], sec)
-    notes = []
+    notes = started
     notes += defaults_off(asked, task)
     notes += little_to_teach(values, metric)
     notes += peers_below_baselines(values, metric)
@@ -371,25 +376,6 @@ def run_collab(inputs, data, cfg: DistillRun, *, state=None, resume: bool = Fals
         notes.append(f"peer saved: {peer_path}")
     transfers = {"share of regions / positions taught, per epoch (b = peer, a = student)": main.history}
     return ckpt, Result("distill", metric, values[metric], values, rows, notes, time.perf_counter() - t0, transfers)
-
-
-def _start(name: str, args: dict, task: str, flag: str) -> Checkpoint:
-    """Where a peer starts: an architecture's fresh weights, or a checkpoint's (pretrained weights, an MAE
-    encoder), which must be a model for the data's task.
-
-    Example:
-        >>> _start("resnet", {"channels": [16, 32, 64, 128]}, "classification", "--student").state_dict
-        {}
-    """
-    if not Path(name).is_file():
-        return Checkpoint(name, args, task=task, input=InputSpec(size=default_img_size(name, args)))
-    if args:
-        raise CompressError(f"{flag}-args shape a new model, not a checkpoint's", expected=f"no {flag}-args with "
-                            f"{flag} {name}", found=", ".join(f"{k}={v}" for k, v in args.items()))
-    ckpt = load(name)
-    if ckpt.task != task:
-        raise CompressError(f"{flag} {name} is a {ckpt.task} model", expected=f"a {task} model for this data")
-    return ckpt
 
 
 def little_to_teach(values: dict, metric: str) -> list[str]:

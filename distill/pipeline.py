@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from compress.alignment import align
-from compress.checkpoint import Checkpoint, InputSpec, as_checkpoints, load, save
+from compress.checkpoint import Checkpoint, InputSpec, as_checkpoints, for_task, load, save, start_from
 from compress.data import as_data, spec_of, task_of
 from compress.device import device_of, hardware
 from compress.errors import CompressError
@@ -48,12 +48,9 @@ def run(inputs, data, cfg: DistillRun, *, state: str | Path | None = None,
 
         return run_collab(inputs, data, cfg, state=state, resume=resume)
     task = task_of(data)
-    if Path(cfg.student).is_file():
-        base = load(cfg.student)
-    else:
-        base = Checkpoint(cfg.student, cfg.student_args, task=task,
-                          input=InputSpec(size=default_img_size(cfg.student, cfg.student_args)))
+    base = start_from(cfg.student, cfg.student_args, task, "--student")
     d = as_data(data, base.input, task, cfg.subset)
+    base, started = for_task(base, task, d.num_classes, seed=cfg.seed) if base.state_dict else (base, [])
     teacher_ckpt = _teacher(inputs, data, d, base, cfg, state, resume)
     if teacher_ckpt.num_classes != d.num_classes:
         raise CompressError("teacher and data predict different classes", expected=f"{d.num_classes} ({d.name})",
@@ -65,7 +62,7 @@ def run(inputs, data, cfg: DistillRun, *, state: str | Path | None = None,
     teacher = teacher_ckpt.build()
     mim_ckpt = load(cfg.mim_teacher) if cfg.mim_teacher else None
     mim = mim_ckpt.build().eval() if mim_ckpt else None
-    notes = []
+    notes = started
     if cfg.method == "transkd" and teacher_ckpt.arch != base.arch:
         notes.append(f"TransKD pairs one family at two sizes in the paper (MiT-B2 -> B0); across families "
                      f"({teacher_ckpt.arch} -> {base.arch}) it can lose to the student alone (resnet -> "

@@ -365,9 +365,10 @@ def test_collab_bad_input(tmp_path, capsys):
 
 def test_collab_peers_start_from_checkpoints(tmp_path):
     """A peer given as a checkpoint starts from its weights in every row (here at a learning rate of ~0 the
-    peer ends where its checkpoint scores); a checkpoint with architecture args, for another task or other
-    classes is refused."""
+    peer ends where its checkpoint scores); a checkpoint with architecture args, of another task (a segmentation
+    network for digits) or other classes is refused."""
     from compress.measure import score
+    from compress.segmentation import segmenter_from
     from distill.collab import run_collab
 
     peer = tmp_path / "vit.pt"
@@ -385,8 +386,10 @@ def test_collab_peers_start_from_checkpoints(tmp_path):
     with pytest.raises(CompressError, match="--peer-args shape a new model"):
         run_collab(None, "digits", DistillRun(student="resnet", peer=str(peer), peer_args={"depth": 2},
                                               method="collab"))
-    with pytest.raises(CompressError, match="is a classification model"):
-        run_collab(None, "digit-scenes", DistillRun(student="resnet", peer=str(peer), method="collab"))
+    seg = tmp_path / "seg.pt"  # (a classifier starts a segmentation peer: tests/test_backbone_start.py)
+    save(segmenter_from(load(peer), num_classes=11), seg)
+    with pytest.raises(CompressError, match="is a segmentation model"):
+        run_collab(None, "digits", DistillRun(student="resnet", peer=str(seg), method="collab"))
     other = tmp_path / "vit5.pt"
     save(Checkpoint.create("vit", num_classes=5, arch_args={"depth": 2}, seed=5), other)
     with pytest.raises(CompressError, match="another number of classes"):

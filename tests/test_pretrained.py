@@ -79,3 +79,14 @@ def test_pretrained_errors_are_one_line_and_write_nothing(weights, tmp_path, cap
     err = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and "cannot fetch timm's pretrained weights" in err[-1] and "--pretrained-file" in err[-1]
     assert not out.exists()
+
+
+def test_pretrained_weights_start_a_segmentation_backbone_exactly(weights):
+    model, path = weights
+    seg = Checkpoint.create(ARCH, num_classes=11, task="segmentation", pretrained=str(path))
+    assert (seg.task, seg.num_classes, seg.input.size) == ("segmentation", 11, 176)
+    net = seg.build()
+    x = torch.randn(1, 3, 176, 176)
+    with torch.no_grad():
+        assert torch.equal(net.backbone(x), model.forward_head(model.forward_features(x), pre_logits=True))
+        assert net(x).shape == (1, 11, 176, 176)
