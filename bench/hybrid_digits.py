@@ -13,7 +13,7 @@ each alone gets right where the other is wrong (what the peer could teach at all
 
 Run: .venv/bin/python bench/hybrid_digits.py [--only hybrid|hybrid-layer|collab] [--collab-data digits digit-scenes]
      [--scenes-peer vit|swin|pvt] [--pixel-temperature TAU] [--resnet-channels 8x16x32x64] [--seeds ...] [--cached]
-     [--start digits]
+     [--start digits|scenes-mae]
      (writes bench/results/hybrid_digits.json; collab prints each peer's per-seed differences to its baselines)
 """
 
@@ -102,18 +102,22 @@ def hybrid_layer(seeds: list[int], epochs: int, mim_epochs: int) -> dict:
     return out
 
 
-def pretrained_peers(peer_arch: str, channels: str) -> tuple[Path, Path]:
-    """The two peers trained once on digits classification (seed 0; the ResNet 15 epochs at 32 px, the
-    transformer 30 at 64 px, the size of the scenes): what a user starts a segmentation pair from, as the paper
-    starts from ImageNet weights. Each collab seed then starts both peers' backbones from them, heads fresh."""
+def pretrained_peers(peer_arch: str, channels: str, start: str) -> tuple[Path, Path]:
+    """The two peers' starts, made once (seed 0): the ResNet trained on digits classification (15 epochs at 32
+    px); the transformer trained on digits classification (`digits`: 30 epochs at 64 px, the size of the
+    scenes) or pretrained as an MAE on the digit-scenes training images, labels unused (`scenes-mae`: 30
+    epochs). What a user starts a segmentation pair from, as the paper starts from ImageNet weights; each collab
+    seed then starts both peers' backbones from them, heads fresh."""
     pre = R / "pre"
-    paths = pre / f"resnet-c{channels}-s0.pt", pre / f"{peer_arch}64-s0.pt"
+    mae = start == "scenes-mae"
+    paths = pre / f"resnet-c{channels}-s0.pt", pre / f"{peer_arch}64-{'mim-scenes-' if mae else ''}s0.pt"
     if not paths[0].exists():
         run(f"pre/{paths[0].stem}", ["train", "--arch", "resnet", "--arch-args", f"channels={channels}", "--epochs",
                                      "15", "--data", "digits", "--seed", "0"])
     if not paths[1].exists():
         run(f"pre/{paths[1].stem}", ["train", "--arch", peer_arch, "--arch-args", "img_size=64", "--epochs", "30",
-                                     "--data", "digits", "--seed", "0"])
+                                     "--seed", "0", *(["--objective", "mim", "--data", "digit-scenes"] if mae else
+                                                      ["--data", "digits"])])
     return paths
 
 
@@ -121,8 +125,8 @@ def collab(seeds: list[int], data: str, epochs: int, peer_arch: str = "vit", tau
            channels: str = SLIM, cached: bool = False, start: str = "scratch") -> dict:
     peer = ["--peer", peer_arch] + (["--peer-args", "img_size=64"] if data == "digit-scenes" else [])
     student = ["--student", "resnet", "--student-args", f"channels={channels}"]
-    if start == "digits":
-        cnn, vit = pretrained_peers(peer_arch, channels)
+    if start != "scratch":
+        cnn, vit = pretrained_peers(peer_arch, channels, start)
         student, peer = ["--student", str(cnn)], ["--peer", str(vit)]
     tag = ((data if peer_arch == "vit" else f"{data}-{peer_arch}") + ("" if tau == 1 else f"-t{tau:g}")
            + ("" if channels == SLIM else f"-c{channels}") + ("" if start == "scratch" else f"-from-{start}"))
@@ -176,12 +180,13 @@ if __name__ == "__main__":
     ap.add_argument("--resnet-channels", default=SLIM,
                     help="collab: the ResNet peer's stage widths (8x16x32x64: half the slim ResNet-18, closer to "
                          "the ViT's strength)")
-    ap.add_argument("--start", choices=["scratch", "digits"], default="scratch",
+    ap.add_argument("--start", choices=["scratch", "digits", "scenes-mae"], default="scratch",
                     help="collab on digit-scenes: both peers from scratch, or their backbones from classifiers "
-                         "trained once on digits (the paper's peers start pretrained)")
+                         "trained once on digits (the paper's peers start pretrained), or the ResNet's so and the "
+                         "transformer's from an MAE on the scenes' images")
     args = ap.parse_args()
     if args.start != "scratch" and args.collab_data != ["digit-scenes"]:
-        ap.error("--start digits is for --collab-data digit-scenes (the peers were trained on digits)")
+        ap.error(f"--start {args.start} is for --collab-data digit-scenes (the peers are pretrained for it)")
     path = R / "hybrid_digits.json"
     res = json.loads(path.read_text()) if path.exists() else {}
     if args.only in (None, "hybrid"):
