@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["reestimate_batchnorm", "batchnorm_outlives"]
+__all__ = ["reestimate_batchnorm", "batchnorm_outlives", "keep_frozen_statistics"]
 
 
 @torch.no_grad()
@@ -56,6 +56,21 @@ def batchnorm_outlives(model: nn.Module, steps: int, share: float = 0.01) -> boo
         (True, False)
     """
     return any((1 - m.momentum) ** steps > share for m in _tracking(model) if m.momentum is not None)
+
+
+def keep_frozen_statistics(model: nn.Module) -> int:
+    """Put in eval mode each BatchNorm of `model` whose affine parameters are all frozen: a frozen part of a
+    network (a linear probe's backbone) keeps its statistics as it keeps its weights, where training mode would
+    move them toward the new data. Call it after `model.train()`; returns the number kept.
+
+    Example:
+        >>> only_classifier_trains(resnet); resnet.train(); keep_frozen_statistics(resnet)
+        20
+    """
+    frozen = [m for m in _tracking(model) if m.affine and not any(p.requires_grad for p in m.parameters())]
+    for m in frozen:
+        m.eval()
+    return len(frozen)
 
 
 def _tracking(model: nn.Module) -> list[_BatchNorm]:

@@ -334,8 +334,9 @@ class TrainRun(DataOptions, TrainConfig):
     pretrained: bool = option(False, "start from timm's published weights for --arch (a timm name; from the hub)")
     pretrained_file: str | None = option(None, "start from timm's weights for --arch read from this local file "
                                                "(.safetensors / .pth: what users behind a firewall do)")
-    head_only: bool = option(False, "train only the classifier (the rest frozen): a linear probe of pretrained "
-                                    "features")
+    head_only: bool = option(False, "train only the classifier (the rest frozen, BatchNorm statistics included): "
+                                    "a linear probe of pretrained features; for segmentation, the head on the "
+                                    "frozen backbone")
     objective: str = option("supervised", "supervised: cross-entropy on the labels; mim: masked-image-modelling "
                                           "pretraining (MAE: random patches removed, pixels of the masked ones "
                                           "reconstructed by a light decoder; the classifier, or a segmentation "

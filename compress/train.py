@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .batchnorm import batchnorm_outlives, reestimate_batchnorm
+from .batchnorm import batchnorm_outlives, keep_frozen_statistics, reestimate_batchnorm
 from .checkpoint import Checkpoint, InputSpec, as_checkpoints, atomic_write, for_task
 from .config import TrainConfig, TrainRun
 from .data import as_data, spec_of, task_of
@@ -137,6 +137,7 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, loss_fn=None, state
         torch.set_rng_state(torch_rng)
         start = int(st["epoch"])
     model.train()
+    keep_frozen_statistics(model)  # a frozen backbone's BatchNorms keep their statistics (a linear probe)
     shift = round(cfg.max_shift * loader.dataset[0][0].shape[-1])
     with progress(disable=rank != 0) as bar:
         task = bar.add_task(description, total=cfg.epochs * len(loader), completed=start * len(loader), loss=0.0)
@@ -194,7 +195,14 @@ def _check_finite(finite: torch.Tensor, world: int, epoch: int, cfg: TrainConfig
 
 
 def only_classifier_trains(model: nn.Module) -> None:
-    """Freeze everything but the classifier head(s) (timm's `get_classifier`; distilled DeiTs have two)."""
+    """Freeze everything but the classifier head(s) (timm's `get_classifier`; distilled DeiTs have two), or a
+    segmentation network's head (all but its backbone). `train()` keeps the frozen BatchNorms' statistics."""
+    from .segmentation import SegmentationNet
+
+    if isinstance(model, SegmentationNet):
+        model.requires_grad_(True)
+        model.backbone.requires_grad_(False)
+        return
     if not hasattr(model, "get_classifier"):
         raise CompressError(f"{type(model).__name__} does not say which layer is its classifier",
                             expected="a timm model (get_classifier)")

@@ -216,3 +216,25 @@ def test_classifier_refit_fits_the_head_on_frozen_features_and_leaves_the_body_a
         assert torch.allclose(distilled.eval()(x), pre_logits(distilled, x) @ head.weight.T + head.bias, atol=1e-5)
     with pytest.raises(CompressError, match="Linear classifiers"):
         refit_classifier(torch.nn.Linear(4, 2), torch.utils.data.TensorDataset(torch.randn(4, 4), torch.zeros(4)))
+
+
+def test_a_frozen_backbone_keeps_its_batchnorm_statistics_and_a_segmentation_head_trains_alone(digits):
+    """A linear probe (only the classifier trains) leaves every other tensor as it was, BatchNorm running
+    statistics included: training mode would have moved them toward the new data. A segmentation network's
+    head trains on its frozen backbone alike."""
+    from compress.train import only_classifier_trains
+
+    sub = torch.utils.data.Subset(digits.train, range(256))
+    model = create_model("resnet", num_classes=10, **SLIM_RESNET)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    only_classifier_trains(model)
+    train(model, sub, TrainConfig(epochs=1, seed=0))
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {"fc.weight", "fc.bias"}
+    seg = SegmentationNet("resnet", 11, SLIM_RESNET, img_size=32)
+    before = {k: v.clone() for k, v in seg.state_dict().items()}
+    only_classifier_trains(seg)
+    scenes = load_data("digit-scenes", InputSpec(size=32)).train
+    train(seg, torch.utils.data.Subset(scenes, range(128)), TrainConfig(epochs=1, seed=0))
+    changed = {k.split(".")[0] for k, v in seg.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {"lateral", "fuse", "classifier"}
