@@ -217,8 +217,8 @@ def for_task(ckpt: Checkpoint, task: str, num_classes: int, size: int | None = N
              seed: int | None = None) -> tuple[Checkpoint, list[str]]:
     """`ckpt` as the start of a `task` model predicting `num_classes`, and a note when it changed: a classifier
     starts a segmentation network with its backbone (`segmentation.segmenter_from`, at `size`, by default its
-    own, the head seeded by `seed`); a checkpoint of the task is returned as it is, and one predicting other
-    classes is refused.
+    own, the head seeded by `seed`); a checkpoint of the task (or an architecture's fresh start, which has no
+    weights) is returned as it is, and one whose weights predict other classes is refused.
 
     Example:
         >>> seg, notes = for_task(load("vit-digits.pt"), "segmentation", 11, size=64)

@@ -7,11 +7,15 @@ other pipelines only need the taps, which come from the same alignment layer.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .alignment.taps import all_stages, canonical_stages, stage_features
+from .checkpoint import Checkpoint, InputSpec, load_weights
+from .errors import CompressError
 from .registry import create_model
 
 
@@ -63,7 +67,8 @@ class SegmentationNet(nn.Module):
         return F.interpolate(y, size=x_size, mode="bilinear", align_corners=False)
 
 
-def segmenter_from(classifier, num_classes: int, size: int | None = None, seed: int | None = None):
+def segmenter_from(classifier: Checkpoint, num_classes: int, size: int | None = None,
+                   seed: int | None = None) -> Checkpoint:
     """A segmentation checkpoint whose backbone starts from `classifier`'s weights (timm's pretrained
     weights, an MAE encoder, a model trained on labels) and whose head is fresh: how a segmentation network is
     usually started. At another input size a backbone bound to its size (a ViT's position embeddings, a Swin's
@@ -75,11 +80,6 @@ def segmenter_from(classifier, num_classes: int, size: int | None = None, seed: 
         >>> seg.task, seg.input.size, seg.arch_args["img_size"]
         ('segmentation', 64, 64)
     """
-    import sys
-
-    from .checkpoint import Checkpoint, InputSpec, load_weights
-    from .errors import CompressError
-
     name = classifier.source or classifier.arch
     if classifier.task != "classification":
         raise CompressError(f"{name} is a {classifier.task} model", expected="a classifier to take the backbone of")

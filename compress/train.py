@@ -299,7 +299,6 @@ def _pretrain_mim(model, base, init, d, data, cfg: TrainRun, state, resume, note
           resume=resume, description=f"mim {base.arch}")
     seconds = time.perf_counter() - start
     loss = reconstruction_loss(mae, d.test, seed=cfg.seed)
-    encoder.requires_grad_(True)
     model = model.requires_grad_(True).eval()
     values = {"arch": base.arch, "data": d.name, "objective": "mim", "mim_loss": round(loss, 5),
               "mask_ratio": cfg.mask_ratio, "params": param_count(model), "decoder_params": param_count(mae) -

@@ -278,8 +278,7 @@ def run_collab(inputs, data, cfg: DistillRun, *, state=None, resume: bool = Fals
     started = []  # how a checkpoint was made this task's start
     for i, (b, flag) in enumerate(zip(bases, ("--student", "--peer"))):
         try:
-            bases[i], note = for_task(b, task, d.num_classes, specs[i].size, cfg.seed + i) if b.state_dict \
-                else (b, [])
+            bases[i], note = for_task(b, task, d.num_classes, specs[i].size, cfg.seed + i)
         except CompressError as e:
             raise CompressError(f"{flag}: {e}") from None
         bases[i].input, bases[i].num_classes = specs[i], d.num_classes

@@ -50,7 +50,7 @@ def run(inputs, data, cfg: DistillRun, *, state: str | Path | None = None,
     task = task_of(data)
     base = start_from(cfg.student, cfg.student_args, task, "--student")
     d = as_data(data, base.input, task, cfg.subset)
-    base, started = for_task(base, task, d.num_classes, seed=cfg.seed) if base.state_dict else (base, [])
+    base, started = for_task(base, task, d.num_classes, seed=cfg.seed)
     teacher_ckpt = _teacher(inputs, data, d, base, cfg, state, resume)
     if teacher_ckpt.num_classes != d.num_classes:
         raise CompressError("teacher and data predict different classes", expected=f"{d.num_classes} ({d.name})",
