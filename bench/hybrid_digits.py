@@ -203,7 +203,8 @@ if __name__ == "__main__":
                    + ("" if args.pixel_temperature == 1 else f" tau {args.pixel_temperature:g}")
                    + ("" if args.seeds == [0, 1, 2] else f" seeds {seed_span(args.seeds)}")
                    + ("" if args.resnet_channels == SLIM else f" resnet {args.resnet_channels}")
-                   + ("" if args.start == "scratch" else f" from {args.start}"))
+                   + ("" if args.start == "scratch" else f" from {args.start}")
+                   + ("" if epochs == 10 else f" {epochs} epochs"))
             res[key] = collab(args.seeds, data, epochs, peer, args.pixel_temperature, args.resnet_channels,
                               args.cached, args.start)
             path.write_text(json.dumps(res, indent=1))
