@@ -232,8 +232,17 @@ def for_task(ckpt: Checkpoint, task: str, num_classes: int, size: int | None = N
 
     seg = segmenter_from(ckpt, num_classes, size, seed)
     resized = f", resized from {ckpt.input.size} to {seg.input.size} px" if seg.input.size != ckpt.input.size else ""
-    return seg, [f"{ckpt.arch} segmentation network started from the backbone of the classifier {ckpt.source}"
-                 f"{resized}; its head starts fresh"]
+    return seg, [backbone_note(ckpt.arch, f"the classifier {ckpt.source}{resized}")]
+
+
+def backbone_note(arch: str, classifier: str) -> str:
+    """The note of a segmentation network started from `classifier`'s backbone (a file, or published weights).
+
+    Example:
+        >>> backbone_note("resnet18", "timm's pretrained classifier")
+        "resnet18 segmentation network started from the backbone of timm's pretrained classifier; its head starts fresh"
+    """
+    return f"{arch} segmentation network started from the backbone of {classifier}; its head starts fresh"
 
 
 # ---- files ------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .batchnorm import batchnorm_outlives, keep_frozen_statistics, reestimate_batchnorm
-from .checkpoint import Checkpoint, InputSpec, as_checkpoints, atomic_write, for_task
+from .checkpoint import Checkpoint, InputSpec, as_checkpoints, atomic_write, backbone_note, for_task
 from .config import TrainConfig, TrainRun
 from .data import as_data, spec_of, task_of
 from .device import autocast, grad_scaler, hardware
@@ -251,8 +251,7 @@ def run(inputs, data, cfg: TrainRun, *, state: str | Path | None = None,
         base = Checkpoint.create(cfg.arch, d.num_classes, d.task, cfg.arch_args, input=spec, seed=cfg.seed,
                                  pretrained=source)
         if source and d.task == "segmentation":
-            notes.append(f"{cfg.arch} segmentation network started from the backbone of timm's pretrained "
-                         "classifier; its head starts fresh")
+            notes.append(backbone_note(cfg.arch, "timm's pretrained classifier"))
         elif source and classes != d.num_classes:
             notes.append(f"classifier re-initialised: the weights predict {classes} classes, {d.name} has "
                          f"{d.num_classes}")
