@@ -197,14 +197,15 @@ if __name__ == "__main__":
         path.write_text(json.dumps(res, indent=1))
     if args.only in (None, "collab"):
         for data in args.collab_data:
-            epochs = args.scenes_epochs if data == "digit-scenes" else args.collab_epochs
+            epochs_arg = "scenes_epochs" if data == "digit-scenes" else "collab_epochs"
+            epochs = getattr(args, epochs_arg)
             peer = args.scenes_peer if data == "digit-scenes" else "vit"
             key = (f"collab {data}" + ("" if peer == "vit" else f" {peer}")
                    + ("" if args.pixel_temperature == 1 else f" tau {args.pixel_temperature:g}")
                    + ("" if args.seeds == [0, 1, 2] else f" seeds {seed_span(args.seeds)}")
                    + ("" if args.resnet_channels == SLIM else f" resnet {args.resnet_channels}")
                    + ("" if args.start == "scratch" else f" from {args.start}")
-                   + ("" if epochs == 10 else f" {epochs} epochs"))
+                   + ("" if epochs == ap.get_default(epochs_arg) else f" {epochs} epochs"))
             res[key] = collab(args.seeds, data, epochs, peer, args.pixel_temperature, args.resnet_channels,
                               args.cached, args.start)
             path.write_text(json.dumps(res, indent=1))

@@ -1,6 +1,7 @@
 """Pretrained timm weights: from a local file (what users behind a firewall do) exactly as the model that
 saved them, a re-initialised head when the classes differ, a pretrained teacher, a segmentation network's
-backbone, and clear errors offline or for weights of another architecture. The hub is never reached: this machine has no route to it."""
+backbone, and clear errors offline or for weights of another architecture. The hub is never reached: this
+machine has no route to it."""
 
 import json
 import os
